@@ -1,0 +1,1 @@
+"""modaltune.audio: see the project README for what is planned here."""

@@ -1,0 +1,1 @@
+"""modaltune.recipes: one module per recipe, configs in ``configs/*.yaml``."""

@@ -1,0 +1,1 @@
+"""modaltune.shared: the core every modality stands on."""

@@ -1,0 +1,241 @@
+"""Typed recipe configs: dataclass schemas loaded from YAML with ``key=value`` overrides.
+
+Every recipe declares its schema as nested dataclasses. :func:`load_config` reads YAML with ``yaml.safe_load``,
+applies the recipe's ``quick`` overrides (for ``--quick``) and the command line's ``key=value`` overrides, and
+checks every key and type before any work starts: an unknown or misspelt key fails with the valid keys listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from modaltune.shared.errors import ConfigError, suggest
+
+C = TypeVar("C")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``help`` metadata of each field of a dataclass schema (used by ``--help`` and the docs test)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def doc(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with a one-line ``help`` text; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: typing.cast(Any, value).copy(), metadata={"help": help})
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def from_dict(cls: type[C], data: Any, where: str = "") -> C:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Opt:
+        ...     lr: float = 1e-4
+        >>> from_dict(Opt, {"lr": 3}).lr
+        3.0
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {path!r}{suggest(str(key), names)}; "
+                f"valid keys{' under ' + repr(where) if where else ''}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check(where)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{path}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+                f"{suggest(str(value), [str(c) for c in choices])}"
+            )
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            if isinstance(value, str):  # `targets=q_proj` on the command line
+                value = [value]
+            else:
+                raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, val_tp = get_args(tp) or (str, Any)
+        return {str(k): _coerce(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported schema type {tp!r}")  # a schema bug, not a user error
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain-data copy of a config (for YAML/JSON)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``a.b=value`` strings; values are read as YAML (``lr=1e-4``, ``targets=[q_proj,v_proj]``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=50)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return out
+
+
+def apply_dotted(data: dict[str, Any], dotted: dict[str, Any], source: str) -> dict[str, Any]:
+    """Set ``a.b.c: value`` entries into a nested mapping (a copy); creates missing levels."""
+    result = _deep_copy(data)
+    for key, value in dotted.items():
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    quick: bool = False,
+    base: dict[str, Any] | None = None,
+) -> C:
+    """Load a recipe config: YAML file (or ``base``), then ``quick`` overrides, then command-line overrides.
+
+    The YAML may hold a top-level ``quick:`` mapping of dotted keys; ``--quick`` applies it. Command-line
+    overrides win over both.
+    """
+    data = read_yaml(path) if path is not None else _deep_copy(base or {})
+    quick_overrides = data.get("quick") or {}
+    if not isinstance(quick_overrides, dict):
+        raise ConfigError("'quick' must be a mapping of dotted keys to values")
+    if quick:
+        data = apply_dotted(data, quick_overrides, "quick")
+    data = apply_dotted(data, parse_overrides(overrides or []), "command line")
+    return from_dict(cls, data)
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from modaltune.shared.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

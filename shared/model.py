@@ -1,0 +1,91 @@
+"""The model every recipe trains: named components, and the record of which weights train.
+
+A :class:`ModaltuneModel` maps component names (``llm``, ``encoder``, ``projector`` ...) to module paths inside
+it. After PEFT methods are applied it records which parameters train (LoRA weights, fully-trained modules such
+as a projector); checkpoints save exactly those, whatever stage froze them later, so no trained weight is lost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modaltune.shared.peft import count_parameters
+
+
+class ModaltuneModel(nn.Module):
+    """Base class: subclasses set ``self.components`` (name -> module path) and implement ``forward``.
+
+    ``forward(**batch)`` returns a mapping with ``loss`` when ``labels`` are given, as the Trainer expects.
+    """
+
+    components: dict[str, str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.components = {}
+        self._trained: set[str] = set()
+        self._trained_buffers: set[str] = set()
+
+    def component_of(self, name: str) -> str | None:
+        """The component a parameter or buffer name belongs to (longest matching root)."""
+        best, best_len = None, -1
+        for comp, root in self.components.items():
+            if (name == root or name.startswith(root + ".")) and len(root) > best_len:
+                best, best_len = comp, len(root)
+        return best
+
+    def record_trained(self, full_components: list[str] = ()) -> None:
+        """Remember the currently trainable parameters (and buffers of fully-trained components) as trained."""
+        self._trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        self._trained_buffers = {
+            n
+            for n, b in self.named_buffers()
+            if self.component_of(n) in set(full_components) and b.dtype.is_floating_point
+        }
+
+    @property
+    def trained_names(self) -> set[str]:
+        return set(self._trained)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trained weight (whatever the current stage freezes), detached, on CPU, contiguous."""
+        out = {}
+        for name, param in self.named_parameters():
+            if name in self._trained:
+                out[name] = param.detach().to("cpu").contiguous()
+        for name, buf in self.named_buffers():
+            if name in self._trained_buffers:
+                out[name] = buf.detach().to("cpu").contiguous()
+        return out
+
+    def set_stage_trainable(self, components: list[str] | None) -> None:
+        """Let only the trained parameters of ``components`` (all when ``None``) receive gradients."""
+        allowed = None if components is None else set(components)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in self._trained and (allowed is None or self.component_of(name) in allowed))
+
+    def parameter_report(self) -> dict[str, dict[str, int]]:
+        """Trainable and total parameters per component, plus ``total``."""
+        report = {}
+        for comp, root in self.components.items():
+            module = self.get_submodule(root)
+            trainable, total = count_parameters(module)
+            report[comp] = {"trainable": trainable, "total": total}
+        trainable, total = count_parameters(self)
+        report["total"] = {"trainable": trainable, "total": total}
+        return report
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on activation checkpointing in every transformers model inside."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        for module in self.modules():
+            if module is not self and hasattr(module, "gradient_checkpointing_enable") and hasattr(module, "config"):
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                if hasattr(module, "enable_input_require_grads"):
+                    module.enable_input_require_grads()
+                return
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device

@@ -1,0 +1,228 @@
+"""PEFT methods applied per component, by config.
+
+A *component* is a named part of a model (``llm``; ``encoder``/``decoder`` of Whisper; ``projector``) rooted at a
+module path. Each component gets one method:
+
+=================  ==========================================================================================
+``frozen``         no weight changes
+``full``           every weight of the component trains
+``lora``           low-rank adapters on the target modules
+``dora``           weight-decomposed LoRA (``use_dora``)
+``qlora``          LoRA on a 4-bit NF4 base with double quantisation (bitsandbytes; the model is loaded so)
+``lora8bit``       LoRA on an 8-bit (LLM.int8) base
+``ia3``            learned rescaling vectors on the target modules
+``prompt_tuning``  trainable virtual-token embeddings (causal LM component only)
+``prefix_tuning``  trainable per-layer key/value prefixes (causal LM component only)
+=================  ==========================================================================================
+
+Target patterns are scoped to the component: ``q_proj`` matches every module whose path (relative to the component)
+ends in ``q_proj``; globs such as ``layers.*.mlp.*`` match the whole relative path. A pattern that matches nothing
+fails with the nearby module names listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from typing import Literal
+
+from torch import nn
+
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError
+
+Method = Literal["frozen", "full", "lora", "dora", "qlora", "lora8bit", "ia3", "prompt_tuning", "prefix_tuning"]
+LORA_FAMILY = {"lora", "dora", "qlora", "lora8bit"}
+PROMPT_METHODS = {"prompt_tuning", "prefix_tuning"}
+QUANTISED = {"qlora": "4bit", "lora8bit": "8bit"}
+
+
+@dataclasses.dataclass
+class ComponentConfig:
+    """How one component is tuned."""
+
+    method: Method = doc("frozen", "frozen | full | lora | dora | qlora | lora8bit | ia3 | prompt_tuning | prefix_tuning")
+    lr: float | None = doc(None, "learning rate for this component (null: train.lr)")
+    r: int = doc(16, "LoRA rank")
+    alpha: float = doc(32.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = doc(0.05, "LoRA dropout")
+    targets: list[str] = doc(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module-path patterns (relative to the component) that get adapters",
+    )
+    feedforward: list[str] = doc(["gate_proj", "up_proj", "down_proj"], "IA3: which targets are feed-forward layers")
+    num_virtual_tokens: int = doc(20, "prompt/prefix tuning: number of virtual tokens")
+    prompt_init_text: str | None = doc(None, "prompt tuning: initialise virtual tokens from this text")
+    quantize_head: bool = doc(False, "qlora/lora8bit: also quantise the output head (off: it stays in full precision)")
+
+    def validate(self, where: str) -> None:
+        if self.r < 1:
+            raise ConfigError(f"{where}.r must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout}")
+        if self.method in LORA_FAMILY | {"ia3"} and not self.targets:
+            raise ConfigError(f"{where}.targets is empty: {self.method} needs at least one module pattern")
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"{where}.num_virtual_tokens must be at least 1")
+
+    @property
+    def trains(self) -> bool:
+        return self.method != "frozen"
+
+
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Embedding)
+
+
+def _adaptable_modules(model: nn.Module, root: str) -> dict[str, nn.Module]:
+    """Modules under ``root`` that adapters can wrap, keyed by path relative to ``root``."""
+    base = model.get_submodule(root) if root else model
+    out = {}
+    for name, module in base.named_modules():
+        if not name:
+            continue
+        if isinstance(module, ADAPTABLE) or type(module).__name__ in {"Linear4bit", "Linear8bitLt", "Conv1D"}:
+            out[name] = module
+    return out
+
+
+def resolve_targets(model: nn.Module, root: str, patterns: list[str], component: str) -> list[str]:
+    """Full module names (from ``model``) matched by ``patterns`` under ``root``.
+
+    Raises:
+        ConfigError: a pattern matches nothing; the message lists nearby module names.
+    """
+    candidates = _adaptable_modules(model, root)
+    found: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern)]
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            near = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.3)
+            raise ConfigError(
+                f"LoRA/IA3 target {pattern!r} of component {component!r} matches no module"
+                f"{' under ' + repr(root) if root else ''}. "
+                f"Nearby names: {', '.join(near) if near else 'none'}; adaptable module names here: "
+                f"{', '.join(leaves[:30])}{' ...' if len(leaves) > 30 else ''}"
+            )
+        found.extend(hits)
+    prefix = f"{root}." if root else ""
+    return sorted({prefix + n for n in found})
+
+
+@dataclasses.dataclass
+class ComponentSpec:
+    """A component of one transformers model: its name, root module path and tuning config."""
+
+    name: str
+    root: str
+    config: ComponentConfig
+
+
+def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool = True) -> nn.Module:
+    """Apply each component's method to ``model`` (one transformers model) and return the model to train.
+
+    LoRA-family, IA3 and prompt methods wrap ``model`` in a ``peft.PeftModel``; ``full`` components are unfrozen
+    afterwards; ``frozen`` ones stay frozen. All components of one model that use adapters must share one
+    adapter type (LoRA with DoRA on one and plain LoRA on another is refused).
+    """
+    import peft
+
+    by_method: dict[str, list[ComponentSpec]] = {}
+    for spec in specs:
+        by_method.setdefault(spec.config.method, []).append(spec)
+    adapter_kinds = {
+        "lora" if m in LORA_FAMILY and m != "dora" else m for m in by_method if m not in {"full", "frozen"}
+    }
+    if len(adapter_kinds) > 1:
+        names = ", ".join(f"{s.name}={s.config.method}" for s in specs if s.config.method not in {"full", "frozen"})
+        raise ConfigError(
+            f"one model can carry one adapter type, but its components ask for several ({names}); "
+            "use the same method for them (e.g. all lora) or make some full/frozen"
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    kind = next(iter(adapter_kinds), None)
+    adapter_specs = [s for s in specs if s.config.method not in {"full", "frozen"}]
+    if kind is not None:
+        if kind in PROMPT_METHODS:
+            if not causal_lm or len(adapter_specs) != 1 or adapter_specs[0].root:
+                raise ConfigError(f"{kind} applies to a whole causal LM component, not to {adapter_specs[0].name!r}")
+            model = _prompt_model(model, adapter_specs[0].config, kind)
+        else:
+            targets: list[str] = []
+            for spec in adapter_specs:
+                targets += resolve_targets(model, spec.root, spec.config.targets, spec.name)
+            first = adapter_specs[0].config
+            if kind == "ia3":
+                ff: list[str] = []
+                for spec in adapter_specs:
+                    ff += [
+                        t
+                        for t in resolve_targets(model, spec.root, spec.config.targets, spec.name)
+                        if any(fnmatch.fnmatchcase(t, "*" + p) for p in spec.config.feedforward)
+                    ]
+                cfg = peft.IA3Config(target_modules=targets, feedforward_modules=ff)
+            else:
+                rank_pattern = {}
+                alpha_pattern = {}
+                for spec in adapter_specs[1:]:
+                    for t in resolve_targets(model, spec.root, spec.config.targets, spec.name):
+                        rank_pattern[t] = spec.config.r
+                        alpha_pattern[t] = spec.config.alpha
+                cfg = peft.LoraConfig(
+                    r=first.r,
+                    lora_alpha=first.alpha,
+                    lora_dropout=first.dropout,
+                    target_modules=targets,
+                    rank_pattern=rank_pattern,
+                    alpha_pattern=alpha_pattern,
+                    use_dora=first.method == "dora" or "dora" in by_method,
+                    bias="none",
+                )
+            if any(s.config.method in QUANTISED for s in adapter_specs):
+                model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model = peft.get_peft_model(model, cfg)
+    for spec in by_method.get("full", []):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        module = base.get_submodule(spec.root) if spec.root else base
+        for param in module.parameters():
+            if param.dtype.is_floating_point:
+                param.requires_grad_(True)
+    return model
+
+
+def _prompt_model(model: nn.Module, cfg: ComponentConfig, kind: str) -> nn.Module:
+    import peft
+
+    if kind == "prompt_tuning":
+        init = peft.PromptTuningInit.TEXT if cfg.prompt_init_text else peft.PromptTuningInit.RANDOM
+        tok_path = getattr(model.config, "_name_or_path", None)
+        pcfg = peft.PromptTuningConfig(
+            task_type=peft.TaskType.CAUSAL_LM,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            prompt_tuning_init=init,
+            prompt_tuning_init_text=cfg.prompt_init_text,
+            tokenizer_name_or_path=tok_path if cfg.prompt_init_text else None,
+        )
+    else:
+        pcfg = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    return peft.get_peft_model(model, pcfg)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights are counted as their logical size."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for param in module.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

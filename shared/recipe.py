@@ -1,0 +1,218 @@
+"""Recipes and the runner every CLI command goes through.
+
+A recipe wires library pieces together (build model, apply PEFT, build data, train stages, evaluate) and returns
+report sections; :func:`execute` owns everything around it: config loading, the run folder, the resolved config,
+timing and peak memory, and the report, written even when the run fails so the folder says what happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import resource
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from modaltune.shared.config import dump_yaml, from_dict, load_config, parse_overrides, apply_dotted, to_dict
+from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.registry import RECIPES
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a recipe gets besides its config."""
+
+    run_dir: Path
+    quick: bool
+    report: dict[str, Any]  # sections filled as the run goes, so a failure still reports what was done
+    log: Callable[[str], None]
+
+
+class Recipe:
+    """Base class: subclasses set the class attributes and implement :meth:`run`, :meth:`evaluate`, :meth:`merge`."""
+
+    name: str = ""
+    description: str = ""
+    config_cls: type = object
+    config_file: str = ""  # file name under modaltune/recipes/configs
+
+    def default_config_path(self) -> Path:
+        return Path(str(resources.files("modaltune.recipes").joinpath("configs", self.config_file)))
+
+    def run(self, cfg: Any, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def evaluate(self, cfg: Any, checkpoint: Path, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None]) -> None:
+        raise NotImplementedError
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a recipe instance to the registry."""
+    RECIPES.register(recipe.name, recipe, owner=type(recipe).__module__ + "." + type(recipe).__qualname__)
+    return recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name`` (built-in recipes are imported on first use)."""
+    import modaltune.recipes.text_sft  # noqa: F401  (registers itself)
+
+    return RECIPES.get(name)
+
+
+def default_run_dir(recipe: str, mode: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{recipe}-{mode}-{stamp}"
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process and, when present, peak CUDA memory."""
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _logger(run_dir: Path) -> Callable[[str], None]:
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log = logging.getLogger(f"modaltune.run.{run_dir}")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.propagate = False
+
+    def emit(msg: str) -> None:
+        print(f"[modaltune] {msg}", flush=True)
+        log.info(msg)
+
+    return emit
+
+
+def execute(
+    recipe_name: str,
+    *,
+    mode: str = "run",
+    config: str | None = None,
+    out: str | None = None,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+    checkpoint: str | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Run (``mode="run"``) or evaluate (``mode="eval"``) a recipe; returns ``(report, exit code)``.
+
+    Config errors fail before any work (exit 2, no run folder). Once the run folder exists, every failure is
+    recorded in its report (``status: failed``) and returned as exit 1.
+    """
+    from modaltune.shared import checkpoint as ckpt
+    from modaltune.shared.report import write_report
+
+    recipe = get_recipe(recipe_name)
+    if mode == "eval":
+        if checkpoint is None:
+            raise ModaltuneError("eval needs --checkpoint DIR (a run's 'checkpoint' folder)")
+        meta = ckpt.read_meta(checkpoint)
+        if meta.get("recipe") != recipe.name:
+            raise ModaltuneError(
+                f"checkpoint {checkpoint!r} was trained by recipe {meta.get('recipe')!r}, not {recipe.name!r}"
+            )
+        base = meta["config"]
+        if config is not None:
+            raise ModaltuneError("eval takes its config from the checkpoint; change settings with key=value")
+        data = apply_dotted(base, parse_overrides(overrides or []), "command line")
+        cfg = from_dict(recipe.config_cls, data)
+    else:
+        cfg = load_config(recipe.config_cls, config or recipe.default_config_path(), overrides, quick=quick)
+    train_cfg = getattr(cfg, "train", None)
+    resume = bool(getattr(train_cfg, "resume", False)) and mode == "run"
+    if resume and out is None:
+        raise ModaltuneError("train.resume=true continues an earlier run: name its folder with --out DIR")
+    run_dir = Path(out) if out else default_run_dir(recipe.name, mode)
+    if run_dir.exists() and mode == "run" and not resume and (run_dir / "checkpoint").exists():
+        raise ModaltuneError(
+            f"{str(run_dir)!r} already holds a finished run; choose another --out, or pass train.resume=true"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _logger(run_dir)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    command = "modaltune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "mode": mode,
+        "status": "running",
+        "command": command,
+        "run_dir": str(run_dir),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(cfg),
+        "metrics": {"before": {}, "after": {}},
+    }
+    if checkpoint:
+        report["checkpoint"] = str(checkpoint)
+    ctx = RunContext(run_dir=run_dir, quick=quick, report=report, log=log)
+    seed_everything(getattr(train_cfg, "seed", 0))
+    started = time.time()
+    code = 0
+    try:
+        if mode == "eval":
+            recipe.evaluate(cfg, Path(checkpoint), ctx)
+        else:
+            recipe.run(cfg, ctx)
+        report["status"] = "ok"
+    except ModaltuneError as exc:
+        report["status"], report["error"], code = "failed", str(exc), 1
+        log(f"error: {exc}")
+    except KeyboardInterrupt:
+        report["status"], report["error"], code = "interrupted", "interrupted by the user", 130
+        log("interrupted: resume with train.resume=true --out " + str(run_dir))
+    except Exception as exc:  # a bug or a library failure: keep the traceback in the run folder
+        (run_dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        report["status"], code = "failed", 1
+        report["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
+                          f"(full traceback in {run_dir / 'traceback.txt'})"
+        log(f"error: {report['error']}")
+    timing = report.setdefault("timing", {})
+    timing["total_seconds"] = round(time.time() - started, 2)
+    report["memory"] = {k: round(v, 1) for k, v in peak_memory_mb().items()}
+    report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    files = write_report(run_dir, report)
+    log(f"report: {files.get('html', run_dir / 'report.html')}")
+    return report, code
+
+
+def merge(checkpoint: str, out: str, log: Callable[[str], None] = print) -> Path:
+    """Merge a checkpoint's adapters into its base model and save a plain transformers folder at ``out``."""
+    from modaltune.shared import checkpoint as ckpt
+
+    meta = ckpt.read_meta(checkpoint)
+    recipe = get_recipe(meta["recipe"])
+    cfg = from_dict(recipe.config_cls, meta["config"])
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()):
+        raise ModaltuneError(f"--out {out!r} exists and is not empty; choose a new folder")
+    recipe.merge(cfg, Path(checkpoint), out_path, log)
+    (out_path / "modaltune-merge.json").write_text(
+        json.dumps({"checkpoint": os.path.abspath(checkpoint), "recipe": recipe.name}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    return out_path

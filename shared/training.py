@@ -1,0 +1,327 @@
+"""Training on top of the transformers Trainer: per-component learning rates, stages, atomic checkpoints, resume.
+
+Because the loop is the transformers Trainer, ``accelerate launch`` and ``torchrun`` scale it out (DDP, FSDP,
+DeepSpeed) with no launcher of ours. What this module adds:
+
+- per-component learning rates (one optimizer group per component, with and without weight decay);
+- multi-stage training: a list of stages, each with its own data, trainable components and steps; weights carry
+  over from stage to stage in memory and on disk;
+- checkpoints in the modaltune format (every trained weight, atomic, ``COMPLETE`` marker) inside the Trainer's
+  ``checkpoint-N`` folders, so ``resume`` restores weights, optimizer, scheduler, RNG and step count;
+- a JSONL/CSV metrics log, TensorBoard, early stopping on validation loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from modaltune.shared import checkpoint as ckpt
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.io import atomic_write_json, atomic_write_text
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings shared by every stage (a stage may override steps and lr)."""
+
+    max_steps: int = doc(100, "optimizer steps per stage (a stage's own max_steps wins); -1: use epochs")
+    epochs: float = doc(1.0, "epochs per stage when max_steps is -1")
+    batch_size: int = doc(8, "examples per device per step")
+    eval_batch_size: int = doc(8, "examples per device per evaluation batch")
+    grad_accum: int = doc(1, "gradient accumulation steps")
+    lr: float = doc(2e-4, "learning rate (components may set their own)")
+    weight_decay: float = doc(0.0, "AdamW weight decay (not applied to biases and norms)")
+    warmup_ratio: float = doc(0.05, "fraction of steps spent warming the learning rate up")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = doc("cosine", "LR schedule")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm (0: off)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "auto", "auto: bf16 autocast where the hardware has fast bf16 (recent GPUs; CPUs with AVX512-BF16/AMX)"
+    )
+    label_logits_only: bool = doc(True, "run the output layer only at labelled positions (same loss, less work)")
+    eval_steps: int = doc(0, "evaluate validation loss every N steps (0: at the end of each stage)")
+    early_stopping_patience: int = doc(0, "stop a stage after N evaluations without a better validation loss (0: off)")
+    save_steps: int = doc(50, "write a resumable checkpoint every N steps")
+    save_total_limit: int = doc(2, "keep at most N step checkpoints per stage")
+    logging_steps: int = doc(5, "log training loss every N steps")
+    seed: int = doc(42, "random seed (data order, initialisation, dropout)")
+    num_workers: int = doc(0, "data loader worker processes")
+    resume: bool = doc(False, "continue the run in --out from its last complete checkpoint")
+
+    def validate(self, where: str) -> None:
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be at least 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{where}.max_steps must be positive, or -1 to train by epochs")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """One training stage, ready to run."""
+
+    name: str
+    train_dataset: Any
+    eval_dataset: Any | None = None
+    components: list[str] | None = None  # trainable components in this stage (None: all trained ones)
+    max_steps: int | None = None
+    lr: float | None = None
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """Pick fp32/bf16/fp16; ``auto`` takes bf16 where the hardware runs it fast."""
+    if precision != "auto":
+        if precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    if "avx512_bf16" in flags or "amx_bf16" in flags or cap in {"AVX512_BF16", "AMX"}:
+        return "bf16"
+    return "fp32"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+class ModaltuneTrainer(Trainer):
+    """The transformers Trainer with component learning rates and modaltune checkpoints."""
+
+    def __init__(
+        self, *args: Any, component_lrs: dict[str, float] | None = None, checkpoint_meta: dict | None = None, **kwargs
+    ) -> None:
+        self.component_lrs = component_lrs or {}
+        self.checkpoint_meta = checkpoint_meta or {}
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[str, bool], dict[str, Any]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            comp = model.component_of(name) or "other"
+            decay = name in decay_names
+            group = groups.setdefault(
+                (comp, decay),
+                {
+                    "params": [],
+                    "lr": self.component_lrs.get(comp, self.args.learning_rate),
+                    "weight_decay": self.args.weight_decay if decay else 0.0,
+                    "component": comp,
+                },
+            )
+            group["params"].append(param)
+        if not groups:
+            raise ModaltuneError("nothing to train: every component is frozen in this stage")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            ckpt.save_checkpoint(self.model, output_dir, meta=self.checkpoint_meta)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # The Trainer writes weights, optimizer, scheduler, RNG and trainer_state.json; the COMPLETE marker that
+        # _save wrote must come after all of them, so it is removed and written again at the very end.
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and folder.is_dir():
+            atomic_write_text(folder / ckpt.MARKER, "ok\n")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        ckpt.load_trained(model or self.model, resume_from_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:  # keys are checked by load_trained
+        return None
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends every Trainer log line (with its stage) to ``metrics.jsonl``; keeps the rows for plots."""
+
+    def __init__(self, path: Path, stage: str, rows: list[dict]) -> None:
+        self.path = path
+        self.stage = stage
+        self.rows = rows
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch, **logs}
+        self.rows.append(row)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+
+
+class EarlyStopping(TrainerCallback):
+    """Stops a stage after ``patience`` evaluations without a lower ``eval_loss``."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best = math.inf
+        self.bad = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: D102
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if loss < self.best - 1e-6:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What training produced: the metrics log rows, per-stage summaries, the final checkpoint folder."""
+
+    rows: list[dict]
+    stages: list[dict]
+    checkpoint: Path
+
+
+def run_stages(
+    model: Any,
+    stages: list[StagePlan],
+    cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    collator: Callable,
+    component_lrs: dict[str, float],
+    checkpoint_meta: dict,
+    tokenizer: Any = None,
+) -> TrainResult:
+    """Train ``model`` through ``stages`` in order and write the final checkpoint to ``run_dir/checkpoint``.
+
+    With ``cfg.resume`` a finished stage is loaded instead of retrained and an unfinished one continues from its
+    last complete ``checkpoint-N`` (same step count, optimizer and scheduler state).
+    """
+    run_dir = Path(run_dir)
+    log_path = run_dir / "metrics.jsonl"
+    rows: list[dict] = []
+    if cfg.resume and log_path.exists():
+        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif log_path.exists():
+        log_path.unlink()
+    precision = resolve_precision(cfg.precision)
+    summaries = []
+    for stage in stages:
+        stage_dir = run_dir / "stages" / stage.name
+        final = stage_dir / "final"
+        if cfg.resume and ckpt.is_complete(final):
+            ckpt.load_trained(model, final)
+            summaries.append({"stage": stage.name, "resumed": "finished earlier, loaded", "steps": None})
+            continue
+        model.set_stage_trainable(stage.components)
+        resume_from = ckpt.latest_checkpoint(stage_dir) if cfg.resume else None
+        max_steps = stage.max_steps if stage.max_steps is not None else cfg.max_steps
+        steps_for_warmup = max_steps if max_steps > 0 else 0
+        evaluate = stage.eval_dataset is not None
+        args = TrainingArguments(
+            output_dir=str(stage_dir),
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.eval_batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=stage.lr if stage.lr is not None else cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=int(cfg.warmup_ratio * steps_for_warmup) if steps_for_warmup else cfg.warmup_ratio,
+            lr_scheduler_type=cfg.scheduler,
+            max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+            max_steps=max_steps,
+            num_train_epochs=cfg.epochs,
+            logging_steps=cfg.logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=cfg.save_steps,
+            save_total_limit=max(cfg.save_total_limit, 1),
+            eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no",
+            eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+            prediction_loss_only=True,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            dataloader_num_workers=cfg.num_workers,
+            remove_unused_columns=False,
+            report_to=["tensorboard"],
+            disable_tqdm=False,
+            save_only_model=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        callbacks: list[TrainerCallback] = [MetricsLogger(log_path, stage.name, rows)]
+        if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
+            callbacks.append(EarlyStopping(cfg.early_stopping_patience))
+        trainer = ModaltuneTrainer(
+            model=model,
+            args=args,
+            train_dataset=stage.train_dataset,
+            eval_dataset=stage.eval_dataset,
+            data_collator=collator,
+            callbacks=callbacks,
+            component_lrs=component_lrs,
+            checkpoint_meta={**checkpoint_meta, "stage": stage.name},
+        )
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        summary = {
+            "stage": stage.name,
+            "steps": trainer.state.global_step,
+            "train_loss": output.training_loss,
+            "train_seconds": output.metrics.get("train_runtime"),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "precision": precision,
+        }
+        if evaluate:
+            summary["eval_loss"] = trainer.evaluate().get("eval_loss")
+        summaries.append(summary)
+        ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})
+    model.set_stage_trainable(None)
+    final_dir = ckpt.save_checkpoint(model, run_dir / "checkpoint", meta=checkpoint_meta, tokenizer=tokenizer)
+    write_metrics_csv(rows, run_dir / "metrics.csv")
+    atomic_write_json(run_dir / "stages.json", summaries)
+    return TrainResult(rows=rows, stages=summaries, checkpoint=final_dir)
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> None:
+    """The metrics log as CSV (one column per key seen)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())

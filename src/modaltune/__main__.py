@@ -1,0 +1,3 @@
+from modaltune.shared.cli import main
+
+raise SystemExit(main())

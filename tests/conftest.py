@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random-initialised causal LMs saved as local model folders (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any hub call fails at once instead of hanging
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+DATA = Path(__file__).parent / "data"
+
+
+def _train_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE tokenizer trained on the built-in instruction set."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modaltune.text.data import builtin_path
+
+    texts = []
+    for line in builtin_path("clinical_sft").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        texts += [row["instruction"], row["context"], row["response"]]
+    texts.append("### Instruction:\n### Input:\n### Response:\n### User:\n### Assistant:\n")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(folder))
+
+
+def _make_model(folder: Path, kind: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(folder)
+    vocab = len(AutoTokenizer.from_pretrained(str(folder)))
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if kind == "llama":
+        cfg = LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    else:
+        cfg = Gemma3TextConfig(num_key_value_heads=1, head_dim=16, sliding_window=16, tie_word_embeddings=True,
+                               layer_types=["sliding_attention", "full_attention"], **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Folder of a 2-layer random Llama (hidden 64) with a 512-token BPE tokenizer."""
+    return _make_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    """Folder of a 2-layer random Gemma-3 text model (tied embeddings, sliding + full attention)."""
+    return _make_model(tmp_path_factory.mktemp("tiny-gemma"), "gemma")
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory) -> Path:
+    """A 40-example slice of the built-in instruction set as a JSONL file."""
+    from modaltune.text.data import builtin_path
+
+    lines = builtin_path("clinical_sft").read_text(encoding="utf-8").splitlines()[:40]
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(request, tmp_path, monkeypatch):
+    """Fast tests get their own MODALTUNE_HOME; ``slow`` tests use the real one (where packaged models live)."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("MODALTUNE_HOME", str(tmp_path / "modaltune-home"))

@@ -1,0 +1,118 @@
+"""End-to-end: `modaltune run/eval/merge text-sft` on a tiny random model, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modaltune.shared.cli import main
+
+
+def _run(tmp_path, model, data, *extra):
+    out = tmp_path / "run"
+    code = main([
+        "run", "text-sft", "--out", str(out), f"model.name={model}", f"data.source={data}",
+        "train.max_steps=4", "train.batch_size=4", "train.save_steps=2", "train.logging_steps=1",
+        "eval.max_new_tokens=6", "train.precision=fp32", *extra,
+    ])
+    return code, out
+
+
+def test_run_writes_reports_with_before_and_after(tmp_path, tiny_llama, sft_data):
+    code, out = _run(tmp_path, tiny_llama, sft_data)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok"
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert set(before) == set(after)
+    for key in ("test/loss", "test/perplexity", "test/exact_match", "test/rougeL", "validation/loss"):
+        assert key in after
+    assert after["test/loss"] != before["test/loss"]
+    assert report["parameters"]["llm"]["trainable"] > 0
+    assert report["parameters"]["llm"]["trainable"] < report["parameters"]["llm"]["total"]
+    assert report["data"]["train"]["kept"] == 32
+    assert (out / "report.html").read_text().count("data:image/png;base64") >= 1
+    assert (out / "report.md").exists() and (out / "config.yaml").exists()
+    assert (out / "checkpoint" / "COMPLETE").exists()
+    assert len(report["items"]) == report["data"]["test"]["kept"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in rows)
+
+
+def test_eval_and_merge_reproduce_the_trained_model(tmp_path, tiny_llama, sft_data):
+    from transformers import AutoModelForCausalLM
+
+    from modaltune.shared import checkpoint as ckpt
+    from modaltune.shared.recipe import get_recipe
+
+    code, out = _run(tmp_path, tiny_llama, sft_data, "train.lr=1e-2")
+    assert code == 0
+    trained = json.loads((out / "report.json").read_text())["metrics"]["after"]
+
+    code = main(["eval", "text-sft", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "ev"),
+                 "eval.max_new_tokens=6"])
+    assert code == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert ev["metrics"]["after"]["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+
+    recipe = get_recipe("text-sft")
+    cfg = recipe.config_cls
+    from modaltune.shared.config import from_dict
+
+    cfg = from_dict(recipe.config_cls, ckpt.read_meta(out / "checkpoint")["config"])
+    model, tok, _, _ = recipe.build(cfg, None)
+    ckpt.load_trained(model, out / "checkpoint")
+    model.eval()
+    ids = tok(["Expand the clinical abbreviation: BID"], return_tensors="pt")
+    with torch.no_grad():
+        a = model.llm(**ids).logits
+        b = plain(**ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_bad_inputs_give_one_line_errors_and_a_run_folder(tmp_path, tiny_llama, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{not json\n', encoding="utf-8")
+    code, out = _run(tmp_path, tiny_llama, bad)
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert "bad.jsonl:2" in report["error"] and "invalid JSON" in report["error"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_missing_file_unknown_model_and_unknown_key(tmp_path, tiny_llama, capsys):
+    code, out = _run(tmp_path, tiny_llama, tmp_path / "nope.jsonl")
+    assert code == 1
+    assert "nope.jsonl" in json.loads((out / "report.json").read_text())["error"]
+
+    code = main(["run", "text-sft", "--out", str(tmp_path / "r2"), "model.name=no-such-model-xyz"])
+    assert code == 1
+    err = json.loads((tmp_path / "r2" / "report.json").read_text())["error"]
+    assert "no-such-model-xyz" in err and "gemma-3-270m" in err
+
+    code = main(["run", "text-sft", "--out", str(tmp_path / "r3"), "train.max_stpes=3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.max_stpes" in err and "max_steps" in err
+    assert not (tmp_path / "r3").exists()
+
+
+def test_empty_responses_are_counted_skips(tmp_path, tiny_llama, sft_data):
+    data = tmp_path / "d.jsonl"
+    lines = sft_data.read_text().splitlines()
+    lines.append(json.dumps({"instruction": "Say nothing", "context": "", "response": "  "}))
+    data.write_text("\n".join(lines) + "\n")
+    code, out = _run(tmp_path, tiny_llama, data, "data.max_length=40")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    reasons = report["data"]["train"]["skip_reasons"]
+    assert reasons.get("empty response") == 1
+    total_long = sum(v for s in report["data"].values() for k, v in s["skip_reasons"].items() if "max_length" in k)
+    assert total_long > 0

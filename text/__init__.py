@@ -1,0 +1,1 @@
+"""modaltune.text: causal LMs, instruction formatting, SFT data and evaluation."""

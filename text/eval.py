@@ -1,0 +1,111 @@
+"""Evaluation of causal LMs: loss/perplexity on a split, batched generation, exact match and ROUGE-L."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from tqdm.auto import tqdm
+
+from modaltune.shared.config import doc
+from modaltune.shared.metrics import exact_match, normalize_answer, perplexity, rouge_l
+from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset
+
+
+@dataclasses.dataclass
+class GenerationEvalConfig:
+    """How responses are generated for evaluation."""
+
+    max_new_tokens: int = doc(48, "longest generated response, in tokens")
+    num_beams: int = doc(1, "1: greedy decoding; more: beam search")
+    batch_size: int = doc(8, "prompts per generation batch")
+    max_examples: int | None = doc(None, "generate for at most this many test examples (loss uses all)")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context that matches training precision."""
+    if precision in {"bf16", "fp16"}:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset: TokenizedDataset, pad_id: int, *, batch_size: int, precision: str) -> dict:
+    """Token-weighted mean loss and perplexity over ``dataset``."""
+    if len(dataset) == 0:
+        return {}
+    model.eval()
+    collate = PadCollator(pad_id)
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with autocast(precision, model.device):
+            loss = model(**batch)["loss"]
+        total += float(loss) * n
+        tokens += n
+    mean = total / max(tokens, 1)
+    return {"loss": mean, "perplexity": perplexity(mean)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConfig, *, precision: str,
+             desc: str = "generating") -> list[str]:
+    """Greedy/beam responses for tokenised prompts, batched with left padding."""
+    model.eval()
+    out: list[str] = []
+    pad = tokenizer.pad_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    results: dict[int, str] = {}
+    for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, leave=False):
+        idx = order[start : start + cfg.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T) left-padded
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[row, width - n :] = torch.tensor(prompts[i])
+            mask[row, width - n :] = 1
+        with autocast(precision, model.device):
+            gen = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=cfg.max_new_tokens,
+                num_beams=cfg.num_beams,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row, i in enumerate(idx):
+            results[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    out = [results[i] for i in range(len(prompts))]
+    return out
+
+
+def evaluate_generation(model, tokenizer, dataset: TokenizedDataset, formatter: PromptFormatter,
+                        cfg: GenerationEvalConfig, *, precision: str, desc: str) -> tuple[dict, list[dict]]:
+    """Exact match and ROUGE-L of generated responses; returns ``(metrics, per-item rows)``."""
+    n = len(dataset) if cfg.max_examples is None else min(cfg.max_examples, len(dataset))
+    if n == 0:
+        return {}, []
+    prompts = [dataset[i]["prompt_ids"] for i in range(n)]
+    refs = [dataset.examples[i].response for i in range(n)]
+    preds = generate(model, tokenizer, prompts, cfg, precision=precision, desc=desc)
+    rouge = rouge_l(preds, refs)
+    items = [
+        {
+            "id": dataset.examples[i].id,
+            "category": dataset.examples[i].category,
+            "prompt": formatter.prompt(dataset.examples[i]),
+            "reference": refs[i],
+            "prediction": preds[i],
+            "exact": normalize_answer(preds[i]) == normalize_answer(refs[i]),
+            "rougeL": rouge[i],
+        }
+        for i in range(n)
+    ]
+    metrics = {"exact_match": exact_match(preds, refs), "rougeL": sum(rouge) / n}
+    return metrics, items

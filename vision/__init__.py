@@ -1,0 +1,1 @@
+"""modaltune.vision: see the project README for what is planned here."""
