@@ -71,6 +71,10 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if tp is dict:
+        tp = dict[str, Any]
+    elif tp is list:
+        tp = list[Any]
     origin = get_origin(tp)
     if tp is Any:
         return value

@@ -106,7 +106,8 @@ def causal_lm_loss(
     """
     if not label_logits_only or uses_virtual_tokens(lm):
         out = lm(**inputs, use_cache=False)
-        return full_logits_cross_entropy(out.logits, labels, num_items_in_batch)
+        logits = out.logits[:, -labels.size(1) :]  # prompt tuning prepends virtual-token positions
+        return full_logits_cross_entropy(logits, labels, num_items_in_batch)
     base = unwrap_peft(lm)
     body = base.get_decoder()
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, D)

@@ -222,6 +222,7 @@ def run_stages(
     component_lrs: dict[str, float],
     checkpoint_meta: dict,
     tokenizer: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Train ``model`` through ``stages`` in order and write the final checkpoint to ``run_dir/checkpoint``.
 
@@ -280,16 +281,16 @@ def run_stages(
             save_only_model=False,
             use_cpu=not torch.cuda.is_available(),
         )
-        callbacks: list[TrainerCallback] = [MetricsLogger(log_path, stage.name, rows)]
+        stage_callbacks: list[TrainerCallback] = [MetricsLogger(log_path, stage.name, rows), *(callbacks or [])]
         if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
-            callbacks.append(EarlyStopping(cfg.early_stopping_patience))
+            stage_callbacks.append(EarlyStopping(cfg.early_stopping_patience))
         trainer = ModaltuneTrainer(
             model=model,
             args=args,
             train_dataset=stage.train_dataset,
             eval_dataset=stage.eval_dataset,
             data_collator=collator,
-            callbacks=callbacks,
+            callbacks=stage_callbacks,
             component_lrs=component_lrs,
             checkpoint_meta={**checkpoint_meta, "stage": stage.name},
         )

@@ -56,7 +56,6 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConf
              desc: str = "generating") -> list[str]:
     """Greedy/beam responses for tokenised prompts, batched with left padding."""
     model.eval()
-    out: list[str] = []
     pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: dict[int, str] = {}
@@ -69,7 +68,8 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConf
             n = len(prompts[i])
             ids[row, width - n :] = torch.tensor(prompts[i])
             mask[row, width - n :] = 1
-        with autocast(precision, model.device):
+        # fp32 decoding: on CPUs, bf16 autocast makes small-batch decode steps slower, not faster
+        with autocast(precision if model.device.type == "cuda" else "fp32", model.device):
             gen = model.generate(
                 input_ids=ids.to(model.device),
                 attention_mask=mask.to(model.device),
@@ -81,8 +81,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConf
             )
         for row, i in enumerate(idx):
             results[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
-    out = [results[i] for i in range(len(prompts))]
-    return out
+    return [results[i] for i in range(len(prompts))]
 
 
 def evaluate_generation(model, tokenizer, dataset: TokenizedDataset, formatter: PromptFormatter,

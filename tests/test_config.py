@@ -1,0 +1,106 @@
+"""Config schemas: unknown keys, types, overrides, and every shipped YAML against its schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from modaltune.shared.config import from_dict, load_config, parse_overrides
+from modaltune.shared.errors import ConfigError
+from modaltune.shared.recipe import get_recipe
+from modaltune.shared.registry import RECIPES
+
+
+@dataclasses.dataclass
+class Inner:
+    lr: float = 1e-4
+    steps: int = 10
+    names: list[str] = dataclasses.field(default_factory=list)
+    mode: str | None = None
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    flag: bool = False
+
+
+def test_unknown_key_names_the_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        from_dict(Outer, {"inner": {"stpes": 3}})
+    msg = str(err.value)
+    assert "'inner.stpes'" in msg and "did you mean 'steps'" in msg and "lr, steps, names, mode" in msg
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [({"flag": "yes"}, "true or false"), ({"inner": {"steps": 1.5}}, "whole number"),
+     ({"inner": {"lr": "fast"}}, "expected a number"), ({"inner": 3}, "expected a mapping")],
+)
+def test_wrong_types_fail_with_the_path(data, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        from_dict(Outer, data)
+
+
+def test_overrides_are_yaml_values():
+    assert parse_overrides(["a.b=1e-4", "c=[x, y]", "d=true", "e=null"]) == {
+        "a.b": "1e-4", "c": ["x", "y"], "d": True, "e": None}
+    cfg = from_dict(Outer, {"inner": {"lr": "1e-4", "names": "q_proj"}})
+    assert cfg.inner.lr == pytest.approx(1e-4) and cfg.inner.names == ["q_proj"]
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["justakey"])
+
+
+def test_quick_and_command_line_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  steps: 100\nquick:\n  inner.steps: 5\n")
+
+    @dataclasses.dataclass
+    class WithQuick(Outer):
+        quick: dict = dataclasses.field(default_factory=dict)
+
+    assert load_config(WithQuick, path).inner.steps == 100
+    assert load_config(WithQuick, path, quick=True).inner.steps == 5
+    assert load_config(WithQuick, path, ["inner.steps=7"], quick=True).inner.steps == 7
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("a: 1\nb: [unclosed\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(Outer, path)
+
+
+def _shipped():
+    get_recipe("text-sft")
+    return [(name, RECIPES.get(name)) for name in RECIPES.names()]
+
+
+@pytest.mark.parametrize("name, recipe", _shipped())
+def test_every_shipped_yaml_loads_and_documents_itself(name, recipe):
+    path = recipe.default_config_path()
+    cfg = load_config(recipe.config_cls, path)
+    quick = load_config(recipe.config_cls, path, quick=True)
+    assert cfg != quick
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith(f"# modaltune run {name}")
+    for line in lines:
+        if re.match(r"^\s*[A-Za-z_.]+:", line):
+            assert "#" in line, f"undocumented key: {line!r}"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    import yaml
+
+    from modaltune.shared.config import dump_yaml, to_dict
+
+    recipe = get_recipe("text-sft")
+    cfg = load_config(recipe.config_cls, recipe.default_config_path(), ["llm.method=dora", "train.lr=3e-4"])
+    dump_yaml(cfg, tmp_path / "c.yaml")
+    again = from_dict(recipe.config_cls, yaml.safe_load((tmp_path / "c.yaml").read_text()))
+    assert again == cfg and again.llm.method == "dora"
+    assert to_dict(again)["train"]["lr"] == pytest.approx(3e-4)

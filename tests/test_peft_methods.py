@@ -1,0 +1,101 @@
+"""Every PEFT method trains a step and changes only what it should."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from modaltune.shared.errors import ConfigError
+from modaltune.shared.peft import ComponentConfig
+from modaltune.text.lm import ModelConfig, build_text_model
+
+METHODS = ["lora", "dora", "qlora", "lora8bit", "ia3", "prompt_tuning", "prefix_tuning", "full"]
+# which parameter names each method may change (substring test)
+ALLOWED = {
+    "lora": ("lora_",),
+    "dora": ("lora_",),  # lora_A/B and lora_magnitude_vector
+    "qlora": ("lora_",),
+    "lora8bit": ("lora_",),
+    "ia3": ("ia3_",),
+    "prompt_tuning": ("prompt_encoder",),
+    "prefix_tuning": ("prompt_encoder",),
+    "full": ("",),
+}
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (2, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_one_step_and_changes_only_its_weights(method, tiny_llama):
+    model, tok, _ = build_text_model(
+        ModelConfig(name=str(tiny_llama)), ComponentConfig(method=method, r=4, alpha=8, num_virtual_tokens=4),
+        compute_dtype=torch.float32,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = model.trained_names
+    assert trained, "the method made nothing trainable"
+    assert all(any(k in n for k in ALLOWED[method]) for n in trained), sorted(trained)[:5]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model(**_batch(len(tok)))["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed, "one optimizer step changed nothing"
+    assert changed <= trained, sorted(changed - trained)[:5]
+    frozen_same = all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n not in trained)
+    assert frozen_same
+    report = model.parameter_report()
+    assert 0 < report["llm"]["trainable"] <= report["llm"]["total"]
+    if method != "full":
+        assert report["llm"]["trainable"] < report["llm"]["total"] / 2
+
+
+def test_qlora_quantises_the_body_but_not_the_head(tiny_llama):
+    model, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="qlora", r=4),
+                                   compute_dtype=torch.float32)
+    base = model.llm.get_base_model()
+    kinds = {type(m).__name__ for n, m in base.named_modules() if n.endswith("q_proj.base_layer")}
+    assert kinds == {"Linear4bit"}
+    assert type(base.lm_head).__name__ == "Linear"
+
+
+def test_target_matching_nothing_lists_nearby_names(tiny_llama):
+    with pytest.raises(ConfigError) as err:
+        build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="lora", targets=["q_prj"]),
+                         compute_dtype=torch.float32)
+    msg = str(err.value)
+    assert "'q_prj'" in msg and "q_proj" in msg
+
+
+def test_glob_targets_are_scoped(tiny_llama):
+    model, _, _ = build_text_model(
+        ModelConfig(name=str(tiny_llama)), ComponentConfig(method="lora", r=2, targets=["layers.1.mlp.*"]),
+        compute_dtype=torch.float32,
+    )
+    names = {n for n in model.trained_names}
+    assert names and all(".layers.1.mlp." in n for n in names)
+
+
+def test_frozen_llm_is_refused(tiny_llama):
+    with pytest.raises(ConfigError, match="nothing would train"):
+        build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="frozen"),
+                         compute_dtype=torch.float32)
+
+
+def test_dora_and_lora_differ(tiny_llama):
+    cfg = ComponentConfig(method="lora", r=4)
+    lora, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), cfg, compute_dtype=torch.float32)
+    dora, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), dataclasses.replace(cfg, method="dora"),
+                                  compute_dtype=torch.float32)
+    assert not any("magnitude" in n for n in lora.trained_names)
+    assert any("magnitude" in n for n in dora.trained_names)
