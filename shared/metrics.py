@@ -65,3 +65,93 @@ def perplexity(mean_loss: float) -> float:
 def _check(predictions: list[str], references: list[str]) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+
+
+def word_error_rate(predictions: list[str], references: list[str]) -> float:
+    """Corpus WER (jiwer): total substitutions + deletions + insertions over reference words.
+
+    Example:
+        >>> round(word_error_rate(["the patient has a fever"], ["the patient has fever"]), 2)
+        0.25
+    """
+    import jiwer
+
+    _check(predictions, references)
+    pairs = [(r, p) for p, r in zip(predictions, references) if r.strip()]
+    if not pairs:
+        return 0.0
+    return float(jiwer.wer([r for r, _ in pairs], [p for _, p in pairs]))
+
+
+def char_error_rate(predictions: list[str], references: list[str]) -> float:
+    """Corpus CER (jiwer) over characters.
+
+    Example:
+        >>> round(char_error_rate(["amoxicilin"], ["amoxicillin"]), 3)
+        0.091
+    """
+    import jiwer
+
+    _check(predictions, references)
+    pairs = [(r, p) for p, r in zip(predictions, references) if r.strip()]
+    if not pairs:
+        return 0.0
+    return float(jiwer.cer([r for r, _ in pairs], [p for _, p in pairs]))
+
+
+def alignment(prediction: str, reference: str) -> dict[str, object]:
+    """Word-level edit counts and the aligned word pairs of one utterance.
+
+    Example:
+        >>> a = alignment("take metformin daily", "take metformin twice daily")
+        >>> (a["substitutions"], a["deletions"], a["insertions"], a["wer"])
+        (0, 1, 0, 0.25)
+    """
+    import jiwer
+
+    if not reference.strip():
+        n = len(prediction.split())
+        return {"substitutions": 0, "deletions": 0, "insertions": n, "hits": 0, "wer": float(n > 0), "ops": []}
+    out = jiwer.process_words(reference, prediction if prediction.strip() else "")
+    ref_words, hyp_words = out.references[0], out.hypotheses[0]
+    ops = []
+    for chunk in out.alignments[0]:
+        ref = " ".join(ref_words[chunk.ref_start_idx : chunk.ref_end_idx])
+        hyp = " ".join(hyp_words[chunk.hyp_start_idx : chunk.hyp_end_idx])
+        if chunk.type != "equal":
+            ops.append({"op": chunk.type, "ref": ref, "hyp": hyp})
+    return {
+        "substitutions": out.substitutions,
+        "deletions": out.deletions,
+        "insertions": out.insertions,
+        "hits": out.hits,
+        "wer": float(out.wer),
+        "ops": ops,
+    }
+
+
+def term_recall(predictions: list[str], references: list[str], terms: list[str]) -> dict[str, object]:
+    """How often each domain term present in a reference also appears in its hypothesis.
+
+    Matching is on normalised text (:func:`normalize_answer`) with word boundaries, so multi-word terms count.
+
+    Example:
+        >>> r = term_recall(["start metformin now"], ["start metformin and lisinopril"], ["metformin", "lisinopril"])
+        >>> r["recall"], r["per_term"]["lisinopril"]
+        (0.5, {'present': 1, 'recalled': 0})
+    """
+    _check(predictions, references)
+    norm_terms = {t: normalize_answer(t) for t in terms if normalize_answer(t)}
+    per_term: dict[str, dict[str, int]] = {}
+    present = recalled = 0
+    for pred, ref in zip(predictions, references):
+        p, r = f" {normalize_answer(pred)} ", f" {normalize_answer(ref)} "
+        for term, nt in norm_terms.items():
+            if f" {nt} " in r:
+                stats = per_term.setdefault(term, {"present": 0, "recalled": 0})
+                stats["present"] += 1
+                present += 1
+                if f" {nt} " in p:
+                    stats["recalled"] += 1
+                    recalled += 1
+    return {"recall": recalled / present if present else 0.0, "present": present, "per_term": per_term}

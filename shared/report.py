@@ -15,7 +15,6 @@ import base64
 import html
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ REPORT_HTML = "report.html"
 ITEMS_JSONL = "items.jsonl"
 CURVE_PNG = "training_curve.png"
 METRICS_PNG = "metrics.png"
-FILE_MODE = 0o644  # reports are meant to be read by others; mkstemp alone would leave them 0600
 
 
 # --------------------------------------------------------------------------------------------------- blocks
@@ -258,19 +256,9 @@ def _to_plain(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------- files
 
 
-def _write_readable(path: Path, write: Any) -> Path:
-    """Atomically write through ``write(tmp_path)`` and leave the file readable by everyone."""
-
-    def write_and_chmod(tmp: str) -> None:
-        write(tmp)
-        os.chmod(tmp, FILE_MODE)
-
-    return atomic_write(path, write_and_chmod)
-
-
 def _write_text(path: Path, text: str) -> Path:
     """Atomically write UTF-8 text."""
-    return _write_readable(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _write_items(path: Path, items: list) -> Path:
@@ -284,7 +272,7 @@ def _save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        _write_readable(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path

@@ -89,3 +89,13 @@ def _isolated_home(request, tmp_path, monkeypatch):
     """Fast tests get their own MODALTUNE_HOME; ``slow`` tests use the real one (where packaged models live)."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("MODALTUNE_HOME", str(tmp_path / "modaltune-home"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are skipped on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

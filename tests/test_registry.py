@@ -65,3 +65,41 @@ def test_zoo_install_is_atomic_and_idempotent(tmp_path, monkeypatch):
         zoo.install("toy-broken", log=lambda m: None)
     assert not zoo.model_dir("toy-broken").exists()
     assert not list(zoo.model_dir("toy-broken").parent.glob(".toy-broken*"))
+
+
+def test_plugins_register_through_entry_points(monkeypatch):
+    import sys
+    import types
+
+    from modaltune.shared import registry
+
+    mod = types.ModuleType("fake_modaltune_plugin")
+
+    def load_plugin():
+        registry.PROJECTORS.register("fake-proj", object(), owner="fake_modaltune_plugin")
+        return mod
+
+    class EP:
+        name, value = "fake", "fake_modaltune_plugin"
+        load = staticmethod(load_plugin)
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [EP()] if group == registry.PLUGIN_GROUP else [])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setitem(sys.modules, "fake_modaltune_plugin", mod)
+    try:
+        assert "fake-proj" in registry.PROJECTORS.names()
+    finally:
+        registry.PROJECTORS._items.pop("fake-proj", None)
+        registry.PROJECTORS._owners.pop("fake-proj", None)
+
+    class Broken:
+        name, value = "broken", "nowhere.module"
+
+        @staticmethod
+        def load():
+            raise ImportError("No module named 'nowhere'")
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [Broken()])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    with pytest.raises(ModaltuneError, match="plugin 'broken'"):
+        registry.PROJECTORS.names()

@@ -116,3 +116,30 @@ def test_empty_responses_are_counted_skips(tmp_path, tiny_llama, sft_data):
     assert reasons.get("empty response") == 1
     total_long = sum(v for s in report["data"].values() for k, v in s["skip_reasons"].items() if "max_length" in k)
     assert total_long > 0
+
+
+def test_eval_during_training_early_stopping_and_gradient_checkpointing(tmp_path, tiny_llama, sft_data):
+    code, out = _run(tmp_path, tiny_llama, sft_data, "train.max_steps=8", "train.eval_steps=1",
+                     "train.early_stopping_patience=2", "train.lr=0.0", "train.gradient_checkpointing=true")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    evals = [r for r in report["training"]["curve"] if "eval_loss" in r]
+    assert report["training"]["stages"][0]["steps"] == 3  # lr 0: no improvement after the first evaluation
+    assert len(evals) >= 3
+
+
+def test_quantisation_unavailable_is_one_clear_line(tmp_path, tiny_llama, sft_data, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("no bitsandbytes here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    code, out = _run(tmp_path, tiny_llama, sft_data, "llm.method=qlora")
+    assert code == 1
+    err = json.loads((out / "report.json").read_text())["error"]
+    assert "qlora needs bitsandbytes" in err and "method: lora" in err
