@@ -149,7 +149,9 @@ def read_ct2(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         alias = cur.string(f"alias {index}")
         target = cur.string(f"the target of alias {alias!r}")
         if target not in variables:
-            raise CT2FormatError(f"{path}: alias {alias!r} points at unknown variable {target!r}; the file is corrupted")
+            raise CT2FormatError(
+                f"{path}: alias {alias!r} points at unknown variable {target!r}; the file is corrupted"
+            )
         aliases[alias] = target
     if cur.pos != len(cur.buf):
         raise CT2FormatError(f"{path}: {len(cur.buf) - cur.pos:,} unexpected bytes after the alias table (byte "
@@ -369,7 +371,9 @@ def _build_tokenizer(folder: Path, vocab_size: int):
     else:
         extra = [f"<|{i * TIMESTAMP_STEP:.2f}|>" for i in range(vocab_size - have)]
     if extra:
-        tokenizer.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False) for t in extra])
+        tokenizer.add_tokens(
+            [AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False) for t in extra]
+        )
     if len(tokenizer) != vocab_size:
         raise CT2FormatError(f"{folder}: tokenizer ends up with {len(tokenizer)} tokens, model vocabulary is "
                              f"{vocab_size}; the tokenizer files do not match model.bin")
@@ -442,6 +446,8 @@ def ct2_to_transformers(
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CT2FormatError(f"{out_dir}: exists and is not an empty folder; convert {name} into a new or empty one")
     bin_path = model_dir / "model.bin"
     variables, meta = read_ct2(bin_path)
     if meta["spec"] != "WhisperSpec":
@@ -496,8 +502,6 @@ def ct2_to_transformers(
     model.eval()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.iterdir()):
-        raise CT2FormatError(f"{out_dir}: not empty; convert {name} into a new or empty folder")
     model.save_pretrained(str(out_dir))
     processor = WhisperProcessor(
         feature_extractor=WhisperFeatureExtractor(feature_size=facts["num_mel_bins"]), tokenizer=tokenizer

@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "recipes":
-        from modaltune.shared.recipe import get_recipe
-        from modaltune.shared.registry import RECIPES
+        from modaltune.shared.recipe import all_recipes
 
-        get_recipe("text-sft")  # import built-ins
-        for name in RECIPES.names():
-            r = RECIPES.get(name)
-            print(f"{name:14s} {r.description}\n{'':14s} config: {r.default_config_path()}")
+        for name, r in all_recipes().items():
+            if isinstance(r, str):
+                print(f"{name:14s} unavailable: {r}")
+            else:
+                print(f"{name:14s} {r.description}\n{'':14s} config: {r.default_config_path()}")
         return 0
     if args.command == "zoo":
         from modaltune.shared import zoo

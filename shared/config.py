@@ -25,14 +25,19 @@ def field_docs(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def doc(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a one-line ``help`` text; mutable defaults are copied per instance."""
+def doc(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field with a one-line ``help`` text; mutable defaults are copied per instance.
+
+    ``factory`` builds the default instead (e.g. a section whose defaults differ from its class's own).
+    """
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: typing.cast(Any, value).copy(), metadata={"help": help})
     if dataclasses.is_dataclass(default) and isinstance(default, type):
         return dataclasses.field(default_factory=default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def from_dict(cls: type[C], data: Any, where: str = "") -> C:
@@ -50,7 +55,8 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
@@ -59,6 +65,10 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
                 f"unknown config key {path!r}{suggest(str(key), names)}; "
                 f"valid keys{' under ' + repr(where) if where else ''}: {', '.join(names)}"
             )
+        f = fields[key]
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and f.default_factory is not dataclasses.MISSING:
+            # a partial section starts from this field's own default, not the section class's
+            value = {**to_dict(f.default_factory()), **value}
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         obj = cls(**kwargs)

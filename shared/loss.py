@@ -23,6 +23,7 @@ def label_logits_cross_entropy(
     softcap: float | None = None,
     logit_scale: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    shift: bool = True,
 ) -> torch.Tensor:
     """Next-token cross entropy computing logits only at labelled positions.
 
@@ -33,13 +34,15 @@ def label_logits_cross_entropy(
         softcap: Gemma-2 style final-logit soft-capping (``tanh(x / c) * c``), if the model uses it.
         logit_scale: multiplier applied to logits (Cohere ``logit_scale``; Granite's ``1 / logits_scaling``).
         num_items_in_batch: token count to divide by (the whole accumulated batch); default: this batch's count.
+        shift: ``True`` for causal LMs (position ``t`` predicts ``labels[t+1]``); ``False`` for encoder-decoders
+            such as Whisper, whose decoder input is already shifted (position ``t`` predicts ``labels[t]``).
 
     Returns:
         The mean loss over labelled tokens, as a scalar.
     """
-    shift_labels = labels[:, 1:]  # (B, T-1)
+    shift_labels = labels[:, 1:] if shift else labels  # (B, T-1) or (B, T)
     mask = shift_labels != IGNORE_INDEX
-    selected = hidden[:, :-1][mask]  # (N, D)
+    selected = (hidden[:, :-1] if shift else hidden)[mask]  # (N, D)
     targets = shift_labels[mask]  # (N,)
     if targets.numel() == 0:
         return hidden.sum() * 0.0

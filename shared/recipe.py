@@ -64,11 +64,38 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def get_recipe(name: str) -> Recipe:
-    """The registered recipe ``name`` (built-in recipes are imported on first use)."""
-    import modaltune.recipes.text_sft  # noqa: F401  (registers itself)
+BUILTIN_RECIPES = {
+    "text-sft": ("modaltune.recipes.text_sft", "text"),
+    "domain-asr": ("modaltune.recipes.domain_asr", "audio"),
+}
 
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name``; a built-in one is imported on first use (it registers itself)."""
+    import importlib
+
+    if name in BUILTIN_RECIPES and name not in RECIPES._items:
+        module, extra = BUILTIN_RECIPES[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ModaltuneError(
+                f"recipe {name!r} needs the {extra} extra: pip install 'modaltune[{extra}]' ({exc})"
+            ) from None
     return RECIPES.get(name)
+
+
+def all_recipes() -> dict[str, Recipe | str]:
+    """Every recipe: built-ins (or why one cannot load) and plugins."""
+    out: dict[str, Recipe | str] = {}
+    for name in BUILTIN_RECIPES:
+        try:
+            out[name] = get_recipe(name)
+        except ModaltuneError as exc:
+            out[name] = str(exc)
+    for name in RECIPES.names():
+        out.setdefault(name, RECIPES.get(name))
+    return out
 
 
 def default_run_dir(recipe: str, mode: str) -> Path:

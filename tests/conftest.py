@@ -99,3 +99,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A tiny random English-only Whisper folder (d=64, 2+2 layers, full 30 s window) with processor and
+    generation config, made through the real CT2 converter from the CT2 writer in ``test_whisper_ct2.py``."""
+    import importlib.util
+
+    from modaltune.audio.whisper_ct2 import ct2_to_transformers
+
+    spec = importlib.util.spec_from_file_location("_ct2_kit", Path(__file__).parent / "test_whisper_ct2.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    kit.SOURCE_POSITIONS = 1500  # the real feature extractor's 3000 mel frames
+    ct2 = tmp_path_factory.mktemp("tiny-whisper-ct2")
+    kit._make_ct2(ct2)
+    out = tmp_path_factory.mktemp("tiny-whisper") / "model"
+    ct2_to_transformers(ct2, out, name="tiny-whisper", multilingual=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def speech_manifests(tmp_path_factory) -> dict[str, Path]:
+    """Small train/test manifests of real-looking speech: tones and noise shaped like words, 16 kHz WAVs."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    root = tmp_path_factory.mktemp("speech")
+    rng = np.random.default_rng(0)
+    words = ["he was not an ill disposed young man", "the patient reports chest pain",
+             "shortness of breath", "take metformin twice daily"]
+    out = {}
+    for split, n in (("train", 12), ("test", 4)):
+        rows = []
+        for i in range(n):
+            secs = 1.0 + 0.25 * (i % 4)
+            t = np.arange(int(16000 * secs)) / 16000
+            wave = 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.05 * rng.standard_normal(t.size)
+            path = root / f"{split}-{i}.wav"
+            sf.write(path, wave.astype(np.float32), 16000)
+            rows.append({"audio": path.name, "text": words[i % len(words)], "speaker": f"s{i % 2}"})
+        out[split] = root / f"{split}.jsonl"
+        out[split].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return out

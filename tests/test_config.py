@@ -76,8 +76,9 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 def _shipped():
-    get_recipe("text-sft")
-    return [(name, RECIPES.get(name)) for name in RECIPES.names()]
+    from modaltune.shared.recipe import all_recipes
+
+    return [(name, r) for name, r in all_recipes().items() if not isinstance(r, str)]
 
 
 @pytest.mark.parametrize("name, recipe", _shipped())

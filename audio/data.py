@@ -1,0 +1,203 @@
+"""ASR data: manifests (JSONL/CSV), audiofolders, ``datasets`` Audio columns; validation with counted skips.
+
+Every clip is checked before training: unreadable or empty files, silence, empty transcripts and clips longer than
+the model's window are skipped with their reason counted (or, for long clips with segment timestamps and
+``long_clips: split``, cut into segments). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from modaltune.audio.io import SAMPLE_RATE, AudioReadError, load_audio, rms
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass
+class Clip:
+    """One utterance: 16 kHz mono audio and its transcript."""
+
+    id: str
+    wave: np.ndarray  # (N,) float32
+    text: str
+    speaker: str = ""
+    path: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return len(self.wave) / SAMPLE_RATE
+
+
+@dataclasses.dataclass
+class ClipFilter:
+    """Validation limits."""
+
+    max_seconds: float = 30.0
+    silence_rms: float = 1e-4
+    long_clips: str = "skip"
+
+
+def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_split: str = "train") -> list[dict]:
+    """Rows with ``audio`` (a path, or a decoded array) and ``text``; ids point back at the line or row."""
+    columns = columns or {}
+    audio_col, text_col = columns.get("audio", "audio"), columns.get("text", "text")
+    if source.startswith("hf:"):
+        return _read_hf(source[3:], hf_split, audio_col, text_col)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        meta = path / "metadata.csv"
+        if not meta.is_file():
+            raise DataError(f"audiofolder {source!r} has no metadata.csv (columns: file_name, transcription/text)")
+        rows = _read_csv(meta)
+        out = []
+        for rid, row in rows:
+            name = row.get("file_name") or row.get(audio_col)
+            text = row.get("transcription", row.get(text_col))
+            out.append({"id": rid, "audio": str(path / name) if name else None, "text": text,
+                        "speaker": row.get("speaker", "")})
+        return out
+    if not path.is_file():
+        raise DataError(f"manifest {source!r} does not exist")
+    if path.suffix == ".jsonl":
+        raw = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object")
+                raw.append((f"{path.name}:{lineno}", row))
+    elif path.suffix == ".csv":
+        raw = _read_csv(path)
+    else:
+        raise DataError(f"manifest {source!r}: use .jsonl or .csv (or an audiofolder, or hf:NAME)")
+    out = []
+    for rid, row in raw:
+        audio = row.get(audio_col)
+        if isinstance(audio, str) and audio and not Path(audio).is_absolute():
+            audio = str(path.parent / audio)  # manifests name files relative to themselves
+        out.append({"id": str(row.get("id", rid)), "audio": audio, "text": row.get(text_col),
+                    "speaker": str(row.get("speaker", "") or ""), "segments": row.get("segments")})
+    return out
+
+
+def _read_csv(path: Path) -> list[tuple[str, dict]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return [(f"{path.name}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(fh))]
+
+
+def _read_hf(name: str, split: str, audio_col: str, text_col: str) -> list[dict]:
+    import datasets
+
+    try:
+        p = Path(name).expanduser()
+        if p.is_dir() and (p / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(p))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, split=split)
+        ds = ds.cast_column(audio_col, datasets.Audio(sampling_rate=SAMPLE_RATE))
+    except Exception as exc:
+        raise DataError(f"cannot load dataset {name!r} split {split!r}: {str(exc).splitlines()[0][:200]}") from None
+    out = []
+    for i, row in enumerate(ds):
+        audio = row[audio_col]
+        array = audio["array"] if isinstance(audio, dict) else audio.get_all_samples().data.mean(0).numpy()
+        out.append({"id": f"{name}[{i}]", "audio": np.asarray(array, dtype=np.float32), "text": row.get(text_col),
+                    "speaker": str(row.get("speaker", "") or "")})
+    return out
+
+
+def validate(rows: list[dict], limits: ClipFilter, skipped: Counter) -> list[Clip]:
+    """Decode and check every row; returns the usable clips and counts each skip reason in ``skipped``."""
+    clips = []
+    for row in rows:
+        text = row.get("text")
+        if text is None or not str(text).strip():
+            skipped["empty transcript"] += 1
+            continue
+        audio = row.get("audio")
+        if audio is None or (isinstance(audio, str) and not audio):
+            skipped["no audio file named"] += 1
+            continue
+        try:
+            wave = audio if isinstance(audio, np.ndarray) else load_audio(audio)
+        except AudioReadError as exc:
+            reason = "missing audio file" if "does not exist" in str(exc) else "unreadable audio"
+            skipped[reason] += 1
+            continue
+        if wave.size == 0:
+            skipped["empty audio"] += 1
+            continue
+        if rms(wave) < limits.silence_rms:
+            skipped["silence"] += 1
+            continue
+        clip = Clip(row["id"], wave, " ".join(str(text).split()), row.get("speaker", ""),
+                    audio if isinstance(audio, str) else "")
+        if clip.seconds > limits.max_seconds:
+            segments = row.get("segments")
+            if limits.long_clips == "split" and segments:
+                parts = _split(clip, segments, limits.max_seconds)
+                if parts:
+                    clips.extend(parts)
+                    continue
+                skipped[f"longer than {limits.max_seconds:g} s: segments unusable"] += 1
+                continue
+            skipped[f"longer than {limits.max_seconds:g} s (the model's window)"] += 1
+            continue
+        clips.append(clip)
+    return clips
+
+
+def _split(clip: Clip, segments: list[dict], max_seconds: float) -> list[Clip]:
+    parts = []
+    for k, seg in enumerate(segments):
+        try:
+            start, end, text = float(seg["start"]), float(seg["end"]), str(seg["text"]).strip()
+        except (KeyError, TypeError, ValueError):
+            return []
+        if not text or end <= start or end - start > max_seconds:
+            return []
+        wave = clip.wave[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+        parts.append(Clip(f"{clip.id}#{k}", wave, text, clip.speaker, clip.path))
+    return parts
+
+
+def builtin_general_set() -> list[dict]:
+    """Real LibriVox speech from Debian's ``pocketsphinx-testdata`` (``[]`` when the package is absent)."""
+    root = Path("/usr/share/pocketsphinx/test/data/librivox")
+    listing = root / "transcription"
+    if not listing.is_file():
+        return []
+    rows = []
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line.endswith(")") or "(" not in line:
+            continue
+        text, _, fileid = line[:-1].rpartition("(")
+        text = text.replace("<s>", "").replace("</s>", "").strip()
+        wav = root / f"{fileid.strip()}.wav"
+        if wav.is_file() and text:
+            rows.append({"id": f"librivox/{wav.stem}", "audio": str(wav), "text": text, "speaker": "librivox"})
+    return rows
+
+
+def check_columns(columns: dict[str, str], where: str) -> None:
+    unknown = set(columns) - {"audio", "text"}
+    if unknown:
+        raise ConfigError(f"{where}.columns: unknown field(s) {sorted(unknown)}; map 'audio' and 'text'")
+
+
+LongClips = Literal["skip", "split"]

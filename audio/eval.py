@@ -1,0 +1,116 @@
+"""ASR evaluation: batched transcription, WER/CER raw and normalised, term recall, real-time factor."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from modaltune.audio.features import EncoderCache, log_mel
+from modaltune.audio.io import SAMPLE_RATE
+from modaltune.shared.config import doc
+from modaltune.shared.metrics import alignment, char_error_rate, term_recall, word_error_rate
+
+
+@dataclasses.dataclass
+class ASREvalConfig:
+    """How clips are decoded and scored."""
+
+    num_beams: int = doc(1, "1: greedy decoding; more: beam search")
+    batch_size: int = doc(8, "clips per decoding batch")
+    max_new_tokens: int = doc(128, "longest transcript, in tokens")
+    prompt_terms: int = doc(40, "domain terms in the prompt-biased zero-shot baseline (0: skip that baseline)")
+    normalizer: Literal["auto", "english", "basic"] = doc(
+        "auto", "text normaliser for WER/CER: Whisper's English one for English models, the basic one otherwise")
+
+
+def make_normalizer(kind: str, english: bool):
+    """``(name, function)`` of the text normaliser used for the normalised scores."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    if kind == "english" or (kind == "auto" and english):
+        return "whisper-english", EnglishTextNormalizer({})
+    return "whisper-basic", BasicTextNormalizer()
+
+
+def prompt_ids(processor, terms: list[str], n: int) -> torch.Tensor | None:
+    """Whisper ``prompt_ids`` listing the first ``n`` domain terms (a zero-training biasing baseline)."""
+    if n <= 0 or not terms:
+        return None
+    text = "Medical dictation: " + ", ".join(terms[:n]) + "."
+    ids = processor.get_prompt_ids(text, return_tensors="pt")
+    return ids[:200]  # Whisper keeps the prompt within half of its 448-token context
+
+
+@torch.no_grad()
+def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *, language: str | None,
+               task: str | None, cache: EncoderCache | None = None, prompt: torch.Tensor | None = None,
+               desc: str = "decoding") -> tuple[list[str], float]:
+    """Transcripts of ``waves`` and the seconds spent (features + encoder + decoding)."""
+    model.eval()
+    gen_kwargs = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "do_sample": False}
+    if language is not None:
+        gen_kwargs.update(language=language, task=task)
+    if prompt is not None:
+        gen_kwargs["prompt_ids"] = prompt.to(model.device)
+    started = time.perf_counter()
+    keys = cache.fill(waves, desc="encoding") if cache is not None else None
+    texts: list[str] = []
+    whisper = model.whisper
+    for start in tqdm(range(0, len(waves), cfg.batch_size), desc=desc, leave=False):
+        end = min(start + cfg.batch_size, len(waves))
+        if keys is not None:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            states = torch.stack([cache.states[k] for k in keys[start:end]]).to(model.device)
+            out = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **gen_kwargs)
+        else:
+            feats = log_mel(processor, waves[start:end]).to(model.device)
+            out = whisper.generate(input_features=feats, **gen_kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        texts += [t.strip() for t in processor.batch_decode(sequences, skip_special_tokens=True)]
+    if prompt is not None:  # some transformers versions return the prompt text in front of the transcript
+        prompt_text = processor.decode(prompt, skip_special_tokens=True).strip()
+        texts = [t[len(prompt_text):].strip() if prompt_text and t.startswith(prompt_text) else t for t in texts]
+    return texts, time.perf_counter() - started
+
+
+def score(predictions: list[str], references: list[str], seconds: float, audio_seconds: float, *,
+          normalizer, terms: list[str]) -> dict[str, float]:
+    """WER/CER (normalised and raw), term recall and real-time factor of one decoding pass."""
+    norm_p = [normalizer(p) for p in predictions]
+    norm_r = [normalizer(r) for r in references]
+    metrics = {
+        "wer": word_error_rate(norm_p, norm_r),
+        "cer": char_error_rate(norm_p, norm_r),
+        "wer_raw": word_error_rate(predictions, references),
+        "cer_raw": char_error_rate(predictions, references),
+        "rtf": seconds / max(audio_seconds, 1e-9),
+    }
+    if terms:
+        metrics["term_recall"] = float(term_recall(predictions, references, terms)["recall"])
+    return metrics
+
+
+def utterance_rows(set_name: str, ids: list[str], references: list[str], hyps: dict[str, list[str]],
+                   normalizer) -> list[dict]:
+    """Per-utterance alignment of the last hypothesis column against the reference, with every column shown."""
+    rows = []
+    final = list(hyps)[-1]
+    for i, ref in enumerate(references):
+        a = alignment(normalizer(hyps[final][i]), normalizer(ref))
+        row = {"set": set_name, "id": ids[i], "reference": ref}
+        row.update({name: texts[i] for name, texts in hyps.items()})
+        row.update({"wer": round(a["wer"], 4), "sub": a["substitutions"], "del": a["deletions"],
+                    "ins": a["insertions"], "errors": "; ".join(f"{o['op']}: {o['ref']!r}->{o['hyp']!r}"
+                                                                 for o in a["ops"])})
+        rows.append(row)
+    return rows
+
+
+def audio_seconds(waves: list[np.ndarray]) -> float:
+    return float(sum(len(w) for w in waves)) / SAMPLE_RATE

@@ -1,0 +1,174 @@
+"""Whisper for ASR fine-tuning: loading, per-component PEFT (encoder / decoder), frozen-encoder outputs.
+
+:class:`WhisperASR` wraps a ``WhisperForConditionalGeneration`` (possibly PEFT-wrapped) as two components,
+``encoder`` and ``decoder``. Its forward takes either log-mel ``input_features`` or precomputed ``encoder_hidden``
+states; the second is what makes frozen-encoder training cheap (see :mod:`modaltune.audio.cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.loss import IGNORE_INDEX, label_logits_cross_entropy, unwrap_peft
+from modaltune.shared.model import ModaltuneModel
+from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
+from modaltune.shared.quant import bnb_config
+from modaltune.shared.zoo import hub_error, resolve_model
+
+WHISPER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@dataclasses.dataclass
+class WhisperModelConfig:
+    """Which Whisper to load."""
+
+    name: str = doc("whisper-tiny.en", "zoo name (whisper-tiny.en, whisper-base), local folder or hub id")
+    revision: str | None = doc(None, "hub revision")
+    language: str | None = doc(None, "spoken language for multilingual models (e.g. en); null for .en models")
+    task: Literal["transcribe", "translate"] = doc("transcribe", "multilingual models: transcribe or translate")
+    spec_augment: bool = doc(False, "SpecAugment masking of input features while training (turns the encoder cache off)")
+    mask_time_prob: float = doc(0.05, "SpecAugment: fraction of time steps masked")
+    mask_feature_prob: float = doc(0.0, "SpecAugment: fraction of mel channels masked")
+
+
+def whisper_components() -> dict[str, ComponentConfig]:
+    """Default per-component methods: frozen encoder, LoRA on the decoder."""
+    return {
+        "encoder": ComponentConfig(method="frozen", targets=list(WHISPER_TARGETS)),
+        "decoder": ComponentConfig(method="lora", r=32, alpha=64, dropout=0.0, targets=list(WHISPER_TARGETS)),
+    }
+
+
+def load_whisper(cfg: WhisperModelConfig, *, encoder: ComponentConfig, decoder: ComponentConfig,
+                 compute_dtype: torch.dtype = torch.float32, log_fn=print):
+    """Load model and processor; QLoRA/int8 quantise only the components that ask for it."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    path, kind = resolve_model(cfg.name, log=log_fn)
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": torch.float32}
+    quantised = {m for m in (encoder.method, decoder.method) if m in QUANTISED}
+    if len(quantised) > 1:
+        raise ConfigError("encoder and decoder ask for different quantisation (qlora vs lora8bit); pick one")
+    if quantised:
+        method = quantised.pop()
+        skip = ["proj_out"] + [f"model.{n}" for n, c in (("encoder", encoder), ("decoder", decoder))
+                               if c.method not in QUANTISED]
+        kwargs["quantization_config"] = bnb_config(method, compute_dtype=compute_dtype, skip_modules=skip)
+        kwargs["dtype"] = compute_dtype
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs)
+        processor = WhisperProcessor.from_pretrained(path, revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise hub_error(cfg.name, exc) from None
+        raise ModaltuneError(f"cannot load Whisper from {path!r}: {str(exc).splitlines()[0][:300]}") from None
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = "<|endoftext|>"
+    multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
+    if multilingual and cfg.language is None:
+        raise ConfigError(f"{cfg.name!r} is multilingual: set model.language (e.g. en) so training and decoding agree")
+    if not multilingual and cfg.language not in (None, "en", "english"):
+        raise ConfigError(f"{cfg.name!r} is English-only; model.language={cfg.language!r} does not apply")
+    tok.set_prefix_tokens(language=cfg.language if multilingual else None,
+                          task=cfg.task if multilingual else None, predict_timestamps=False)
+    model.config.apply_spec_augment = cfg.spec_augment
+    model.config.mask_time_prob = cfg.mask_time_prob
+    model.config.mask_feature_prob = cfg.mask_feature_prob
+    return model, processor, {"name": cfg.name, "kind": kind, "path": path, "multilingual": multilingual}
+
+
+def _path_of(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ModaltuneError("internal: component module not found in the model")
+
+
+class WhisperASR(ModaltuneModel):
+    """Whisper as two components; forward accepts log-mel features or precomputed encoder states."""
+
+    def __init__(self, whisper: nn.Module, *, pad_token_id: int, decoder_start_token_id: int) -> None:
+        super().__init__()
+        self.whisper = whisper
+        base = unwrap_peft(whisper)
+        self.components = {
+            "encoder": _path_of(self, base.model.encoder),
+            "decoder": _path_of(self, base.model.decoder),
+        }
+        self.pad_token_id = pad_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+
+    @property
+    def base(self) -> nn.Module:
+        return unwrap_peft(self.whisper)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def encode(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Encoder states ``(B, 1500, D)`` for log-mel features ``(B, n_mels, 3000)``; SpecAugment when training."""
+        base = self.base
+        if self.training and base.config.apply_spec_augment:
+            input_features = base.model._mask_input_features(input_features)
+        return base.model.encoder(input_features).last_hidden_state
+
+    def forward(self, labels=None, input_features=None, encoder_hidden=None, **kwargs):
+        num_items = kwargs.pop("num_items_in_batch", None)
+        if encoder_hidden is None:
+            if input_features is None:
+                raise ModaltuneError("WhisperASR needs input_features or encoder_hidden")
+            encoder_hidden = self.encode(input_features)
+        if labels is None:
+            raise ModaltuneError("WhisperASR.forward computes the training loss: pass labels")
+        from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+        base = self.base
+        decoder_input = shift_tokens_right(
+            labels.masked_fill(labels == IGNORE_INDEX, self.pad_token_id), self.pad_token_id,
+            self.decoder_start_token_id,
+        )  # (B, T)
+        hidden = base.model.decoder(input_ids=decoder_input, encoder_hidden_states=encoder_hidden,
+                                    use_cache=False).last_hidden_state  # (B, T, D)
+        loss = label_logits_cross_entropy(hidden, labels, base.proj_out, num_items_in_batch=num_items, shift=False)
+        return {"loss": loss}
+
+
+def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig], *,
+                  compute_dtype: torch.dtype = torch.float32, log_fn=print):
+    """Load Whisper, apply each component's method, wrap; returns ``(model, processor, source)``."""
+    unknown = set(components) - {"encoder", "decoder"}
+    if unknown:
+        raise ConfigError(f"unknown Whisper component(s) {sorted(unknown)}; use encoder and decoder")
+    enc, dec = components["encoder"], components["decoder"]
+    for name, comp in (("encoder", enc), ("decoder", dec)):
+        if comp.method in {"prompt_tuning", "prefix_tuning"}:
+            raise ConfigError(f"{name}.method={comp.method} is for causal LMs; use lora, dora, ia3, full or frozen")
+    if enc.method == "frozen" and dec.method == "frozen":
+        raise ConfigError("encoder and decoder are both frozen: nothing would train")
+    whisper, processor, source = load_whisper(cfg, encoder=enc, decoder=dec, compute_dtype=compute_dtype,
+                                              log_fn=log_fn)
+    whisper = apply_peft(whisper, [ComponentSpec("encoder", "model.encoder", enc),
+                                   ComponentSpec("decoder", "model.decoder", dec)], causal_lm=False)
+    tok = processor.tokenizer
+    model = WhisperASR(whisper, pad_token_id=tok.pad_token_id,
+                       decoder_start_token_id=unwrap_peft(whisper).config.decoder_start_token_id)
+    model.record_trained(full_components=[n for n, c in (("encoder", enc), ("decoder", dec)) if c.method == "full"])
+    return model, processor, source
+
+
+def label_ids(processor, text: str) -> list[int]:
+    """Training labels for one transcript: prefix tokens, text, end-of-text; the start token is dropped because
+    the decoder input re-inserts it."""
+    ids = processor.tokenizer(" " + text.strip()).input_ids
+    start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    return ids[1:] if ids and ids[0] == start else ids

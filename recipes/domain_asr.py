@@ -1,0 +1,351 @@
+"""domain-asr: Whisper fine-tuning for domain speech, with zero-shot / prompt-biased / fine-tuned WER side by side.
+
+Build Whisper and apply per-component methods, build and validate data (synthetic medical dictation by default,
+plus real LibriVox speech as a general-speech check), cache frozen-encoder states, evaluate zero-shot and
+prompt-biased, train the decoder, evaluate again, report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modaltune.audio.augment import AugmentConfig, make_views
+from modaltune.audio.data import Clip, ClipFilter, builtin_general_set, check_columns, read_manifest, validate
+from modaltune.audio.eval import ASREvalConfig, audio_seconds, make_normalizer, prompt_ids, score, transcribe, utterance_rows
+from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache
+from modaltune.audio.io import SAMPLE_RATE
+from modaltune.audio.whisper import WhisperModelConfig, build_whisper, label_ids, whisper_components
+from modaltune.shared import checkpoint as ckpt
+from modaltune.shared.config import ConfigError, doc, to_dict
+from modaltune.shared.errors import DataError, ModaltuneError
+from modaltune.shared.peft import QUANTISED, ComponentConfig
+from modaltune.shared.recipe import Recipe, RunContext, register_recipe
+from modaltune.shared.training import StagePlan, TrainConfig, resolve_precision, run_stages
+from modaltune.shared.zoo import home
+
+
+@dataclasses.dataclass
+class ASRDataConfig:
+    """Where speech data comes from and how it is checked."""
+
+    source: str = doc("builtin:medical-dictation", "manifest .jsonl/.csv, audiofolder, hf:NAME, or builtin:medical-dictation")
+    test: str | None = doc(None, "test manifest (the built-in set brings its own held-out one)")
+    general: str | None = doc("builtin:librivox", "general-speech check set (catches forgetting); null: none")
+    columns: dict[str, str] = doc({}, "map our fields (audio, text) to your columns")
+    hf_split: str = doc("train", "split read from a datasets dataset")
+    validation_fraction: float = doc(0.1, "fraction of training clips held out for validation loss")
+    split_seed: int = doc(0, "seed of the validation split")
+    max_seconds: float = doc(30.0, "clips longer than this (Whisper's window) are skipped or split")
+    long_clips: str = doc("skip", "skip | split (split needs per-row segment timestamps)")
+    silence_rms: float = doc(1e-4, "clips quieter than this RMS level count as silence and are skipped")
+    max_train_clips: int | None = doc(None, "use at most this many training clips")
+    max_eval_clips: int | None = doc(None, "use at most this many test clips")
+    synth_train: int = doc(240, "built-in set: training sentences")
+    synth_test: int = doc(60, "built-in set: test sentences (held-out phrasings and voices)")
+    synth_seed: int = doc(0, "built-in set: seed")
+    terms: str | None = doc("builtin:medical", "domain term list for term recall and prompt biasing (file: one per line)")
+
+    def validate(self, where: str) -> None:
+        if self.long_clips not in {"skip", "split"}:
+            raise ConfigError(f"{where}.long_clips must be skip or split")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError(f"{where}.validation_fraction must be in [0, 0.5)")
+        check_columns(self.columns, where)
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    """The frozen-encoder cache."""
+
+    mode: str = doc("auto", "auto: on whenever the encoder is frozen and SpecAugment is off | off")
+    dir: str | None = doc(None, "also keep encoder states on disk here (keyed by audio content and encoder weights)")
+
+    def validate(self, where: str) -> None:
+        if self.mode not in {"auto", "off"}:
+            raise ConfigError(f"{where}.mode must be auto or off")
+
+
+@dataclasses.dataclass
+class DomainASRConfig:
+    """Schema of ``recipes/configs/domain-asr.yaml``."""
+
+    model: WhisperModelConfig = doc(WhisperModelConfig, "the Whisper model")
+    encoder: ComponentConfig = doc(help="how the encoder is tuned", factory=lambda: whisper_components()["encoder"])
+    decoder: ComponentConfig = doc(help="how the decoder is tuned", factory=lambda: whisper_components()["decoder"])
+    data: ASRDataConfig = doc(ASRDataConfig, "speech data")
+    augment: AugmentConfig = doc(AugmentConfig, "augmented views of training clips")
+    cache: CacheConfig = doc(CacheConfig, "frozen-encoder cache")
+    train: TrainConfig = doc(TrainConfig, "optimisation")
+    eval: ASREvalConfig = doc(ASREvalConfig, "decoding and scoring")
+    quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
+
+
+class DomainASR(Recipe):
+    name = "domain-asr"
+    description = "Whisper fine-tuning for domain speech (frozen encoder + decoder LoRA by default); WER/CER reports"
+    config_cls = DomainASRConfig
+    config_file = "domain-asr.yaml"
+
+    # -- building blocks -----------------------------------------------------------------------------------
+    def build(self, cfg: DomainASRConfig, log=print, *, encoder=None, decoder=None):
+        precision = resolve_precision(cfg.train.precision)
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
+        model, processor, source = build_whisper(
+            cfg.model, {"encoder": encoder or cfg.encoder, "decoder": decoder or cfg.decoder},
+            compute_dtype=compute, log_fn=log)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model, processor, source, precision
+
+    def cache_valid(self, cfg: DomainASRConfig) -> bool:
+        return cfg.cache.mode == "auto" and cfg.encoder.method == "frozen" and not cfg.model.spec_augment
+
+    def load_data(self, cfg: DomainASRConfig, log) -> tuple[dict[str, list[Clip]], dict]:
+        d = cfg.data
+        limits = ClipFilter(d.max_seconds, d.silence_rms, d.long_clips)
+        skipped = {s: Counter() for s in ("train", "validation", "test", "general")}
+        if d.source == "builtin:medical-dictation":
+            from modaltune.audio.synth import build_dictation_set
+
+            folder = home() / "data" / f"medical-dictation-{d.synth_train}-{d.synth_test}-{d.synth_seed}"
+            log(f"building the synthetic dictation set in {folder} (once)")
+            manifests = build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test, seed=d.synth_seed)
+            train_src, test_src = str(manifests["train"]), d.test or str(manifests["test"])
+        elif d.source.startswith("builtin:"):
+            raise DataError(f"unknown built-in speech set {d.source!r}; known: builtin:medical-dictation")
+        else:
+            train_src, test_src = d.source, d.test
+            if test_src is None:
+                raise DataError("data.test is not set: give a held-out test manifest (WER on training clips "
+                                "measures memorisation)")
+        train = validate(read_manifest(train_src, columns=d.columns, hf_split=d.hf_split), limits, skipped["train"])
+        test = validate(read_manifest(test_src, columns=d.columns, hf_split="test"), limits, skipped["test"])
+        general: list[Clip] = []
+        if d.general == "builtin:librivox":
+            rows = builtin_general_set()
+            if not rows:
+                log("general-speech set skipped: Debian package pocketsphinx-testdata is not installed")
+            general = validate(rows, limits, skipped["general"])
+        elif d.general:
+            general = validate(read_manifest(d.general, columns=d.columns), limits, skipped["general"])
+        if not train:
+            raise DataError(f"no usable training clips in {train_src!r}: {dict(skipped['train'])}")
+        if not test:
+            raise DataError(f"no usable test clips in {test_src!r}: {dict(skipped['test'])}")
+        rng = random.Random(d.split_seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_val = int(round(d.validation_fraction * len(train)))
+        validation = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in order[n_val:]]
+        for name, clips, cap in (("train", train, d.max_train_clips), ("test", test, d.max_eval_clips)):
+            if cap is not None and len(clips) > cap:
+                skipped[name][f"over max_{'train' if name == 'train' else 'eval'}_clips={cap}"] += len(clips) - cap
+                del clips[cap:]
+        sets = {"train": train, "validation": validation, "test": test, "general": general}
+        counts = {n: {"kept": len(c), "skipped": sum(skipped[n].values()), "skip_reasons": dict(skipped[n]),
+                      "audio_minutes": round(audio_seconds([x.wave for x in c]) / 60, 2)} for n, c in sets.items()}
+        return sets, counts
+
+    def terms(self, cfg: DomainASRConfig) -> list[str]:
+        if not cfg.data.terms:
+            return []
+        if cfg.data.terms == "builtin:medical":
+            from modaltune.audio.synth import all_terms
+
+            return all_terms()
+        path = Path(cfg.data.terms).expanduser()
+        if not path.is_file():
+            raise DataError(f"term list {cfg.data.terms!r} does not exist (one term per line)")
+        return [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+
+    def evaluate_sets(self, cfg, model, processor, sets, source, *, columns: list[tuple[str, Any]], caches, log):
+        """Decode ``test`` and ``general`` once per column (name, prompt); returns metrics per column and rows."""
+        language = cfg.model.language if source["multilingual"] else None
+        task = cfg.model.task if source["multilingual"] else None
+        norm_name, norm = make_normalizer(cfg.eval.normalizer, english=not source["multilingual"] or
+                                          (cfg.model.language or "").lower() in {"en", "english"})
+        terms = self.terms(cfg)
+        cache = None
+        if self.cache_valid(cfg):
+            fp = EncoderCache(model, processor).fingerprint
+            cache = caches.setdefault(fp, EncoderCache(model, processor, directory=cfg.cache.dir,
+                                                       batch_size=cfg.eval.batch_size))
+        metrics: dict[str, dict[str, float]] = {name: {} for name, _ in columns}
+        rows = []
+        for set_name in ("test", "general"):
+            clips = sets[set_name]
+            if not clips:
+                continue
+            waves = [c.wave for c in clips]
+            secs = audio_seconds(waves)
+            hyps = {}
+            for name, prompt in columns:
+                texts, seconds = transcribe(model, processor, waves, cfg.eval, language=language, task=task,
+                                            cache=cache, prompt=prompt, desc=f"{set_name} ({name})")
+                hyps[name] = texts
+                for k, v in score(texts, [c.text for c in clips], seconds, secs, normalizer=norm,
+                                  terms=terms if set_name == "test" else []).items():
+                    metrics[name][f"{set_name}/{k}"] = v
+            rows += [r for r in utterance_rows(set_name, [c.id for c in clips], [c.text for c in clips], hyps, norm)]
+        return metrics, rows, norm_name
+
+    def train_set(self, cfg, clips: list[Clip], processor, model, *, views: bool, log) -> ASRDataset:
+        waves, labels = [], []
+        for clip in clips:
+            ids = label_ids(processor, clip.text)
+            waves.append(clip.wave)
+            labels.append(ids)
+            if views and cfg.augment.views > 0:
+                for view in make_views(clip.wave, SAMPLE_RATE, cfg.augment, clip.id):
+                    waves.append(view)
+                    labels.append(ids)
+        cache = None
+        if self.cache_valid(cfg):
+            dtype = torch.bfloat16 if resolve_precision(cfg.train.precision) == "bf16" else None
+            cache = EncoderCache(model, processor, directory=cfg.cache.dir, batch_size=cfg.train.eval_batch_size,
+                                 autocast_dtype=dtype)
+        return ASRDataset(waves, labels, processor, cache=cache)
+
+    # -- commands -----------------------------------------------------------------------------------------
+    def run(self, cfg: DomainASRConfig, ctx: RunContext) -> None:
+        report, log = ctx.report, ctx.log
+        t0 = time.time()
+        model, processor, source, precision = self.build(cfg, log)
+        report["model"] = {**source, "precision": precision, "encoder": cfg.encoder.method,
+                           "decoder": cfg.decoder.method, "encoder_cache": self.cache_valid(cfg)}
+        report["parameters"] = model.parameter_report()
+        sets, report["data"] = self.load_data(cfg, log)
+        log("data: " + ", ".join(f"{k} {v['kept']} kept / {v['skipped']} skipped" for k, v in report["data"].items()))
+        report["timing"] = {"setup_seconds": round(time.time() - t0, 2)}
+
+        t1 = time.time()
+        caches: dict[str, EncoderCache] = {}
+        columns = [("zero_shot", None)]
+        bias = prompt_ids(processor, self.terms(cfg), cfg.eval.prompt_terms)
+        if bias is not None:
+            columns.append(("prompted", bias))
+        before, rows_before, norm_name = self.evaluate_sets(cfg, model, processor, sets, source, columns=columns,
+                                                            caches=caches, log=log)
+        report["timing"]["eval_before_seconds"] = round(time.time() - t1, 2)
+        log("zero-shot: " + _line(before["zero_shot"]))
+
+        t2 = time.time()
+        train_ds = self.train_set(cfg, sets["train"], processor, model, views=True, log=log)
+        val_ds = self.train_set(cfg, sets["validation"], processor, model, views=False, log=log) if sets["validation"] else None
+        report["timing"]["encoder_cache_seconds"] = round(time.time() - t2, 2)
+        report["data"]["train"]["examples_with_views"] = len(train_ds)
+        t3 = time.time()
+        result = run_stages(
+            model, [StagePlan("asr", train_ds, val_ds)], cfg.train, run_dir=ctx.run_dir, collator=ASRCollator(),
+            component_lrs={n: c.lr for n, c in (("encoder", cfg.encoder), ("decoder", cfg.decoder)) if c.lr},
+            checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source},
+        )
+        processor.save_pretrained(str(result.checkpoint / "processor"))
+        report["timing"]["train_seconds"] = round(time.time() - t3, 2)
+        report["training"] = {"stages": result.stages, "curve": result.rows}
+        report["checkpoint"] = str(result.checkpoint)
+
+        t4 = time.time()
+        after, rows_after, _ = self.evaluate_sets(cfg, model, processor, sets, source,
+                                                  columns=[("fine_tuned", None)], caches=caches, log=log)
+        report["timing"]["eval_after_seconds"] = round(time.time() - t4, 2)
+        log("fine-tuned: " + _line(after["fine_tuned"]))
+        report["metrics"] = {"before": before["zero_shot"], "prompted": before.get("prompted", {}),
+                             "after": after["fine_tuned"]}
+        if not report["metrics"]["prompted"]:
+            report["metrics"].pop("prompted")
+        report["items"] = _merge_rows(rows_before, rows_after)
+        report["notes"] = [
+            f"WER/CER use the {norm_name} normaliser; *_raw keys are on unnormalised text.",
+            "before = zero-shot; prompted = zero-shot with domain terms as Whisper prompt_ids; after = fine-tuned.",
+            f"RTF counts features, encoder and decoding seconds over audio seconds on this machine ({precision}).",
+        ]
+        report["plots"] = [{"title": "WER by set and condition", "path": str(_wer_plot(ctx.run_dir, report["metrics"]))}]
+
+    def evaluate(self, cfg: DomainASRConfig, checkpoint: Path, ctx: RunContext) -> None:
+        report, log = ctx.report, ctx.log
+        model, processor, source, precision = self.build(cfg, log)
+        report["model"] = {**source, "precision": precision}
+        sets, report["data"] = self.load_data(cfg, log)
+        caches: dict[str, EncoderCache] = {}
+        t0 = time.time()
+        before, rows_before, _ = self.evaluate_sets(cfg, model, processor, sets, source,
+                                                    columns=[("zero_shot", None)], caches=caches, log=log)
+        ckpt.load_trained(model, checkpoint)
+        after, rows_after, _ = self.evaluate_sets(cfg, model, processor, sets, source,
+                                                  columns=[("fine_tuned", None)], caches=caches, log=log)
+        report["metrics"] = {"before": before["zero_shot"], "after": after["fine_tuned"]}
+        report["timing"] = {"eval_seconds": round(time.time() - t0, 2)}
+        report["items"] = _merge_rows(rows_before, rows_after)
+        report["plots"] = [{"title": "WER by set and condition", "path": str(_wer_plot(ctx.run_dir, report["metrics"]))}]
+        log("fine-tuned: " + _line(after["fine_tuned"]))
+
+    def merge(self, cfg: DomainASRConfig, checkpoint: Path, out: Path, log) -> None:
+        enc = dataclasses.replace(cfg.encoder, method="lora") if cfg.encoder.method in QUANTISED else cfg.encoder
+        dec = dataclasses.replace(cfg.decoder, method="lora") if cfg.decoder.method in QUANTISED else cfg.decoder
+        fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32", gradient_checkpointing=False))
+        model, processor, _, _ = self.build(fp32, log, encoder=enc, decoder=dec)
+        ckpt.load_trained(model, checkpoint)
+        whisper = model.whisper
+        if hasattr(whisper, "merge_and_unload"):
+            whisper = whisper.merge_and_unload()
+        whisper.save_pretrained(str(out))
+        processor.save_pretrained(str(out))
+        log(f"merged {checkpoint} into {out}")
+
+
+def _merge_rows(before: list[dict], after: list[dict]) -> list[dict]:
+    by_key = {(r["set"], r["id"]): r for r in before}
+    rows = []
+    for r in after:
+        b = by_key.get((r["set"], r["id"]), {})
+        row = {"set": r["set"], "id": r["id"], "reference": r["reference"]}
+        for col in ("zero_shot", "prompted"):
+            if col in b:
+                row[col] = b[col]
+        row.update({"fine_tuned": r["fine_tuned"], "wer_before": b.get("wer"), "wer": r["wer"],
+                    "sub": r["sub"], "del": r["del"], "ins": r["ins"], "errors": r["errors"]})
+        rows.append(row)
+    rows.sort(key=lambda x: -x["wer"])
+    return rows
+
+
+def _wer_plot(run_dir: Path, metrics: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [s for s in ("test", "general") if f"{s}/wer" in metrics.get("after", {})]
+    cols = [c for c in ("before", "prompted", "after") if c in metrics]
+    labels = {"before": "zero-shot", "prompted": "prompt-biased", "after": "fine-tuned"}
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / max(len(cols), 1)
+    for j, col in enumerate(cols):
+        vals = [metrics[col].get(f"{s}/wer", float("nan")) for s in sets]
+        bars = ax.bar([i + j * width for i in range(len(sets))], vals, width, label=labels[col])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(sets))],
+                  ["domain test (held-out phrasings, voices)" if s == "test" else "general speech (LibriVox)" for s in sets])
+    ax.set_ylabel("WER (normalised)")
+    ax.legend()
+    ax.set_title("Word error rate")
+    path = run_dir / "wer.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _line(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if k.endswith(("/wer", "term_recall", "rtf")))
+
+
+register_recipe(DomainASR())

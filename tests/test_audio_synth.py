@@ -1,0 +1,144 @@
+"""Synthetic espeak-ng dictation: disjoint templates and voices, a tiny real build, idempotence, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from modaltune.audio import synth
+from modaltune.shared.errors import ModaltuneError
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+def _word_runs(template: str) -> list[list[str]]:
+    """The literal words of a template, split into runs at each slot."""
+    return [re.findall(r"[a-z']+", part) for part in re.split(r"\{\w+\}", template.lower())]
+
+
+def _skeleton(template: str) -> str:
+    return " ".join(w for run in _word_runs(template) for w in run)
+
+
+def _trigrams(template: str) -> set[tuple[str, ...]]:
+    return {tuple(run[i:i + 3]) for run in _word_runs(template) for i in range(len(run) - 2)}
+
+
+def test_terms_are_lowercase_unique_and_plentiful():
+    terms = synth.load_terms()
+    assert len(terms["drugs"]) >= 50 and len(terms["conditions"]) >= 40 and len(terms["procedures"]) >= 30
+    flat = synth.all_terms()
+    assert len(flat) == len(set(flat)) == sum(len(v) for v in terms.values())
+    assert all(re.fullmatch(r"[a-z]+( [a-z]+)*", t) for t in flat), [t for t in flat if not t.islower()]
+
+
+def test_test_templates_share_no_phrasing_with_train():
+    templates = synth.load_templates()
+    train, test = templates["train"], templates["test"]
+    assert len(train) >= 30 and len(test) >= 10
+    train_skeletons = {_skeleton(t) for t in train}
+    train_trigrams = set().union(*(_trigrams(t) for t in train))
+    for template in test:
+        assert _skeleton(template) not in train_skeletons, template
+        assert not _trigrams(template) & train_trigrams, (template, _trigrams(template) & train_trigrams)
+    slot = re.compile(r"\{(\w+)\}")
+    for template in train + test:
+        assert set(slot.findall(template)) <= {"drug", "drug2", "condition", "procedure", "dose", "frequency"}
+        assert not re.search(r"\d", slot.sub("", template)), template  # words only, no digits
+        assert 5 <= len(template.split()) <= 20, template
+
+
+def test_voices_are_disjoint_in_base_voice_and_variant():
+    train, test = synth.DEFAULT_TRAIN_VOICES, synth.DEFAULT_TEST_VOICES
+    assert not set(train) & set(test)
+    assert not {v.split("+")[0] for v in train} & {v.split("+")[0] for v in test}
+    assert not {v.split("+")[1] for v in train} & {v.split("+")[1] for v in test}
+
+
+def test_sentence_plan_is_deterministic_and_uses_the_split_templates():
+    kwargs = dict(seed=3, voices=synth.DEFAULT_TEST_VOICES, speeds=(150,), pitches=(40, 60))
+    a = synth.plan_sentences("test", 30, **kwargs)
+    assert a == synth.plan_sentences("test", 30, **kwargs)
+    assert a != synth.plan_sentences("test", 30, **{**kwargs, "seed": 4})
+    n_templates = len(synth.load_templates()["test"])
+    assert {job.template for job in a} == {f"test-{i:02d}" for i in range(n_templates)}  # round-robin coverage
+    assert all("{" not in job.text and job.voice in synth.DEFAULT_TEST_VOICES for job in a)
+
+
+@needs_espeak
+def test_default_voices_exist_in_installed_espeak():
+    synth.check_voices(list(synth.DEFAULT_TRAIN_VOICES) + list(synth.DEFAULT_TEST_VOICES))
+    with pytest.raises(ModaltuneError, match="no voice 'en-xx'"):
+        synth.check_voices(["en-xx+m3"])
+
+
+@needs_espeak
+def test_tiny_build_is_valid_and_idempotent(tmp_path):
+    out = tmp_path / "dictation"
+    manifests = synth.build_dictation_set(out, n_train=4, n_test=2, workers=1, progress=False)
+    assert manifests == {"train": out / "train.jsonl", "test": out / "test.jsonl"}
+    assert not [p for p in tmp_path.iterdir() if p.name != "dictation"]  # no temp folder left behind
+    for split, n in (("train", 4), ("test", 2)):
+        rows = [json.loads(line) for line in manifests[split].read_text().splitlines()]
+        assert len(rows) == n
+        voices = synth.DEFAULT_TRAIN_VOICES if split == "train" else synth.DEFAULT_TEST_VOICES
+        for row in rows:
+            assert set(row) == {"id", "audio", "text", "speaker", "duration", "template"}
+            assert row["speaker"] in voices and row["template"].startswith(f"{split}-")
+            wav = out / row["audio"]
+            assert wav.is_file() and Path(row["audio"]).parts[:2] == ("wav", split)
+            info = sf.info(str(wav))
+            assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "PCM_16"
+            assert abs(info.frames / 16000 - row["duration"]) < 1e-3
+            assert 1.0 < row["duration"] < 30.0
+            audio, _ = sf.read(str(wav), dtype="float32")
+            assert np.abs(audio).max() > 0.05  # speech, not silence
+    build = json.loads((out / "BUILD.json").read_text())
+    assert build["counts"] == {"train": 4, "test": 2} and build["params"]["n_train"] == 4
+
+    stamp = (out / "BUILD.json").stat().st_mtime_ns
+    wav_stamp = (out / "wav" / "train" / "train-0000.wav").stat().st_mtime_ns
+    assert synth.build_dictation_set(out, n_train=4, n_test=2, workers=1, progress=False) == manifests
+    assert (out / "BUILD.json").stat().st_mtime_ns == stamp
+    assert (out / "wav" / "train" / "train-0000.wav").stat().st_mtime_ns == wav_stamp
+
+    synth.build_dictation_set(out, n_train=3, n_test=1, workers=1, progress=False)  # new parameters: rebuilt
+    assert len(manifests["train"].read_text().splitlines()) == 3
+    assert sorted(p.name for p in (out / "wav" / "train").iterdir()) == [f"train-000{i}.wav" for i in range(3)]
+
+
+@needs_espeak
+def test_build_refuses_a_folder_with_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ModaltuneError, match="not a dictation build"):
+        synth.build_dictation_set(tmp_path, n_train=1, n_test=1, workers=1, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_overlapping_voices_are_rejected(tmp_path):
+    with pytest.raises(ModaltuneError, match="in both splits"):
+        synth.build_dictation_set(tmp_path / "d", train_voices=["en-us+m3"], test_voices=["en-us+m3"])
+
+
+def test_missing_espeak_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no espeak-ng on PATH
+    with pytest.raises(ModaltuneError, match=r"espeak-ng is not installed: apt-get install espeak-ng"):
+        synth.speak("hello", "en-us", path=tmp_path / "x.wav")
+    with pytest.raises(ModaltuneError, match=r"espeak-ng is not installed"):
+        synth.build_dictation_set(tmp_path / "d", n_train=1, n_test=1, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_default_training_plan_uses_every_term_and_test_terms_are_seen_in_training():
+    train = " ".join(job.text.lower() for job in synth.plan_sentences(
+        "train", 240, seed=0, voices=synth.DEFAULT_TRAIN_VOICES, speeds=(165,), pitches=(50,)))
+    test = " ".join(job.text.lower() for job in synth.plan_sentences(
+        "test", 60, seed=0, voices=synth.DEFAULT_TEST_VOICES, speeds=(165,), pitches=(50,)))
+    assert [t for t in synth.all_terms() if t not in train] == []
+    assert sum(t in test for t in synth.all_terms()) >= 60

@@ -1,0 +1,182 @@
+"""Whisper fine-tuning on a tiny random Whisper: methods, encoder cache, save/load/merge, recipe, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modaltune.audio.whisper import WhisperModelConfig, build_whisper, label_ids, whisper_components
+from modaltune.shared.errors import ConfigError
+
+METHODS = [("frozen", "lora"), ("frozen", "dora"), ("frozen", "qlora"), ("frozen", "lora8bit"), ("frozen", "ia3"),
+           ("frozen", "full"), ("lora", "lora"), ("full", "full"), ("lora", "frozen")]
+
+
+def _build(folder, enc="frozen", dec="lora"):
+    comps = whisper_components()
+    comps = {"encoder": dataclasses.replace(comps["encoder"], method=enc, r=4),
+             "decoder": dataclasses.replace(comps["decoder"], method=dec, r=4)}
+    torch.manual_seed(0)
+    return build_whisper(WhisperModelConfig(name=str(folder)), comps, compute_dtype=torch.float32)
+
+
+def _batch(processor, n=2):
+    from modaltune.audio.features import ASRCollator, log_mel
+
+    rng = np.random.default_rng(0)
+    waves = [0.1 * rng.standard_normal(16000).astype(np.float32) for _ in range(n)]
+    labels = [label_ids(processor, "the patient reports chest pain")[: 6 + i] for i in range(n)]
+    batch = ASRCollator()([{"labels": lab, "input_features": f} for lab, f in zip(labels, log_mel(processor, waves))])
+    return waves, labels, batch
+
+
+@pytest.mark.parametrize("enc, dec", METHODS)
+def test_each_method_trains_only_its_components(enc, dec, tiny_whisper):
+    model, processor, _ = _build(tiny_whisper, enc, dec)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, _, batch = _batch(processor)
+    model.train()
+    loss = model(**batch)["loss"]
+    loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and changed <= model.trained_names
+    comps = {model.component_of(n) for n in changed}
+    expected = {c for c, m in (("encoder", enc), ("decoder", dec)) if m != "frozen"}
+    assert comps == expected, (comps, expected)
+    report = model.parameter_report()
+    if enc == "frozen":
+        assert report["encoder"]["trainable"] == 0
+
+
+def test_cached_and_uncached_paths_give_the_same_loss(tiny_whisper):
+    from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache
+
+    model, processor, _ = _build(tiny_whisper)
+    waves, labels, _ = _batch(processor, 3)
+    cache = EncoderCache(model, processor)
+    cached = ASRDataset(waves, labels, processor, cache=cache)
+    plain = ASRDataset(waves, labels, processor)
+    assert cache.computed == 3
+    model.eval()
+    with torch.no_grad():
+        a = model(**ASRCollator()([cached[i] for i in range(3)]))["loss"]
+        b = model(**ASRCollator()([plain[i] for i in range(3)]))["loss"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    ASRDataset(waves, labels, processor, cache=cache)  # same audio: nothing recomputed
+    assert cache.computed == 3
+
+
+def test_disk_cache_is_keyed_by_content_and_encoder(tiny_whisper, tmp_path):
+    from modaltune.audio.features import EncoderCache
+
+    model, processor, _ = _build(tiny_whisper)
+    waves, _, _ = _batch(processor, 2)
+    first = EncoderCache(model, processor, directory=tmp_path)
+    first.fill(waves)
+    second = EncoderCache(model, processor, directory=tmp_path)
+    second.fill(waves)
+    assert first.computed == 2 and second.computed == 0 and second.loaded == 2
+    other, _, _ = _build(tiny_whisper, "lora", "lora")
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    third = EncoderCache(other, processor, directory=tmp_path)
+    third.fill(waves)
+    assert third.computed == 2  # a different encoder never reuses another's states
+
+
+def test_target_matching_nothing_names_the_component(tiny_whisper):
+    comps = whisper_components()
+    comps["decoder"] = dataclasses.replace(comps["decoder"], targets=["query"])
+    with pytest.raises(ConfigError, match="'query' of component 'decoder'.*q_proj"):
+        build_whisper(WhisperModelConfig(name=str(tiny_whisper)), comps)
+
+
+def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manifests):
+    from transformers import pipeline
+
+    from modaltune.shared.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "domain-asr", "--out", str(out), f"model.name={tiny_whisper}",
+            f"data.source={speech_manifests['train']}", f"data.test={speech_manifests['test']}",
+            "data.general=null", "data.terms=null", "train.max_steps=3", "train.batch_size=4",
+            "train.save_steps=2", "train.logging_steps=1", "train.precision=fp32", "eval.max_new_tokens=8",
+            "augment.views=1", "augment.speed=[]"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok", report.get("error")
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert set(before) == set(after) and "test/wer" in after and "test/cer_raw" in after and "test/rtf" in after
+    assert report["model"]["encoder_cache"] is True
+    assert report["data"]["train"]["examples_with_views"] == 2 * report["data"]["train"]["kept"]
+    assert (out / "wer.png").exists() and "wer.png" in json.dumps(report["plots"])
+    assert report["items"] and {"reference", "zero_shot", "fine_tuned", "wer", "errors"} <= set(report["items"][0])
+
+    assert main(["eval", "domain-asr", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "ev"),
+                 "eval.max_new_tokens=8"]) == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert ev["metrics"]["after"]["test/wer"] == pytest.approx(after["test/wer"])
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
+    asr = pipeline("automatic-speech-recognition", model=str(merged), device="cpu")
+    text = asr(np.zeros(16000, dtype=np.float32), generate_kwargs={"max_new_tokens": 8})["text"]
+    assert isinstance(text, str)
+
+
+def test_validation_counts_every_failure_mode(tmp_path):
+    from collections import Counter
+
+    import soundfile as sf
+
+    from modaltune.audio.data import ClipFilter, read_manifest, validate
+
+    sr = 16000
+    sf.write(tmp_path / "ok.wav", (0.2 * np.sin(np.arange(sr) / 5)).astype(np.float32), sr)
+    sf.write(tmp_path / "silent.wav", np.zeros(sr, dtype=np.float32), sr)
+    sf.write(tmp_path / "long.wav", (0.2 * np.sin(np.arange(31 * sr) / 5)).astype(np.float32), sr)
+    sf.write(tmp_path / "stereo44k.wav", (0.2 * np.random.default_rng(0).standard_normal((44100, 2))).astype(np.float32), 44100)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00not really a wav")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), sr)
+    rows = [
+        {"audio": "ok.wav", "text": "fine"}, {"audio": "silent.wav", "text": "x"}, {"audio": "long.wav", "text": "x"},
+        {"audio": "corrupt.wav", "text": "x"}, {"audio": "missing.wav", "text": "x"}, {"audio": "ok.wav", "text": " "},
+        {"audio": "empty.wav", "text": "x"}, {"audio": "stereo44k.wav", "text": "resampled"},
+        {"audio": "long.wav", "text": "split me", "segments": [{"start": 0, "end": 12, "text": "part one"},
+                                                                {"start": 12, "end": 31, "text": "part two"}]},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    skipped = Counter()
+    clips = validate(read_manifest(str(manifest)), ClipFilter(long_clips="split"), skipped)
+    assert [c.text for c in clips] == ["fine", "resampled", "part one", "part two"]
+    assert clips[1].wave.shape == (16000,)
+    assert skipped == Counter({"silence": 1, "longer than 30 s (the model's window)": 1, "unreadable audio": 1,
+                               "missing audio file": 1, "empty transcript": 1, "empty audio": 1})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio": "ok.wav", "text": "a"}\nnot json\n')
+    from modaltune.shared.errors import DataError
+
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        read_manifest(str(bad))
+
+
+def test_wer_cer_and_term_recall_on_hand_checked_examples():
+    from modaltune.audio.eval import make_normalizer, score
+    from modaltune.shared.metrics import alignment
+
+    _, norm = make_normalizer("auto", english=True)
+    m = score(["Start Metformin, 500 mg.", "he has a fever"], ["start metformin five hundred milligrams",
+                                                              "he has fever"], 1.0, 4.0, normalizer=norm,
+              terms=["metformin"])
+    assert m["term_recall"] == 1.0 and m["rtf"] == 0.25
+    assert m["wer_raw"] > m["wer"]  # case and punctuation count against the raw score only
+    a = alignment("he has a fever", "he has fever")
+    assert (a["substitutions"], a["deletions"], a["insertions"]) == (0, 0, 1)
