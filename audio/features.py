@@ -9,6 +9,7 @@ difference between seconds and a fraction of a second per batch on a CPU.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ class EncoderCache:
         self.fingerprint = model_fingerprint(model)
         self.directory = Path(directory) / self.fingerprint if directory else None
         self.states: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}  # encoder seconds spent per clip (RTF charges them to every pass)
         self.computed = 0
         self.loaded = 0
 
@@ -71,7 +73,9 @@ class EncoderCache:
                 continue
             path = self._file(key)
             if path is not None and path.is_file():
+                began = time.perf_counter()
                 self.states[key] = load_file(str(path))["states"]
+                self.seconds[key] = time.perf_counter() - began
                 self.loaded += 1
             else:
                 todo.append((key, wave))
@@ -82,13 +86,16 @@ class EncoderCache:
             for start in tqdm(range(0, len(unique), self.batch_size), desc=desc, leave=False,
                               disable=len(unique) <= self.batch_size):
                 chunk = unique[start : start + self.batch_size]
+                began = time.perf_counter()
                 feats = log_mel(self.processor, [w for _, w in chunk]).to(self.model.device)
                 with torch.autocast(feats.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
                     states = self.model.encode(feats).float().cpu()  # (B, 1500, D)
+                per_clip = (time.perf_counter() - began) / len(chunk)
                 for (key, _), state in zip(chunk, states):
                     state = state.contiguous()
                     self.states[key] = state
+                    self.seconds[key] = per_clip
                     self.computed += 1
                     path = self._file(key)
                     if path is not None:

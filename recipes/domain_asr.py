@@ -104,6 +104,10 @@ class DomainASR(Recipe):
             model.gradient_checkpointing_enable()
         return model, processor, source, precision
 
+    def autocast_dtype(self, cfg: DomainASRConfig) -> torch.dtype | None:
+        """Encoder states are computed at the training precision (bf16 autocast where it is fast)."""
+        return torch.bfloat16 if resolve_precision(cfg.train.precision) == "bf16" else None
+
     def cache_valid(self, cfg: DomainASRConfig) -> bool:
         return cfg.cache.mode == "auto" and cfg.encoder.method == "frozen" and not cfg.model.spec_augment
 
@@ -177,7 +181,8 @@ class DomainASR(Recipe):
         if self.cache_valid(cfg):
             fp = EncoderCache(model, processor).fingerprint
             cache = caches.setdefault(fp, EncoderCache(model, processor, directory=cfg.cache.dir,
-                                                       batch_size=cfg.eval.batch_size))
+                                                       batch_size=cfg.eval.batch_size,
+                                                       autocast_dtype=self.autocast_dtype(cfg)))
         metrics: dict[str, dict[str, float]] = {name: {} for name, _ in columns}
         rows = []
         for set_name in ("test", "general"):
@@ -209,9 +214,8 @@ class DomainASR(Recipe):
                     labels.append(ids)
         cache = None
         if self.cache_valid(cfg):
-            dtype = torch.bfloat16 if resolve_precision(cfg.train.precision) == "bf16" else None
             cache = EncoderCache(model, processor, directory=cfg.cache.dir, batch_size=cfg.train.eval_batch_size,
-                                 autocast_dtype=dtype)
+                                 autocast_dtype=self.autocast_dtype(cfg))
         return ASRDataset(waves, labels, processor, cache=cache)
 
     # -- commands -----------------------------------------------------------------------------------------

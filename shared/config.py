@@ -183,20 +183,46 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def apply_dotted(data: dict[str, Any], dotted: dict[str, Any], source: str) -> dict[str, Any]:
-    """Set ``a.b.c: value`` entries into a nested mapping (a copy); creates missing levels."""
+    """Set ``a.b.c: value`` entries into a nested mapping (a copy); creates missing levels.
+
+    A part may index a list: ``stages[1].max_steps: 200``.
+    """
     result = _deep_copy(data)
     for key, value in dotted.items():
-        node = result
+        node: Any = result
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
+        for depth, part in enumerate(parts):
+            name, index = _split_index(part, key, source)
+            last = depth == len(parts) - 1
+            if index is None:
+                if last:
+                    node[name] = value
+                    break
+                child = node.get(name)
+                if child is None:
+                    child = node[name] = {}
+            else:
+                seq = node.get(name)
+                if not isinstance(seq, list) or not -len(seq) <= index < len(seq):
+                    raise ConfigError(f"{source}: cannot set {key!r}: {name!r} has no item {index}")
+                if last:
+                    seq[index] = value
+                    break
+                child = seq[index]
             if not isinstance(child, dict):
                 raise ConfigError(f"{source}: cannot set {key!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = value
     return result
+
+
+def _split_index(part: str, key: str, source: str) -> tuple[str, int | None]:
+    if not part.endswith("]"):
+        return part, None
+    name, _, index = part[:-1].partition("[")
+    try:
+        return name, int(index)
+    except ValueError:
+        raise ConfigError(f"{source}: {key!r}: list index in {part!r} must be a whole number") from None
 
 
 def _deep_copy(data: Any) -> Any:

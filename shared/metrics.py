@@ -155,3 +155,35 @@ def term_recall(predictions: list[str], references: list[str], terms: list[str])
                     stats["recalled"] += 1
                     recalled += 1
     return {"recall": recalled / present if present else 0.0, "present": present, "per_term": per_term}
+
+
+def token_recall(prediction: str, reference: str) -> float:
+    """Fraction of the reference's (normalised) words that appear in the prediction.
+
+    Example:
+        >>> token_recall("a left lung mass", "mass in left lung")
+        0.75
+    """
+    ref = normalize_answer(reference).split()
+    if not ref:
+        return 0.0
+    pred = set(normalize_answer(prediction).split())
+    return sum(w in pred for w in ref) / len(ref)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 (NLTK, method-1 smoothing) on lower-cased words without punctuation.
+
+    Example:
+        >>> round(bleu(["a small red circle."], ["A small red circle"]), 2)
+        1.0
+    """
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    _check(predictions, references)
+    hyps = [p.lower().translate(_PUNCT).split() or [""] for p in predictions]
+    refs = [[r.lower().translate(_PUNCT).split()] for r in references]
+    if not predictions:
+        return 0.0
+    weights = (0.25, 0.25, 0.25, 0.25)
+    return float(corpus_bleu(refs, hyps, weights=weights, smoothing_function=SmoothingFunction().method1))

@@ -67,6 +67,7 @@ def register_recipe(recipe: Recipe) -> Recipe:
 BUILTIN_RECIPES = {
     "text-sft": ("modaltune.recipes.text_sft", "text"),
     "domain-asr": ("modaltune.recipes.domain_asr", "audio"),
+    "med-vqa": ("modaltune.recipes.med_vqa", "vision"),
 }
 
 

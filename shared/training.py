@@ -70,6 +70,17 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class StageConfig:
+    """One training stage as a recipe config declares it."""
+
+    name: str = doc("train", "stage name (its checkpoints live under stages/NAME)")
+    data: str = doc("train", "which of the recipe's data sets this stage trains on")
+    max_steps: int | None = doc(None, "optimizer steps (null: train.max_steps)")
+    lr: float | None = doc(None, "learning rate for this stage (null: train.lr)")
+    components: list[str] | None = doc(None, "components that train in this stage (null: every trained one)")
+
+
+@dataclasses.dataclass
 class StagePlan:
     """One training stage, ready to run."""
 
@@ -223,11 +234,13 @@ def run_stages(
     checkpoint_meta: dict,
     tokenizer: Any = None,
     callbacks: list[TrainerCallback] | None = None,
+    after_stage: Callable[[StagePlan], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` through ``stages`` in order and write the final checkpoint to ``run_dir/checkpoint``.
 
     With ``cfg.resume`` a finished stage is loaded instead of retrained and an unfinished one continues from its
-    last complete ``checkpoint-N`` (same step count, optimizer and scheduler state).
+    last complete ``checkpoint-N`` (same step count, optimizer and scheduler state). ``after_stage(stage)`` runs
+    after each stage (e.g. an evaluation), with the model holding that stage's weights.
     """
     run_dir = Path(run_dir)
     log_path = run_dir / "metrics.jsonl"
@@ -244,6 +257,8 @@ def run_stages(
         if cfg.resume and ckpt.is_complete(final):
             ckpt.load_trained(model, final)
             summaries.append({"stage": stage.name, "resumed": "finished earlier, loaded", "steps": None})
+            if after_stage is not None:
+                after_stage(stage)
             continue
         model.set_stage_trainable(stage.components)
         resume_from = ckpt.latest_checkpoint(stage_dir) if cfg.resume else None
@@ -307,6 +322,8 @@ def run_stages(
             summary["eval_loss"] = trainer.evaluate().get("eval_loss")
         summaries.append(summary)
         ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})
+        if after_stage is not None:
+            after_stage(stage)
     model.set_stage_trainable(None)
     final_dir = ckpt.save_checkpoint(model, run_dir / "checkpoint", meta=checkpoint_meta, tokenizer=tokenizer)
     write_metrics_csv(rows, run_dir / "metrics.csv")

@@ -105,3 +105,14 @@ def test_resolved_config_round_trips(tmp_path):
     again = from_dict(recipe.config_cls, yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert again == cfg and again.llm.method == "dora"
     assert to_dict(again)["train"]["lr"] == pytest.approx(3e-4)
+
+
+def test_list_items_can_be_overridden():
+    from modaltune.shared.config import apply_dotted
+
+    data = {"stages": [{"name": "a", "steps": 1}, {"name": "b", "steps": 2}]}
+    out = apply_dotted(data, {"stages[1].steps": 9, "stages[0].name": "z"}, "cli")
+    assert out["stages"] == [{"name": "z", "steps": 1}, {"name": "b", "steps": 9}]
+    assert data["stages"][1]["steps"] == 2  # the input is not modified
+    with pytest.raises(ConfigError, match="has no item 5"):
+        apply_dotted(data, {"stages[5].steps": 1}, "cli")

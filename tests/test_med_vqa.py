@@ -1,0 +1,201 @@
+"""Composition (encoder -> grouping -> projector -> LM), freezing, caching, checkpoints and the med-vqa recipe on
+tiny timm encoders and tiny LLMs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modaltune.shared.compose import ComposedLM, build_projector, group_tokens, splice
+from modaltune.shared.config import from_dict
+
+
+def _images(folder, n=6):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(255, 0, 0), (0, 0, 255), (0, 160, 0)]
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (48, 48), (255, 255, 255))
+        img.paste(colours[i % 3], (8 + i, 8, 36, 36))
+        paths.append(folder / f"img{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def vqa_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa")
+    paths = _images(root / "images")
+    names = ["red", "blue", "green"]
+    rows = []
+    for i, p in enumerate(paths):
+        rows.append({"image": f"images/{p.name}", "question": "What color is the shape?", "answer": names[i % 3]})
+        rows.append({"image": f"images/{p.name}", "question": "Is there a red shape?",
+                     "answer": "yes" if i % 3 == 0 else "no"})
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n")
+    return root
+
+
+def _cfg(tiny_llm, vqa_files, *extra):
+    from modaltune.recipes.med_vqa import MedVQAConfig
+    from modaltune.shared.config import apply_dotted, parse_overrides
+
+    base = {"encoder": {"kind": "timm", "name": "test_efficientnet"}, "model": {"name": str(tiny_llm)},
+            "data": {"layout": "jsonl", "train": str(vqa_files / "train.jsonl"),
+                     "test": str(vqa_files / "test.jsonl")},
+            "llm": {"r": 4, "alpha": 8}, "train": {"precision": "fp32", "batch_size": 4}}
+    return from_dict(MedVQAConfig, apply_dotted(base, parse_overrides(list(extra)), "test"))
+
+
+def test_grouping_pads_or_trims():
+    x = torch.arange(2 * 49 * 3, dtype=torch.float).view(2, 49, 3)
+    assert group_tokens(x, 4, "pad").shape == (2, 13, 12)
+    assert group_tokens(x, 4, "trim").shape == (2, 12, 12)
+    g = group_tokens(x, 4, "trim")
+    assert torch.equal(g[0, 1], x[0, 4:8].reshape(-1))  # 4 consecutive tokens concatenated
+    assert torch.equal(group_tokens(x, 4, "pad")[0, -1, 3:], torch.zeros(9))
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_splice_keeps_text_and_padding_in_place(left):
+    emb = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    if left:
+        mask[1, :2] = 0
+    else:
+        mask[1, 3:] = 0
+    pos = torch.tensor([1, 3 if left else 1])
+    vis = torch.randn(2, 3, 8)
+    e, m, lab = splice(emb, mask, torch.zeros(2, 5, dtype=torch.long), pos, vis)
+    assert e.shape == (2, 7, 8) and m.shape == lab.shape == (2, 7)
+    assert torch.equal(e[0, 1:4], vis[0]) and torch.equal(e[0, 4:], emb[0, 2:])
+    assert (lab[1, pos[1]: pos[1] + 3] == -100).all()
+    assert int(m[1].sum()) == int(mask[1].sum()) + 2
+    if left:
+        assert m[1, :2].sum() == 0
+    else:
+        assert m[1, -2:].sum() == 0
+
+
+@pytest.mark.parametrize("encoder", ["test_vit", "test_efficientnet"])
+@pytest.mark.parametrize("llm", ["tiny_llama", "tiny_gemma"])
+def test_composed_step_trains_only_projector_and_lora(encoder, llm, request, vqa_files):
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.vision.vqa import VLCollator, VLDataset, vqa_rows
+    from modaltune.vision.data import read_vqa_jsonl
+
+    cfg = _cfg(request.getfixturevalue(llm), vqa_files, f"encoder.name={encoder}")
+    model, tok, _, _ = MedVQA().build(cfg)
+    items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
+    from collections import Counter
+
+    ds = VLDataset(vqa_rows(items[:4]), tok, None, max_length=128, skipped=Counter())
+    batch = VLCollator(tok.pad_token_id, model.encoder)([ds[i] for i in range(4)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    loss = model(**batch)["loss"]
+    loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    changed = {model.component_of(n) for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed == {"projector", "llm"}
+    enc = [n for n, _ in model.named_parameters() if model.component_of(n) == "encoder"]
+    assert enc and all(torch.equal(before[n], dict(model.named_parameters())[n]) for n in enc)
+    assert not any("lora" not in n for n in model.trained_names if model.component_of(n) == "llm")
+
+
+def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama, vqa_files, tmp_path):
+    from collections import Counter
+
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared import checkpoint as ckpt
+    from modaltune.vision.data import read_vqa_jsonl
+    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+
+    cfg = _cfg(tiny_llama, vqa_files)
+    model, tok, _, _ = MedVQA().build(cfg)
+    items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
+    rows = vqa_rows(items[:4])
+    cache = FeatureCache(model.encoder)
+    cache.fill([r["image"] for r in rows])
+    assert cache.computed == len({r["image"] for r in rows})
+    cached = VLDataset(rows, tok, cache, max_length=128, skipped=Counter())
+    plain = VLDataset(rows, tok, None, max_length=128, skipped=Counter())
+    model.eval()
+    with torch.no_grad():
+        a = model(**VLCollator(tok.pad_token_id)([cached[i] for i in range(4)]))["loss"]
+        b = model(**VLCollator(tok.pad_token_id, model.encoder)([plain[i] for i in range(4)]))["loss"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "med-vqa"})
+    fresh, _, _, _ = MedVQA().build(cfg)
+    fresh.eval()
+    batch = VLCollator(tok.pad_token_id)([cached[i] for i in range(4)])
+    with torch.no_grad():
+        ckpt.load_trained(fresh, tmp_path / "c")
+        assert torch.equal(model(**batch)["loss"], fresh(**batch)["loss"])
+    from safetensors.torch import load_file
+
+    saved = set(load_file(str(tmp_path / "c" / ckpt.WEIGHTS)))
+    assert {k for k in saved if k.startswith("projector.")} == {"projector.weight", "projector.bias"}
+    assert all(k.startswith(("projector.", "llm.")) for k in saved)
+
+
+def test_component_learning_rates(tiny_llama, vqa_files, tmp_path):
+    from transformers import TrainingArguments
+
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared.training import ModaltuneTrainer
+
+    model, tok, _, _ = MedVQA().build(_cfg(tiny_llama, vqa_files))
+    trainer = ModaltuneTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=5e-4,
+                                                                    use_cpu=True, report_to=[]),
+                               component_lrs={"projector": 1e-3})
+    groups = {g["component"]: g["lr"] for g in trainer.create_optimizer().param_groups}
+    assert groups == {"projector": 1e-3, "llm": 5e-4}
+
+
+def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
+    from modaltune.shared.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "med-vqa", "--out", str(out), "encoder.kind=timm", "encoder.name=test_efficientnet",
+            f"model.name={tiny_llama}", "data.layout=jsonl", f"data.train={vqa_files / 'train.jsonl'}",
+            f"data.test={vqa_files / 'test.jsonl'}", "data.captions=null", "stages[0].max_steps=2",
+            "stages[1].max_steps=3", "train.batch_size=4", "train.precision=fp32", "train.save_steps=2",
+            "llm.r=4"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok", report.get("error")
+    m = report["metrics"]
+    assert set(m["before"]) == set(m["after"]) and "test/accuracy" in m["after"]
+    assert "test/closed_accuracy" in m["after"] and "test/open_accuracy" in m["after"]
+    assert report["model"]["feature_cache"] is True
+    stages = [s["stage"] for s in report["training"]["stages"]]
+    assert stages == ["vqa"]  # no caption data for the jsonl layout: stage 1 is skipped and said so
+    assert (out / "closed_confusion.png").exists()
+    assert report["items"] and {"question", "reference", "before", "after", "image"} <= set(report["items"][0])
+
+
+def test_missing_images_are_counted_skips(tiny_llama, vqa_files, tmp_path):
+    from modaltune.shared.cli import main
+
+    rows = [json.loads(x) for x in (vqa_files / "train.jsonl").read_text().splitlines()]
+    rows.append({"image": "images/nope.png", "question": "What color?", "answer": "red"})
+    bad = vqa_files / "with_missing.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "r"
+    assert main(["run", "med-vqa", "--out", str(out), "encoder.kind=timm", "encoder.name=test_efficientnet",
+                 f"model.name={tiny_llama}", "data.layout=jsonl", f"data.train={bad}",
+                 f"data.test={vqa_files / 'test.jsonl'}", "stages[0].max_steps=1", "stages[1].max_steps=1",
+                 "train.batch_size=4", "train.precision=fp32", "llm.r=4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["vqa_train"]["skip_reasons"].get("missing image") == 1

@@ -1,0 +1,176 @@
+"""Image encoders that yield token sequences ``(B, N, D)``, each with its own preprocessing.
+
+- ``efficientnet-lite0``: the packaged ImageNet weights from the zoo (timm ``tf_efficientnet_lite0``); its last
+  feature map, 1280 x 7 x 7 at 224 px, becomes 49 tokens.
+- ``timm``: any timm model. CNN feature maps are flattened to tokens; ViT-style models drop their class/prefix
+  tokens; ``layer`` picks an intermediate block. EVA models come through here too. Weights from a local file or
+  folder (``weights``), or timm's own pretrained weights when the hub is reachable (``pretrained: true``).
+- ``clip`` / ``siglip``: transformers vision towers from a local folder or hub id (CLIP's class token dropped;
+  ``layer`` picks a hidden state, e.g. -2 as LLaVA does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.registry import ENCODERS
+from modaltune.shared.zoo import hub_error, resolve_model
+
+
+@dataclasses.dataclass
+class EncoderConfig:
+    """Which image encoder to build."""
+
+    kind: str = doc("efficientnet-lite0", "efficientnet-lite0 | timm | clip | siglip (or a plugin's name)")
+    name: str | None = doc(None, "timm architecture, or the CLIP/SigLIP folder or hub id")
+    weights: str | None = doc(None, "timm: local .safetensors/.pth file or folder with model.safetensors")
+    pretrained: bool = doc(False, "timm: download timm's pretrained weights (needs the hub)")
+    layer: int | None = doc(None, "take tokens from this block/hidden state instead of the last (e.g. -2)")
+    image_size: int | None = doc(None, "override the encoder's input size")
+
+
+class ImageEncoder(nn.Module):
+    """Base: ``forward(pixel_values) -> (B, N, D)``; ``preprocess(images) -> pixel_values``."""
+
+    out_dim: int
+
+    def preprocess(self, images: list[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def preprocessing_key(self) -> str:
+        """Identifies the preprocessing, so cached features are never reused across different ones."""
+        return type(self).__name__
+
+
+class TimmEncoder(ImageEncoder):
+    """A timm model as a token encoder."""
+
+    def __init__(self, model: nn.Module, *, layer: int | None = None, image_size: int | None = None) -> None:
+        super().__init__()
+        import timm.data
+
+        self.model = model
+        self.layer = layer
+        data_cfg = timm.data.resolve_model_data_config(model)
+        if image_size is not None:
+            data_cfg["input_size"] = (3, image_size, image_size)
+            data_cfg["crop_pct"] = 1.0
+        self.data_cfg = data_cfg
+        self.transform = timm.data.create_transform(**data_cfg, is_training=False)
+        self.prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        with torch.no_grad():
+            probe = self.forward(torch.zeros(1, *data_cfg["input_size"]))
+        self.out_dim = probe.size(-1)
+        self.num_tokens = probe.size(1)
+
+    def preprocess(self, images: list[Any]) -> torch.Tensor:
+        return torch.stack([self.transform(img) for img in images])  # (B, 3, H, W)
+
+    @property
+    def preprocessing_key(self) -> str:
+        c = self.data_cfg
+        return f"timm:{c['input_size']}:{c.get('interpolation')}:{c.get('crop_pct')}:{c['mean']}:{c['std']}"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.layer is not None:
+            (out,) = self.model.forward_intermediates(pixel_values, indices=[self.layer], intermediates_only=True)
+        else:
+            out = self.model.forward_features(pixel_values)
+            if out.dim() == 3:  # (B, prefix + N, D): ViT-style tokens
+                return out[:, self.prefix :]
+        if out.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
+            return out.flatten(2).transpose(1, 2)
+        return out
+
+
+class HFVisionEncoder(ImageEncoder):
+    """A transformers CLIP or SigLIP vision tower."""
+
+    def __init__(self, model: nn.Module, processor: Any, *, drop_cls: bool, layer: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.drop_cls = drop_cls
+        self.layer = layer
+        self.out_dim = model.config.hidden_size
+
+    def preprocess(self, images: list[Any]) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @property
+    def preprocessing_key(self) -> str:
+        return f"hf:{self.processor.to_json_string()}"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=self.layer is not None)
+        tokens = out.hidden_states[self.layer] if self.layer is not None else out.last_hidden_state
+        return tokens[:, 1:] if self.drop_cls else tokens  # (B, N, D)
+
+
+@ENCODERS.register("efficientnet-lite0")
+def build_efficientnet_lite0(cfg: EncoderConfig, log=print) -> ImageEncoder:
+    from modaltune.shared.zoo import install
+    from modaltune.vision.efficientnet_lite import load_lite0
+
+    return TimmEncoder(load_lite0(install("efficientnet-lite0", log=log)), layer=cfg.layer, image_size=cfg.image_size)
+
+
+@ENCODERS.register("timm")
+def build_timm(cfg: EncoderConfig, log=print) -> ImageEncoder:
+    import timm
+
+    if not cfg.name:
+        raise ConfigError("encoder.name must name a timm architecture (e.g. vit_base_patch16_224, eva02_base_patch14_224)")
+    try:
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0)
+    except Exception as exc:  # unknown arch or no hub
+        raise ModaltuneError(f"timm cannot create {cfg.name!r}: {str(exc).splitlines()[0][:200]}") from None
+    if cfg.weights:
+        model.load_state_dict(_read_weights(Path(cfg.weights).expanduser()), strict=False)
+    return TimmEncoder(model.eval(), layer=cfg.layer, image_size=cfg.image_size)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ModaltuneError(f"encoder weights {str(path)!r} do not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _build_hf(cfg: EncoderConfig, kind: str, log) -> ImageEncoder:
+    from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+
+    if not cfg.name:
+        raise ConfigError(f"encoder.name must name a {kind} folder or hub id")
+    path, source = resolve_model(cfg.name, log=log)
+    cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
+    try:
+        model = cls.from_pretrained(path)
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        if source == "hub":
+            raise hub_error(cfg.name, exc) from None
+        raise ModaltuneError(f"cannot load {kind} vision tower from {path!r}: {str(exc).splitlines()[0][:200]}") from None
+    return HFVisionEncoder(model.eval(), processor, drop_cls=kind == "clip", layer=cfg.layer)
+
+
+ENCODERS.register("clip", lambda cfg, log=print: _build_hf(cfg, "clip", log), owner="modaltune.vision.encoders")
+ENCODERS.register("siglip", lambda cfg, log=print: _build_hf(cfg, "siglip", log), owner="modaltune.vision.encoders")
+
+
+def build_encoder(cfg: EncoderConfig, log=print) -> ImageEncoder:
+    """The registered encoder ``cfg.kind``."""
+    return ENCODERS.get(cfg.kind)(cfg, log=log)

@@ -1,0 +1,206 @@
+"""Vision-language training data, the frozen-encoder feature cache, and VQA/caption evaluation.
+
+Prompts carry one placeholder (``<ImageHere>``); it is tokenised as a single pad token whose position each example
+records, so the composed model can splice visual tokens there with no change to the LM's vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.metrics import bleu, normalize_answer, rouge_l, token_recall
+from modaltune.vision.data import CAPTION_INSTRUCTIONS, CAPTION_TEMPLATE, PLACEHOLDER, VQA_TEMPLATE
+from modaltune.vision.images import load_image
+
+
+def encode_prompt(tokenizer, text: str) -> tuple[list[int], int]:
+    """Token ids of a prompt with its placeholder as one pad token, and that token's position."""
+    if text.count(PLACEHOLDER) != 1:
+        raise ValueError(f"prompt needs exactly one {PLACEHOLDER}: {text[:80]!r}")
+    before, after = text.split(PLACEHOLDER)
+    head = tokenizer(before, add_special_tokens=True)["input_ids"]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return head + [tokenizer.pad_token_id] + tail, len(head)
+
+
+def vqa_prompt(question: str) -> str:
+    return VQA_TEMPLATE.format(question=question.strip())
+
+
+def caption_prompt(instruction: str) -> str:
+    return CAPTION_TEMPLATE.format(instruction=instruction)
+
+
+class VLDataset(torch.utils.data.Dataset):
+    """(image, prompt, target) examples tokenised with the loss on the target only."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, features: FeatureCache | None, *,
+                 max_length: int, skipped: Counter) -> None:
+        self.rows, self.items = [], []
+        for row in rows:
+            ids, pos = encode_prompt(tokenizer, row["prompt"])
+            target = tokenizer(" " + row["target"].strip(), add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id]
+            if len(ids) + len(target) > max_length:
+                skipped[f"longer than max_length={max_length} tokens"] += 1
+                continue
+            self.items.append({"input_ids": ids + target, "labels": [IGNORE_INDEX] * len(ids) + target,
+                               "prompt_ids": ids, "image_position": pos, "image": row["image"]})
+            self.rows.append(row)
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.items[i])
+        if self.features is not None:
+            item["features"] = self.features.get(item["image"])
+        return item
+
+
+class VLCollator:
+    """Pads a batch (right for training, left for generation) and shifts placeholder positions accordingly."""
+
+    def __init__(self, pad_id: int, encoder=None, *, left: bool = False, prompt_only: bool = False) -> None:
+        self.pad = pad_id
+        self.encoder = encoder
+        self.left = left
+        self.prompt_only = prompt_only
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        key = "prompt_ids" if self.prompt_only else "input_ids"
+        width = max(len(b[key]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        pos = torch.zeros(len(batch), dtype=torch.long)  # (B,)
+        for i, b in enumerate(batch):
+            n = len(b[key])
+            off = width - n if self.left else 0
+            ids[i, off : off + n] = torch.tensor(b[key])
+            mask[i, off : off + n] = 1
+            if not self.prompt_only:
+                labels[i, off : off + n] = torch.tensor(b["labels"])
+            pos[i] = b["image_position"] + off
+        out = {"input_ids": ids, "attention_mask": mask, "image_positions": pos}
+        if not self.prompt_only:
+            out["labels"] = labels
+        if "features" in batch[0]:
+            out["features"] = torch.stack([b["features"] for b in batch])
+        else:
+            out["pixel_values"] = self.encoder.preprocess([load_image(b["image"]) for b in batch])
+        return out
+
+
+class FeatureCache:
+    """Frozen-encoder outputs per image and preprocessing, computed once and reused across epochs and stages."""
+
+    def __init__(self, encoder, *, batch_size: int = 32, autocast_dtype: torch.dtype | None = None) -> None:
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        h = hashlib.sha256(encoder.preprocessing_key.encode())
+        for name, p in encoder.named_parameters():
+            h.update(name.encode() + p.detach().float().sum().item().hex().encode())
+        self.fingerprint = h.hexdigest()[:16]
+        self.store: dict[str, torch.Tensor] = {}
+        self.computed = 0
+
+    def get(self, image: str) -> torch.Tensor:
+        return self.store[image]
+
+    @torch.no_grad()
+    def fill(self, images: list[str], desc: str = "encoding images") -> None:
+        """Encode every image not cached yet."""
+        todo = sorted({i for i in images if i not in self.store})
+        was = self.encoder.training
+        self.encoder.eval()
+        try:
+            for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, leave=False,
+                              disable=len(todo) <= self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                pixels = self.encoder.preprocess([load_image(p) for p in chunk])
+                with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
+                                    dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                    feats = self.encoder(pixels.to(next(self.encoder.parameters()).device)).float().cpu()
+                for path, f in zip(chunk, feats):
+                    self.store[path] = f.contiguous()  # (N, D)
+                    self.computed += 1
+        finally:
+            self.encoder.train(was)
+
+
+def caption_rows(items, seed: int) -> list[dict[str, Any]]:
+    """Stage-1 rows: one of the caption instructions (picked at random, seeded) -> caption."""
+    rng = random.Random(seed)
+    return [{"id": it.id, "image": it.image, "prompt": caption_prompt(rng.choice(CAPTION_INSTRUCTIONS)),
+             "target": it.caption, "type": "caption"} for it in items]
+
+
+def vqa_rows(items) -> list[dict[str, Any]]:
+    """Stage-2 rows from VQA items."""
+    return [{"id": it.id, "image": it.image, "prompt": vqa_prompt(it.question), "target": it.answer,
+             "type": it.answer_type, "question": it.question} for it in items]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, dataset: VLDataset, *, batch_size: int, max_new_tokens: int, num_beams: int,
+                     encoder=None, desc: str = "answering") -> list[str]:
+    """Generated answers for every example of ``dataset`` (left-padded batches, greedy or beam)."""
+    model.eval()
+    collate = VLCollator(tokenizer.pad_token_id, encoder, left=True, prompt_only=True)
+    out: list[str] = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+    return out
+
+
+def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy overall and per answer type (closed, open), open-ended token recall; per-question rows."""
+    per_item = []
+    for row, ans in zip(rows, answers):
+        correct = normalize_answer(ans) == normalize_answer(row["target"])
+        per_item.append({"id": row["id"], "image": row["image"], "type": row["type"], "question": row["question"],
+                         "reference": row["target"], "prediction": ans, "correct": correct,
+                         "token_recall": round(token_recall(ans, row["target"]), 4)})
+    metrics: dict[str, float] = {}
+    if per_item:
+        metrics["accuracy"] = sum(r["correct"] for r in per_item) / len(per_item)
+    for kind in ("closed", "open"):
+        sub = [r for r in per_item if r["type"] == kind]
+        if sub:
+            metrics[f"{kind}_accuracy"] = sum(r["correct"] for r in sub) / len(sub)
+            if kind == "open":
+                metrics["open_token_recall"] = sum(r["token_recall"] for r in sub) / len(sub)
+    return metrics, per_item
+
+
+def caption_metrics(rows: list[dict], captions: list[str]) -> dict[str, float]:
+    """BLEU-4 and ROUGE-L of generated captions."""
+    refs = [r["target"] for r in rows]
+    if not refs:
+        return {}
+    return {"bleu": bleu(captions, refs), "rougeL": sum(rouge_l(captions, refs)) / len(refs)}
+
+
+def closed_confusion(per_item: list[dict]) -> dict[str, dict[str, int]]:
+    """Reference answer -> predicted answer counts for closed questions (unexpected predictions: 'other')."""
+    closed = [r for r in per_item if r["type"] == "closed"]
+    labels = sorted({normalize_answer(r["reference"]) for r in closed})
+    table: dict[str, dict[str, int]] = {ref: {lab: 0 for lab in labels + ["other"]} for ref in labels}
+    for r in closed:
+        pred = normalize_answer(r["prediction"])
+        table[normalize_answer(r["reference"])][pred if pred in labels else "other"] += 1
+    return table
