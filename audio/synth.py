@@ -66,11 +66,10 @@ FREQUENCIES: tuple[str, ...] = (
 
 # espeak-ng voice specs ``<base voice>+<variant>``, from the non-mbrola English voices (espeak-ng >= 1.51).
 # The splits share no base voice and no variant.
-DEFAULT_TRAIN_VOICES: tuple[str, ...] = tuple(
-    f"{base}+{variant}"
-    for base in ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-gbclan")
-    for variant in ("m1", "m2", "m3", "m4", "f1", "f2", "f3")
-)  # 35 voices: acoustic variety is what lets a decoder-only adaptation carry over to unseen voices
+DEFAULT_TRAIN_VOICES: tuple[str, ...] = (
+    "en-us+m3", "en-us+f2", "en-gb+m1", "en-gb+f3", "en-gb-scotland+m2", "en-gb-scotland+f1",
+    "en-029+m4", "en-029+f2", "en-gb-x-gbclan+m2", "en-gb-x-gbclan+f3",
+)
 DEFAULT_TEST_VOICES: tuple[str, ...] = (
     "en-gb-x-rp+f4", "en-gb-x-rp+m6", "en-us-nyc+m5", "en-us-nyc+f5", "en-gb-x-gbcwmd+m7", "en-gb-x-gbcwmd+f4",
 )

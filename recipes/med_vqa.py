@@ -56,6 +56,8 @@ class VQADataConfig:
     image_dir: str | None = doc(None, "folder the question files name images in")
     captions: str | None = doc(None, "stage-1 captions: ROCO-style caption file (null: derive from the VQA data)")
     caption_images: str | None = doc(None, "folder of the caption images")
+    max_train_images: int | None = doc(None, "draw questions and captions from at most this many training images")
+    max_test_images: int | None = doc(None, "draw test questions and captions from at most this many test images")
     max_train_questions: int | None = doc(None, "use at most this many training questions (seeded sample)")
     max_test_questions: int | None = doc(None, "evaluate on at most this many test questions (seeded sample)")
     max_train_captions: int | None = doc(None, "use at most this many training captions")
@@ -108,6 +110,7 @@ class MedVQA(Recipe):
     # -- building blocks -----------------------------------------------------------------------------------
     def build(self, cfg: MedVQAConfig, log=print, *, llm: ComponentConfig | None = None):
         precision = resolve_precision(cfg.train.precision)
+        self.precision = precision
         compute = torch.bfloat16 if precision == "bf16" else torch.float32
         llm = llm or cfg.llm
         if llm.method in {"prompt_tuning", "prefix_tuning"}:
@@ -148,8 +151,8 @@ class MedVQA(Recipe):
         skipped["vqa_train"].update(s1)
         skipped["vqa_test"].update(s2)
         rng = random.Random(d.seed)
-        train = _sample(train, d.max_train_questions, rng, skipped["vqa_train"], "max_train_questions")
-        test = _sample(test, d.max_test_questions, rng, skipped["vqa_test"], "max_test_questions")
+        train = _sample_images(train, d.max_train_images, rng, skipped["vqa_train"], "max_train_images")
+        test = _sample_images(test, d.max_test_images, rng, skipped["vqa_test"], "max_test_images")
         if d.captions:
             caps, s3 = vdata.read_roco_captions(d.caption_images or str(Path(d.captions).parent), d.captions)
             skipped["caption_train"].update(s3)
@@ -161,6 +164,9 @@ class MedVQA(Recipe):
             cap_test, s5 = vdata.easy_vqa_captions(test) if d.layout == "easy-vqa" else ([], Counter())
             skipped["caption_train"].update(s4)
             skipped["caption_test"].update(s5)
+        # questions are sampled after captions were derived, so each image keeps all its facts
+        train = _sample(train, d.max_train_questions, rng, skipped["vqa_train"], "max_train_questions")
+        test = _sample(test, d.max_test_questions, rng, skipped["vqa_test"], "max_test_questions")
         cap_train = _sample(cap_train, d.max_train_captions, rng, skipped["caption_train"], "max_train_captions")
         cap_test = _sample(cap_test, d.max_test_captions, rng, skipped["caption_test"], "max_test_captions")
         sets = {"vqa_train": train, "vqa_test": test, "caption_train": cap_train, "caption_test": cap_test}
@@ -191,13 +197,13 @@ class MedVQA(Recipe):
         if len(sets["vqa_test"]):
             answers = generate_answers(model, tok, sets["vqa_test"], batch_size=cfg.eval.batch_size,
                                        max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                       encoder=encoder, desc=f"VQA ({label})")
+                                       encoder=encoder, desc=f"VQA ({label})", precision=self.precision)
             m, items = vqa_metrics(sets["vqa_test"].rows, answers)
             metrics.update({f"test/{k}": v for k, v in m.items()})
         if len(sets["caption_test"]):
             caps = generate_answers(model, tok, sets["caption_test"], batch_size=cfg.eval.batch_size,
                                     max_new_tokens=cfg.eval.caption_max_new_tokens, num_beams=cfg.eval.num_beams,
-                                    encoder=encoder, desc=f"captions ({label})")
+                                    encoder=encoder, desc=f"captions ({label})", precision=self.precision)
             metrics.update({f"caption/{k}": v for k, v in caption_metrics(sets["caption_test"].rows, caps).items()})
         return metrics, items
 
@@ -214,7 +220,8 @@ class MedVQA(Recipe):
         cache = None
         t1 = time.time()
         if self.features_valid(cfg):
-            cache = FeatureCache(model.encoder, batch_size=64)
+            cache = FeatureCache(model.encoder, batch_size=64,
+                                 autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
             cache.fill([it.image for name in raw for it in raw[name]], desc="encoding images (once)")
         report["timing"] = {"setup_seconds": round(t1 - t0, 2), "feature_cache_seconds": round(time.time() - t1, 2)}
         sets = self.datasets(cfg, raw, tok, cache, report["data"])
@@ -309,6 +316,17 @@ def _sample(items: list, cap: int | None, rng: random.Random, skipped: Counter, 
         return list(items)
     skipped[f"over {name}={cap}"] += len(items) - cap
     return rng.sample(list(items), cap)
+
+
+def _sample_images(items: list, cap: int | None, rng: random.Random, skipped: Counter, name: str) -> list:
+    """Keep the items of at most ``cap`` distinct images (seeded); fewer images means fewer encoder passes."""
+    images = sorted({it.image for it in items})
+    if cap is None or len(images) <= cap:
+        return list(items)
+    keep = set(rng.sample(images, cap))
+    kept = [it for it in items if it.image in keep]
+    skipped[f"over {name}={cap}"] += len(items) - len(kept)
+    return kept
 
 
 def _merge_items(stage_items: dict[str, list[dict]]) -> list[dict]:

@@ -153,16 +153,22 @@ def vqa_rows(items) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, dataset: VLDataset, *, batch_size: int, max_new_tokens: int, num_beams: int,
-                     encoder=None, desc: str = "answering") -> list[str]:
-    """Generated answers for every example of ``dataset`` (left-padded batches, greedy or beam)."""
+                     encoder=None, desc: str = "answering", precision: str = "fp32") -> list[str]:
+    """Generated answers for every example of ``dataset`` (left-padded batches, greedy or beam).
+
+    Short answers after long prompts make this prefill-bound, so it runs under the training precision's autocast.
+    """
+    from modaltune.text.eval import autocast
+
     model.eval()
     collate = VLCollator(tokenizer.pad_token_id, encoder, left=True, prompt_only=True)
     out: list[str] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with autocast(precision, model.device):
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     return out
 
