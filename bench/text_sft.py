@@ -135,7 +135,7 @@ def run_variant(args) -> dict:
                                    report_to=[], bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
                                    max_grad_norm=cfg.train.max_grad_norm, disable_tqdm=True, logging_steps=1000,
                                    remove_unused_columns=False),
-            train_dataset=subset, data_collator=PadCollator(tok.pad_token_id),
+            train_dataset=subset, data_collator=PadCollator(tok.pad_token_id), callbacks=[Clock()],
         )
         with PeakRSS() as mem:
             trainer.train()
