@@ -12,12 +12,11 @@ import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from modaltune.audio.io import SAMPLE_RATE, AudioReadError, load_audio, rms
-from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, DataError
 
 

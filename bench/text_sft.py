@@ -57,7 +57,6 @@ class PeakRSS:
 
 
 def _batches(args, tok, cfg):
-    import torch
 
     from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset, load_splits
 
@@ -110,7 +109,7 @@ def run_variant(args) -> dict:
     else:
         from transformers import TrainerCallback, TrainingArguments
 
-        from modaltune.shared.training import ModaltuneTrainer, resolve_precision
+        from modaltune.shared.training import ModaltuneTrainer
         from modaltune.text.data import PadCollator
 
         model, tok, _, precision = recipe.build(cfg, None)

@@ -24,7 +24,7 @@ from modaltune.audio.io import SAMPLE_RATE
 from modaltune.audio.whisper import WhisperModelConfig, build_whisper, label_ids, whisper_components
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.config import ConfigError, doc, to_dict
-from modaltune.shared.errors import DataError, ModaltuneError
+from modaltune.shared.errors import DataError
 from modaltune.shared.peft import QUANTISED, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, resolve_precision, run_stages

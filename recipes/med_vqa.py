@@ -7,6 +7,7 @@ the frozen encoder's features; evaluate with the untrained projector; train the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from collections import Counter
@@ -300,7 +301,7 @@ class MedVQA(Recipe):
 
         save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, str(out / "projector.safetensors"))
         (out / "composition.json").write_text(
-            __import__("json").dumps({"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
+            json.dumps({"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
                                       "template": vdata.VQA_TEMPLATE}, indent=2) + "\n", encoding="utf-8")
         log(f"merged LLM into {out / 'llm'}; projector in {out / 'projector.safetensors'}")
 

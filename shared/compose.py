@@ -126,11 +126,8 @@ class ComposedLM(ModaltuneModel):
     def embed(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None):
         """Prompt embeddings with the projected tokens spliced in."""
         lm = unwrap_peft(self.llm)
-        embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D)
-        scale = getattr(lm.get_input_embeddings(), "embed_scale", None)
-        prefix = self.prefix_tokens(pixel_values, features)
-        if scale is not None:  # Gemma multiplies text embeddings inside the lookup; visual tokens are not scaled
-            prefix = prefix.to(embeds.dtype)
+        embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
+        prefix = self.prefix_tokens(pixel_values, features)  # (B, M, D); the projector learns its own scale
         return splice(embeds, attention_mask, labels, image_positions, prefix)
 
     def forward(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from importlib import resources
-from pathlib import Path
 
 import pytest
 
 from modaltune.shared.config import from_dict, load_config, parse_overrides
 from modaltune.shared.errors import ConfigError
 from modaltune.shared.recipe import get_recipe
-from modaltune.shared.registry import RECIPES
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from modaltune.shared.compose import ComposedLM, build_projector, group_tokens, splice
+from modaltune.shared.compose import group_tokens, splice
 from modaltune.shared.config import from_dict
 
 
