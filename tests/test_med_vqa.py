@@ -184,6 +184,19 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     assert (out / "closed_confusion.png").exists()
     assert report["items"] and {"question", "reference", "before", "after", "image"} <= set(report["items"][0])
 
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from modaltune.shared import checkpoint as ckpt
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
+    llm = AutoModelForCausalLM.from_pretrained(str(merged / "llm"))
+    assert not any("lora" in n for n, _ in llm.named_parameters())
+    trained = load_file(str(out / "checkpoint" / ckpt.WEIGHTS))
+    assert torch.equal(load_file(str(merged / "projector.safetensors"))["weight"], trained["projector.weight"])
+    assert json.loads((merged / "composition.json").read_text())["projector"]["group"] == 4
+
 
 def test_missing_images_are_counted_skips(tiny_llama, vqa_files, tmp_path):
     from modaltune.shared.cli import main
