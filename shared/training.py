@@ -262,6 +262,10 @@ def run_stages(
             continue
         model.set_stage_trainable(stage.components)
         resume_from = ckpt.latest_checkpoint(stage_dir) if cfg.resume else None
+        if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
+            done = int(resume_from.name.split("-")[1]) if resume_from else 0
+            rows[:] = [r for r in rows if r.get("stage") != stage.name or r.get("step", 0) <= done]
+            atomic_write_text(log_path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
         max_steps = stage.max_steps if stage.max_steps is not None else cfg.max_steps
         steps_for_warmup = max_steps if max_steps > 0 else 0
         evaluate = stage.eval_dataset is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -29,10 +30,12 @@ CFG = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, scheduler="constant", warm
 
 
 class Crash(TrainerCallback):
+    """Dies right after step ``at`` was logged (and before any checkpoint of that step)."""
+
     def __init__(self, at):
         self.at = at
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_log(self, args, state, control, **kw):
         if state.global_step == self.at:
             raise KeyboardInterrupt
 
@@ -53,6 +56,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_llama,
         _train(model, tok, ds, tmp_path / "b", CFG, callbacks=[Crash(5)])
     stage_dir = tmp_path / "b" / "stages" / "sft"
     assert ckpt.latest_checkpoint(stage_dir).name == "checkpoint-4"
+    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert 5 in logged  # step 5 was logged before the crash, and will be trained again
     # a checkpoint whose write was cut short is never resumed from
     (stage_dir / "checkpoint-5").mkdir()
     (stage_dir / "checkpoint-5" / ckpt.WEIGHTS).write_bytes(b"partial")
