@@ -135,6 +135,11 @@ def _logger(run_dir: Path) -> Callable[[str], None]:
         print(f"[modaltune] {msg}", flush=True)
         log.info(msg)
 
+    def close() -> None:
+        log.removeHandler(handler)
+        handler.close()
+
+    emit.close = close  # type: ignore[attr-defined]
     return emit
 
 
@@ -225,6 +230,7 @@ def execute(
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     files = write_report(run_dir, report)
     log(f"report: {files.get('html', run_dir / 'report.html')}")
+    log.close()
     return report, code
 
 
