@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -18,6 +17,7 @@ import numpy as np
 
 from modaltune.audio.io import SAMPLE_RATE, AudioReadError, load_audio, rms
 from modaltune.shared.errors import ConfigError, DataError
+from modaltune.shared.io import iter_jsonl
 
 
 @dataclasses.dataclass
@@ -67,17 +67,10 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
         raise DataError(f"manifest {source!r} does not exist")
     if path.suffix == ".jsonl":
         raw = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object")
-                raw.append((f"{path.name}:{lineno}", row))
+        for lineno, row in iter_jsonl(path):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            raw.append((f"{path.name}:{lineno}", row))
     elif path.suffix == ".csv":
         raw = _read_csv(path)
     else:

@@ -19,7 +19,7 @@ from modaltune.shared.loss import IGNORE_INDEX, label_logits_cross_entropy, unwr
 from modaltune.shared.model import ModaltuneModel
 from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
 from modaltune.shared.quant import bnb_config
-from modaltune.shared.zoo import hub_error, resolve_model
+from modaltune.shared.zoo import load_error, resolve_model
 
 WHISPER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -67,9 +67,7 @@ def load_whisper(cfg: WhisperModelConfig, *, encoder: ComponentConfig, decoder: 
         model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = WhisperProcessor.from_pretrained(path, revision=cfg.revision)
     except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise hub_error(cfg.name, exc) from None
-        raise ModaltuneError(f"cannot load Whisper from {path!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise load_error(cfg.name, kind, path, "Whisper", exc) from None
     tok = processor.tokenizer
     if tok.pad_token is None:
         tok.pad_token = "<|endoftext|>"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +51,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def iter_jsonl(path: str | Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSONL file (``text``: its contents if already read).
+
+    Raises:
+        DataError: the file is missing or not UTF-8, or a line is not valid JSON (named as ``file:line``).
+    """
+    from modaltune.shared.errors import DataError
+
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise DataError(f"{path}: file does not exist")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None

@@ -138,6 +138,14 @@ def resolve_model(name: str, *, log: Callable[[str], None] = print) -> tuple[str
     return name, "hub"
 
 
+def load_error(name: str, kind: str, path: str, what: str, exc: Exception) -> ModaltuneError:
+    """A one-line error for a model that ``from_pretrained`` could not load (hub or local)."""
+    if kind == "hub":
+        return hub_error(name, exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    return ModaltuneError(f"cannot load {what} from {path!r}: {first[:300]}")
+
+
 def hub_error(name: str, exc: Exception) -> ModaltuneError:
     """A one-line error for a model that could not be loaded by hub id."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -20,6 +20,7 @@ import torch
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, DataError
+from modaltune.shared.io import iter_jsonl
 from modaltune.shared.loss import IGNORE_INDEX
 
 SPLITS = ("train", "validation", "test")
@@ -88,17 +89,10 @@ def read_records(source: str, *, hf_split: str = "train") -> list[tuple[str, dic
         raise DataError(f"data file {source!r} does not exist")
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append((f"{path.name}:{lineno}", row))
+        for lineno, row in iter_jsonl(path):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"{path.name}:{lineno}", row))
         return rows
     if path.suffix == ".json":
         try:

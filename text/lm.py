@@ -14,7 +14,7 @@ from modaltune.shared.loss import causal_lm_loss, check_label_logits
 from modaltune.shared.model import ModaltuneModel
 from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
 from modaltune.shared.quant import bnb_config
-from modaltune.shared.zoo import hub_error, resolve_model
+from modaltune.shared.zoo import hub_error, load_error, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: tor
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise hub_error(cfg.name, exc) from None
-        raise ModaltuneError(f"cannot load causal LM from {path!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise load_error(cfg.name, kind, path, "causal LM", exc) from None
     if cfg.gguf_file and getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # GGUF is dequantised on load
         model.hf_quantizer = None

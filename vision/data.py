@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared.errors import DataError
+from modaltune.shared.io import iter_jsonl
 from modaltune.vision.images import ImageReadError, load_image
 
 PLACEHOLDER = "<ImageHere>"
@@ -140,13 +141,7 @@ def _json_list(path: Path, text: str | None = None) -> list[Any]:
 
 def _jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` for each non-blank line of a JSONL file (``text``: its contents when already read)."""
-    for lineno, line in enumerate((_read_text(path) if text is None else text).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
+    return iter_jsonl(path, _read_text(path) if text is None else text)
 
 
 def _json_rows(path: Path) -> list[tuple[int, Any]]:

@@ -21,7 +21,7 @@ from torch import nn
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.registry import ENCODERS
-from modaltune.shared.zoo import hub_error, resolve_model
+from modaltune.shared.zoo import load_error, resolve_model
 
 
 @dataclasses.dataclass
@@ -161,9 +161,7 @@ def _build_hf(cfg: EncoderConfig, kind: str, log) -> ImageEncoder:
         model = cls.from_pretrained(path)
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        if source == "hub":
-            raise hub_error(cfg.name, exc) from None
-        raise ModaltuneError(f"cannot load {kind} vision tower from {path!r}: {str(exc).splitlines()[0][:200]}") from None
+        raise load_error(cfg.name, source, path, f"{kind} vision tower", exc) from None
     return HFVisionEncoder(model.eval(), processor, drop_cls=kind == "clip", layer=cfg.layer)
 
 
