@@ -18,7 +18,7 @@ from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import IGNORE_INDEX, label_logits_cross_entropy, unwrap_peft
 from modaltune.shared.model import ModaltuneModel
 from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
-from modaltune.shared.quant import bnb_config
+from modaltune.shared.quant import quantized_load_kwargs
 from modaltune.shared.zoo import load_error, resolve_model
 
 WHISPER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -59,10 +59,7 @@ def load_whisper(cfg: WhisperModelConfig, *, encoder: ComponentConfig, decoder: 
         method = quantised.pop()
         skip = ["proj_out"] + [f"model.{n}" for n, c in (("encoder", encoder), ("decoder", decoder))
                                if c.method not in QUANTISED]
-        kwargs["quantization_config"] = bnb_config(method, compute_dtype=compute_dtype, skip_modules=skip)
-        kwargs["dtype"] = compute_dtype
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs.update(quantized_load_kwargs(method, compute_dtype=compute_dtype, skip_modules=skip))
     try:
         model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = WhisperProcessor.from_pretrained(path, revision=cfg.revision)

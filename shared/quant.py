@@ -50,3 +50,17 @@ def bnb_config(method: str, *, compute_dtype: torch.dtype, skip_modules: list[st
             llm_int8_skip_modules=skip_modules,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+
+
+def quantized_load_kwargs(method: str, *, compute_dtype: torch.dtype, skip_modules: list[str]) -> dict:
+    """``from_pretrained`` keyword arguments that load a model quantised for ``qlora``/``lora8bit``.
+
+    On a GPU the quantised weights are placed on the current device (bitsandbytes needs them there at load time).
+    """
+    kwargs = {
+        "quantization_config": bnb_config(method, compute_dtype=compute_dtype, skip_modules=skip_modules),
+        "dtype": compute_dtype,
+    }
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs

@@ -13,7 +13,7 @@ from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import causal_lm_loss, check_label_logits
 from modaltune.shared.model import ModaltuneModel
 from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
-from modaltune.shared.quant import bnb_config
+from modaltune.shared.quant import quantized_load_kwargs
 from modaltune.shared.zoo import hub_error, load_error, resolve_model
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,7 @@ def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: tor
         kwargs["gguf_file"] = cfg.gguf_file
     if method in QUANTISED:
         skip = [] if quantize_head else ["lm_head"]
-        kwargs["quantization_config"] = bnb_config(method, compute_dtype=compute_dtype, skip_modules=skip)
-        kwargs["dtype"] = compute_dtype
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs.update(quantized_load_kwargs(method, compute_dtype=compute_dtype, skip_modules=skip))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
