@@ -69,7 +69,7 @@ def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *,
         if keys is not None:
             from transformers.modeling_outputs import BaseModelOutput
 
-            states = torch.stack([cache.states[k] for k in keys[start:end]]).to(model.device)
+            states = cache.encoder_output(keys[start:end])
             out = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **gen_kwargs)
         else:
             feats = log_mel(processor, waves[start:end]).to(model.device)

@@ -4,6 +4,9 @@ When the encoder is frozen, its output for a clip never changes: :class:`Encoder
 (and per augmented view), keeps it in memory and, when given a folder, on disk keyed by the audio's content and the
 model, and the decoder then trains on the stored states. The encoder is the bulk of a Whisper step, so this is the
 difference between seconds and a fraction of a second per batch on a CPU.
+
+When only the top encoder blocks train (``encoder.layers``), the cache keeps the input of the lowest trained block
+instead (its *depth*, :attr:`WhisperASR.cache_depth`), and each step runs only the blocks above it.
 """
 
 from __future__ import annotations
@@ -31,25 +34,39 @@ def audio_key(wave: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(wave, dtype=np.float32).tobytes()).hexdigest()[:32]
 
 
-def model_fingerprint(model) -> str:
-    """A hash of the encoder's weights: cached states are only reused for the same encoder."""
+def model_fingerprint(model, depth: int | None = None) -> str:
+    """A hash of the encoder weights below ``depth`` blocks (None: all of them) and of the depth: cached states
+    are only reused for the same frozen part of the same encoder."""
     h = hashlib.sha256()
+    n = len(model.base.model.encoder.layers)
+    depth = n if depth is None else depth
+    h.update(f"depth={depth}/{n}".encode())
     for name, p in model.get_submodule(model.components["encoder"]).named_parameters():
+        parts = name.split(".")
+        if depth < n and (name.startswith("layer_norm") or (parts[0] == "layers" and int(parts[1]) >= depth)):
+            continue  # trained (or above the cached depth): not part of what the cache holds
         h.update(name.encode())
         h.update(p.detach().float().sum().item().hex().encode())
     return h.hexdigest()[:16]
 
 
 class EncoderCache:
-    """Encoder states per audio content, computed once; optionally persisted as safetensors files."""
+    """Encoder states per audio content, computed once; optionally persisted as safetensors files.
+
+    ``depth`` is how many encoder blocks the cached states went through (:attr:`WhisperASR.cache_depth`; None:
+    all of them, i.e. the encoder output).
+    """
 
     def __init__(self, model, processor, *, directory: str | Path | None = None, batch_size: int = 8,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, depth: int | None = None) -> None:
         self.model = model
         self.processor = processor
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        self.fingerprint = model_fingerprint(model)
+        n = len(model.base.model.encoder.layers)
+        self.depth = n if depth is None or depth >= n else depth
+        self.complete = self.depth == n  # the states are the encoder output
+        self.fingerprint = model_fingerprint(model, self.depth)
         self.directory = Path(directory) / self.fingerprint if directory else None
         self.states: dict[str, torch.Tensor] = {}
         self.seconds: dict[str, float] = {}  # encoder seconds spent per clip (RTF charges them to every pass)
@@ -90,7 +107,7 @@ class EncoderCache:
                 feats = log_mel(self.processor, [w for _, w in chunk]).to(self.model.device)
                 with torch.autocast(feats.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
-                    states = self.model.encode(feats).float().cpu()  # (B, 1500, D)
+                    states = self.model.encode_prefix(feats, self.depth).float().cpu()  # (B, 1500, D)
                 per_clip = (time.perf_counter() - began) / len(chunk)
                 for (key, _), state in zip(chunk, states):
                     state = state.contiguous()
@@ -104,6 +121,15 @@ class EncoderCache:
         finally:
             self.model.train(was_training)
         return keys
+
+    def encoder_output(self, keys: list[str]) -> torch.Tensor:
+        """Encoder output ``(B, 1500, D)`` of cached clips (runs the blocks above the cached depth)."""
+        states = torch.stack([self.states[k] for k in keys]).to(self.model.device)
+        if self.complete:
+            return states
+        with torch.autocast(states.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return self.model.encode_rest(states, self.depth).float()
 
 
 class ASRDataset(torch.utils.data.Dataset):
@@ -126,6 +152,8 @@ class ASRDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"labels": self.labels[i]}
         if self.cache is not None:
             item["encoder_hidden"] = self.cache.states[self.keys[i]]
+            if not self.cache.complete:
+                item["encoder_depth"] = self.cache.depth
         else:
             item["input_features"] = log_mel(self.processor, [self.waves[i]])[0]
         return item
@@ -142,4 +170,6 @@ class ASRCollator:
         out = {"labels": labels}
         key = "encoder_hidden" if "encoder_hidden" in batch[0] else "input_features"
         out[key] = torch.stack([b[key] for b in batch])
+        if "encoder_depth" in batch[0]:
+            out["encoder_depth"] = batch[0]["encoder_depth"]
         return out

@@ -2,7 +2,12 @@
 
 :class:`WhisperASR` wraps a ``WhisperForConditionalGeneration`` (possibly PEFT-wrapped) as two components,
 ``encoder`` and ``decoder``. Its forward takes either log-mel ``input_features`` or precomputed ``encoder_hidden``
-states; the second is what makes frozen-encoder training cheap (see :mod:`modaltune.audio.cache`).
+states; the second is what makes frozen-encoder training cheap (see :mod:`modaltune.audio.features`).
+
+The cache works at a *depth*: the number of encoder blocks below the first one that trains. With a frozen encoder
+that is every block (the cached states are the encoder's output); with ``encoder.layers: [-1]`` it is all but the
+top block, whose input is cached and which then runs (with its adapters) on every step. Anything that trains
+below block 0 (the convolutions, ``full`` without ``layers``) or SpecAugment leaves nothing to cache.
 """
 
 from __future__ import annotations
@@ -117,12 +122,65 @@ class WhisperASR(ModaltuneModel):
             input_features = base.model._mask_input_features(input_features)
         return base.model.encoder(input_features).last_hidden_state
 
-    def forward(self, labels=None, input_features=None, encoder_hidden=None, **kwargs):
+    @property
+    def cache_depth(self) -> int | None:
+        """Encoder blocks whose output can be cached: all of them for a frozen encoder, those below the lowest
+        trainable block otherwise; None when something below block 0 trains (nothing to cache)."""
+        encoder = self.base.model.encoder
+        n = len(encoder.layers)
+        depth = n
+        for name, param in encoder.named_parameters():
+            if not param.requires_grad:
+                continue
+            parts = name.split(".")
+            if parts[0] == "layers":
+                depth = min(depth, int(parts[1]))
+            elif parts[0] != "layer_norm":
+                return None
+            else:
+                depth = min(depth, n - 1)  # the final norm trains: cache below the top block
+        return depth
+
+    def encode_prefix(self, input_features: torch.Tensor, depth: int) -> torch.Tensor:
+        """The states the cache keeps: the encoder output when ``depth`` covers every block, else the input of
+        block ``depth`` (the lower blocks' output), without running the blocks above it."""
+        encoder = self.base.model.encoder
+        if depth >= len(encoder.layers):
+            return self.encode(input_features)
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _PrefixDone
+
+        handle = encoder.layers[depth].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            encoder(input_features)
+        except _PrefixDone:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def encode_rest(self, states: torch.Tensor, depth: int) -> torch.Tensor:
+        """Encoder output from cached states at ``depth`` (runs the blocks above it and the final norm)."""
+        encoder = self.base.model.encoder
+        if depth >= len(encoder.layers):
+            return states
+        for layer in encoder.layers[depth:]:
+            out = layer(states, None)
+            states = out[0] if isinstance(out, tuple) else out
+        return encoder.layer_norm(states)
+
+    def forward(self, labels=None, input_features=None, encoder_hidden=None, encoder_depth=None, **kwargs):
+        """Training loss; ``encoder_hidden`` are cached states at ``encoder_depth`` blocks (None: the output)."""
         num_items = kwargs.pop("num_items_in_batch", None)
         if encoder_hidden is None:
             if input_features is None:
                 raise ModaltuneError("WhisperASR needs input_features or encoder_hidden")
             encoder_hidden = self.encode(input_features)
+        elif encoder_depth is not None:
+            encoder_hidden = self.encode_rest(encoder_hidden, int(encoder_depth))
         if labels is None:
             raise ModaltuneError("WhisperASR.forward computes the training loss: pass labels")
         from transformers.models.whisper.modeling_whisper import shift_tokens_right
@@ -136,6 +194,10 @@ class WhisperASR(ModaltuneModel):
                                     use_cache=False).last_hidden_state  # (B, T, D)
         loss = label_logits_cross_entropy(hidden, labels, base.proj_out, num_items_in_batch=num_items, shift=False)
         return {"loss": loss}
+
+
+class _PrefixDone(Exception):
+    """Stops the encoder once the cached depth is reached."""
 
 
 def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig], *,

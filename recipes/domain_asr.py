@@ -108,8 +108,19 @@ class DomainASR(Recipe):
         """Encoder states are computed at the training precision (bf16 autocast where it is fast)."""
         return torch.bfloat16 if resolve_precision(cfg.train.precision) == "bf16" else None
 
-    def cache_valid(self, cfg: DomainASRConfig) -> bool:
-        return cfg.cache.mode == "auto" and cfg.encoder.method == "frozen" and not cfg.model.spec_augment
+    def cache_depth(self, cfg: DomainASRConfig, model) -> int | None:
+        """Encoder blocks whose output is cached (all of them for a frozen encoder, those below the lowest trained
+        block with ``encoder.layers``); None: no cache (off, SpecAugment, or the encoder trains from its input)."""
+        if cfg.cache.mode != "auto" or cfg.model.spec_augment:
+            return None
+        return model.cache_depth
+
+    def make_cache(self, cfg: DomainASRConfig, model, processor, batch_size: int) -> EncoderCache | None:
+        depth = self.cache_depth(cfg, model)
+        if depth is None:
+            return None
+        return EncoderCache(model, processor, directory=cfg.cache.dir, batch_size=batch_size,
+                            autocast_dtype=self.autocast_dtype(cfg), depth=depth)
 
     def load_data(self, cfg: DomainASRConfig, log) -> tuple[dict[str, list[Clip]], dict]:
         d = cfg.data
@@ -177,12 +188,9 @@ class DomainASR(Recipe):
         norm_name, norm = make_normalizer(cfg.eval.normalizer, english=not source["multilingual"] or
                                           (cfg.model.language or "").lower() in {"en", "english"})
         terms = self.terms(cfg)
-        cache = None
-        if self.cache_valid(cfg):
-            fp = EncoderCache(model, processor).fingerprint
-            cache = caches.setdefault(fp, EncoderCache(model, processor, directory=cfg.cache.dir,
-                                                       batch_size=cfg.eval.batch_size,
-                                                       autocast_dtype=self.autocast_dtype(cfg)))
+        cache = self.make_cache(cfg, model, processor, cfg.eval.batch_size)
+        if cache is not None:  # the states of the frozen part are computed once for the before and after passes
+            cache = caches.setdefault(cache.fingerprint, cache)
         metrics: dict[str, dict[str, float]] = {name: {} for name, _ in columns}
         rows = []
         for set_name in ("test", "general"):
@@ -212,10 +220,7 @@ class DomainASR(Recipe):
                 for view in make_views(clip.wave, SAMPLE_RATE, cfg.augment, clip.id):
                     waves.append(view)
                     labels.append(ids)
-        cache = None
-        if self.cache_valid(cfg):
-            cache = EncoderCache(model, processor, directory=cfg.cache.dir, batch_size=cfg.train.eval_batch_size,
-                                 autocast_dtype=self.autocast_dtype(cfg))
+        cache = self.make_cache(cfg, model, processor, cfg.train.eval_batch_size)
         return ASRDataset(waves, labels, processor, cache=cache)
 
     # -- commands -----------------------------------------------------------------------------------------
@@ -224,7 +229,8 @@ class DomainASR(Recipe):
         t0 = time.time()
         model, processor, source, precision = self.build(cfg, log)
         report["model"] = {**source, "precision": precision, "encoder": cfg.encoder.method,
-                           "decoder": cfg.decoder.method, "encoder_cache": self.cache_valid(cfg)}
+                           "decoder": cfg.decoder.method, "encoder_cache": self.cache_depth(cfg, model) is not None,
+                           "encoder_cache_depth": self.cache_depth(cfg, model)}
         report["parameters"] = model.parameter_report()
         sets, report["data"] = self.load_data(cfg, log)
         log("data: " + ", ".join(f"{k} {v['kept']} kept / {v['skipped']} skipped" for k, v in report["data"].items()))

@@ -27,7 +27,7 @@ from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, resol
 from modaltune.text.lm import ModelConfig, load_causal_lm
 from modaltune.vision import data as vdata
 from modaltune.vision.encoders import EncoderConfig, build_encoder
-from modaltune.vision.vqa import (FeatureCache, VLCollator, VLDataset, caption_metrics, caption_rows,
+from modaltune.vision.vqa import (FeatureCache, VLCollator, VLDataset, caption_metrics, caption_rows, closed_class,
                                   closed_confusion, generate_answers, vqa_metrics, vqa_rows)
 
 
@@ -65,10 +65,16 @@ class VQADataConfig:
     max_test_captions: int | None = doc(None, "evaluate at most this many captions")
     seed: int = doc(0, "seed of the samples")
     max_length: int = doc(128, "examples longer than this many tokens (visual tokens excluded) are dropped")
+    balance_closed: str = doc(
+        "none", "balance the closed training questions (seeded downsampling of the larger class): none | answer "
+               "(as many yes as no) | presence (as many 'the asked thing is there' as 'it is not', reading "
+               "negations: 'is there not a ...? no' means present)")
 
     def validate(self, where: str) -> None:
         if self.layout not in {"easy-vqa", "vqa-rad", "slake", "pathvqa", "jsonl"}:
             raise ConfigError(f"{where}.layout must be easy-vqa, vqa-rad, slake, pathvqa or jsonl")
+        if self.balance_closed not in {"none", "answer", "presence"}:
+            raise ConfigError(f"{where}.balance_closed must be none, answer or presence, got {self.balance_closed!r}")
 
 
 @dataclasses.dataclass
@@ -101,6 +107,13 @@ class MedVQAConfig:
     eval: VQAEvalConfig = doc(VQAEvalConfig, "generation for evaluation")
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
+    def validate(self, where: str) -> None:
+        for key, comp, cc in (("encoder_tuning", "encoder", self.encoder_tuning), ("llm", "llm", self.llm)):
+            if cc.trains and not any(s.components is None or comp in s.components for s in self.stages):
+                raise ConfigError(
+                    f"{key}.method={cc.method}, but no stage trains the {comp}: add {comp!r} to a stage's "
+                    f"components (e.g. stages[{len(self.stages) - 1}].components=[{comp},projector,llm])")
+
 
 class MedVQA(Recipe):
     name = "med-vqa"
@@ -125,15 +138,18 @@ class MedVQA(Recipe):
         out_dim = encoder.out_dim if hasattr(encoder, "out_dim") else unwrap_peft(encoder).out_dim
         projector = build_projector(cfg.projector.kind, in_dim=out_dim, out_dim=hidden, group=cfg.projector.group)
         model = ComposedLM(encoder, projector, lm, group=cfg.projector.group, group_mode=cfg.projector.group_mode,
-                           label_logits_only=cfg.train.label_logits_only)
+                           label_logits_only=cfg.train.label_logits_only,
+                           encoder_train_mode=cfg.encoder_tuning.method == "full")
         full = ["projector"] + [n for n, c in (("encoder", cfg.encoder_tuning), ("llm", llm)) if c.method == "full"]
         model.record_trained(full_components=full)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model, tok, source, precision
 
-    def features_valid(self, cfg: MedVQAConfig) -> bool:
-        return cfg.encoder_tuning.method == "frozen"
+    def feature_depth(self, model) -> int | None:
+        """Where the feature cache takes the encoder's states: its output when frozen, the input of the lowest
+        trained block when only top blocks train (``encoder_tuning.layers``); None: no cache."""
+        return unwrap_peft(model.encoder).cache_depth()
 
     def load_data(self, cfg: MedVQAConfig, log) -> tuple[dict[str, list], dict]:
         d = cfg.data
@@ -166,6 +182,7 @@ class MedVQA(Recipe):
             skipped["caption_train"].update(s4)
             skipped["caption_test"].update(s5)
         # questions are sampled after captions were derived, so each image keeps all its facts
+        train = _balance_closed(train, d.balance_closed, rng, skipped["vqa_train"])
         train = _sample(train, d.max_train_questions, rng, skipped["vqa_train"], "max_train_questions")
         test = _sample(test, d.max_test_questions, rng, skipped["vqa_test"], "max_test_questions")
         cap_train = _sample(cap_train, d.max_train_captions, rng, skipped["caption_train"], "max_train_captions")
@@ -215,13 +232,14 @@ class MedVQA(Recipe):
         model, tok, source, precision = self.build(cfg, log)
         report["model"] = {**source, "encoder": cfg.encoder.kind, "projector": cfg.projector.kind,
                            "group": cfg.projector.group, "precision": precision, "llm_method": cfg.llm.method,
-                           "feature_cache": self.features_valid(cfg)}
+                           "feature_cache": self.feature_depth(model) is not None,
+                           "feature_cache_depth": self.feature_depth(model)}
         report["parameters"] = model.parameter_report()
         raw, report["data"] = self.load_data(cfg, log)
         cache = None
         t1 = time.time()
-        if self.features_valid(cfg):
-            cache = FeatureCache(model.encoder, batch_size=64,
+        if self.feature_depth(model) is not None:
+            cache = FeatureCache(model.encoder, batch_size=64, depth=self.feature_depth(model),
                                  autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
             cache.fill([it.image for name in raw for it in raw[name]], desc="encoding images (once)")
         report["timing"] = {"setup_seconds": round(t1 - t0, 2), "feature_cache_seconds": round(time.time() - t1, 2)}
@@ -275,7 +293,8 @@ class MedVQA(Recipe):
         report, log = ctx.report, ctx.log
         model, tok, source, precision = self.build(cfg, log)
         raw, report["data"] = self.load_data(cfg, log)
-        cache = FeatureCache(model.encoder) if self.features_valid(cfg) else None
+        depth = self.feature_depth(model)
+        cache = FeatureCache(model.encoder, depth=depth) if depth is not None else None
         if cache:
             cache.fill([it.image for n in ("vqa_test", "caption_test") for it in raw[n]])
         sets = self.datasets(cfg, raw, tok, cache, report["data"])
@@ -317,6 +336,30 @@ def _sample(items: list, cap: int | None, rng: random.Random, skipped: Counter, 
         return list(items)
     skipped[f"over {name}={cap}"] += len(items) - cap
     return rng.sample(list(items), cap)
+
+
+def _balance_closed(items: list, mode: str, rng: random.Random, skipped: Counter) -> list:
+    """Downsample the larger classes of closed questions (see :func:`closed_class`) to the smallest one's size.
+
+    Closed questions are often lopsided (most "is there a red shape?" questions are about shapes that are not
+    red), and a model can then score well by never looking: balancing takes that shortcut away.
+    """
+    if mode == "none":
+        return list(items)
+    by_class: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        label = closed_class(item.question, item.answer, item.answer_type, mode)
+        if label is not None:
+            by_class.setdefault(label, []).append(i)
+    if len(by_class) < 2:
+        return list(items)
+    size = min(len(v) for v in by_class.values())
+    drop = set()
+    for label, idx in sorted(by_class.items()):
+        drop.update(rng.sample(idx, len(idx) - size))
+    if drop:
+        skipped[f"balance_closed={mode}"] += len(drop)
+    return [it for i, it in enumerate(items) if i not in drop]
 
 
 def _sample_images(items: list, cap: int | None, rng: random.Random, skipped: Counter, name: str) -> list:

@@ -98,9 +98,11 @@ class ComposedLM(ModaltuneModel):
     """
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, llm: nn.Module, *, group: int = 1,
-                 group_mode: Literal["pad", "trim"] = "pad", label_logits_only: bool = True) -> None:
+                 group_mode: Literal["pad", "trim"] = "pad", label_logits_only: bool = True,
+                 encoder_train_mode: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.encoder_train_mode = encoder_train_mode
         self.projector = projector
         self.llm = llm
         self.group = group
@@ -112,28 +114,41 @@ class ComposedLM(ModaltuneModel):
     def config(self):
         return self.llm.config
 
-    def prefix_tokens(self, pixel_values: torch.Tensor | None = None,
-                      features: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected encoder tokens ``(B, M, D_llm)``."""
+    def train(self, mode: bool = True):
+        """Train mode everywhere but in the encoder, unless it is fully trained: a frozen or adapter-tuned encoder
+        keeps its normalisation statistics and drops no paths, so it computes what its feature cache holds."""
+        super().train(mode)
+        if mode and not self.encoder_train_mode:
+            self.encoder.eval()
+        return self
+
+    def prefix_tokens(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                      features_depth: int | None = None) -> torch.Tensor:
+        """Projected encoder tokens ``(B, M, D_llm)``; ``features`` cached at ``features_depth`` (None: the
+        encoder output) go through the encoder's remaining blocks first."""
         if features is None:
             if pixel_values is None:
                 raise ModaltuneError("ComposedLM needs pixel_values or precomputed features")
             features = self.encoder(pixel_values)  # (B, N, D_enc)
+        elif features_depth is not None:
+            features = unwrap_peft(self.encoder).encode_rest(features, int(features_depth))  # (B, N, D_enc)
         grouped = group_tokens(features, self.group, self.group_mode)  # (B, N/k, k*D_enc)
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(grouped.to(proj_dtype))  # (B, M, D_llm)
 
-    def embed(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None):
+    def embed(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,
+              features_depth=None):
         """Prompt embeddings with the projected tokens spliced in."""
         lm = unwrap_peft(self.llm)
         embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
-        prefix = self.prefix_tokens(pixel_values, features)  # (B, M, D); the projector learns its own scale
+        prefix = self.prefix_tokens(pixel_values, features, features_depth)  # (B, M, D); the projector learns its scale
         return splice(embeds, attention_mask, labels, image_positions, prefix)
 
     def forward(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,
-                **kwargs):
+                features_depth=None, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
-        embeds, mask, labels = self.embed(input_ids, attention_mask, image_positions, labels, pixel_values, features)
+        embeds, mask, labels = self.embed(input_ids, attention_mask, image_positions, labels, pixel_values, features,
+                                          features_depth)
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=mask)
         loss = causal_lm_loss(self.llm, labels=labels, label_logits_only=self.label_logits_only,
@@ -141,7 +156,9 @@ class ComposedLM(ModaltuneModel):
         return {"loss": loss}
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, image_positions, pixel_values=None, features=None, **gen_kwargs):
+    def generate(self, input_ids, attention_mask, image_positions, pixel_values=None, features=None,
+                 features_depth=None, **gen_kwargs):
         """Generated token ids (new tokens only) for left-padded prompts."""
-        embeds, mask, _ = self.embed(input_ids, attention_mask, image_positions, None, pixel_values, features)
+        embeds, mask, _ = self.embed(input_ids, attention_mask, image_positions, None, pixel_values, features,
+                                     features_depth)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)

@@ -18,6 +18,11 @@ module path. Each component gets one method:
 Target patterns are scoped to the component: ``q_proj`` matches every module whose path (relative to the component)
 ends in ``q_proj``; globs such as ``layers.*.mlp.*`` match the whole relative path. A pattern that matches nothing
 fails with the nearby module names listed.
+
+``layers`` narrows a method to some of the component's blocks (its ``layers``/``blocks``/``h`` list): ``[-1]`` is
+the top block, ``[-2, -1]`` the top two. Adapters go only on targets inside those blocks, and ``full`` unfreezes
+only them. Tuning only the top blocks of a frozen encoder keeps its lower blocks cacheable (see
+:mod:`modaltune.audio.features`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import re
 from typing import Literal
 
 from torch import nn
@@ -55,6 +61,9 @@ class ComponentConfig:
     num_virtual_tokens: int = doc(20, "prompt/prefix tuning: number of virtual tokens")
     prompt_init_text: str | None = doc(None, "prompt tuning: initialise virtual tokens from this text")
     quantize_head: bool = doc(False, "qlora/lora8bit: also quantise the output head (off: it stays in full precision)")
+    layers: list[int] | None = doc(
+        None, "only these blocks of the component get the method (0-based; negative counts from the top, "
+              "[-1] = top block); null: all")
 
     def validate(self, where: str) -> None:
         if self.r < 1:
@@ -65,13 +74,19 @@ class ComponentConfig:
             raise ConfigError(f"{where}.targets is empty: {self.method} needs at least one module pattern")
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"{where}.num_virtual_tokens must be at least 1")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError(f"{where}.layers is empty: list block indices (e.g. [-1]) or use null for all")
+            if self.method in PROMPT_METHODS:
+                raise ConfigError(f"{where}.layers does not apply to {self.method} (it adds virtual tokens, not "
+                                  "per-block weights)")
 
     @property
     def trains(self) -> bool:
         return self.method != "frozen"
 
 
-ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Embedding)
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 def _adaptable_modules(model: nn.Module, root: str) -> dict[str, nn.Module]:
@@ -86,13 +101,64 @@ def _adaptable_modules(model: nn.Module, root: str) -> dict[str, nn.Module]:
     return out
 
 
-def resolve_targets(model: nn.Module, root: str, patterns: list[str], component: str) -> list[str]:
-    """Full module names (from ``model``) matched by ``patterns`` under ``root``.
+BLOCK_LISTS = ("layers", "layer", "blocks", "block", "h")
+
+
+def block_list(model: nn.Module, root: str, component: str = "") -> tuple[str, int]:
+    """``(path relative to root, length)`` of the component's list of transformer/CNN blocks.
+
+    The shallowest ``ModuleList``/``Sequential`` named one of :data:`BLOCK_LISTS` (``layers`` for Whisper and most
+    LLMs, ``blocks`` for timm models, ``h`` for GPT-2-style models).
+
+    Raises:
+        ConfigError: the component has no such list.
+    """
+    base = model.get_submodule(root) if root else model
+    found = [(name.count("."), name, len(m)) for name, m in base.named_modules()
+             if name and name.rsplit(".", 1)[-1] in BLOCK_LISTS and isinstance(m, (nn.ModuleList, nn.Sequential))
+             and len(m) > 0]
+    if not found:
+        raise ConfigError(f"component {component or root!r} has no block list ({'/'.join(BLOCK_LISTS)}) to pick "
+                          "`layers` from; remove `layers` or narrow `targets` with globs instead")
+    _, name, length = min(found)
+    return name, length
+
+
+def block_indices(model: nn.Module, root: str, layers: list[int] | None, component: str = "") -> list[int] | None:
+    """``layers`` as sorted non-negative block indices (None stays None: every block).
+
+    Raises:
+        ConfigError: an index is outside the component's blocks.
+    """
+    if layers is None:
+        return None
+    _, n = block_list(model, root, component)
+    out = set()
+    for i in layers:
+        if not -n <= i < n:
+            raise ConfigError(f"{component}.layers: block {i} does not exist; the component has {n} blocks "
+                              f"(0..{n - 1}, or -{n}..-1 from the top)")
+        out.add(i % n)
+    return sorted(out)
+
+
+def _in_blocks(rel_name: str, blocks_path: str, wanted: set[int]) -> bool:
+    m = re.match(re.escape(blocks_path) + r"\.(\d+)(\.|$)", rel_name)
+    return bool(m) and int(m.group(1)) in wanted
+
+
+def resolve_targets(model: nn.Module, root: str, patterns: list[str], component: str,
+                    layers: list[int] | None = None) -> list[str]:
+    """Full module names (from ``model``) matched by ``patterns`` under ``root`` (inside ``layers`` when given).
 
     Raises:
         ConfigError: a pattern matches nothing; the message lists nearby module names.
     """
     candidates = _adaptable_modules(model, root)
+    wanted = block_indices(model, root, layers, component)
+    if wanted is not None:
+        path, _ = block_list(model, root, component)
+        candidates = {n: m for n, m in candidates.items() if _in_blocks(n, path, set(wanted))}
     found: list[str] = []
     for pattern in patterns:
         hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern)]
@@ -101,7 +167,7 @@ def resolve_targets(model: nn.Module, root: str, patterns: list[str], component:
             near = difflib.get_close_matches(pattern.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.3)
             raise ConfigError(
                 f"LoRA/IA3 target {pattern!r} of component {component!r} matches no module"
-                f"{' under ' + repr(root) if root else ''}. "
+                f"{' under ' + repr(root) if root else ''}{f' in blocks {wanted}' if wanted is not None else ''}. "
                 f"Nearby names: {', '.join(near) if near else 'none'}; adaptable module names here: "
                 f"{', '.join(leaves[:30])}{' ...' if len(leaves) > 30 else ''}"
             )
@@ -153,14 +219,14 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
         else:
             targets: list[str] = []
             for spec in adapter_specs:
-                targets += resolve_targets(model, spec.root, spec.config.targets, spec.name)
+                targets += _targets(model, spec)
             first = adapter_specs[0].config
             if kind == "ia3":
                 ff: list[str] = []
                 for spec in adapter_specs:
                     ff += [
                         t
-                        for t in resolve_targets(model, spec.root, spec.config.targets, spec.name)
+                        for t in _targets(model, spec)
                         if any(fnmatch.fnmatchcase(t, "*" + p) for p in spec.config.feedforward)
                     ]
                 cfg = peft.IA3Config(target_modules=targets, feedforward_modules=ff)
@@ -168,7 +234,7 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
                 rank_pattern = {}
                 alpha_pattern = {}
                 for spec in adapter_specs[1:]:
-                    for t in resolve_targets(model, spec.root, spec.config.targets, spec.name):
+                    for t in _targets(model, spec):
                         rank_pattern[t] = spec.config.r
                         alpha_pattern[t] = spec.config.alpha
                 cfg = peft.LoraConfig(
@@ -187,10 +253,16 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
     for spec in by_method.get("full", []):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         module = base.get_submodule(spec.root) if spec.root else base
-        for param in module.parameters():
-            if param.dtype.is_floating_point:
+        wanted = block_indices(base, spec.root, spec.config.layers, spec.name)
+        path = block_list(base, spec.root, spec.name)[0] if wanted is not None else ""
+        for name, param in module.named_parameters():
+            if param.dtype.is_floating_point and (wanted is None or _in_blocks(name, path, set(wanted))):
                 param.requires_grad_(True)
     return model
+
+
+def _targets(model: nn.Module, spec: ComponentSpec) -> list[str]:
+    return resolve_targets(model, spec.root, spec.config.targets, spec.name, spec.config.layers)
 
 
 def _prompt_model(model: nn.Module, cfg: ComponentConfig, kind: str) -> nn.Module:

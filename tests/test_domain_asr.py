@@ -180,3 +180,67 @@ def test_wer_cer_and_term_recall_on_hand_checked_examples():
     assert m["wer_raw"] > m["wer"]  # case and punctuation count against the raw score only
     a = alignment("he has a fever", "he has fever")
     assert (a["substitutions"], a["deletions"], a["insertions"]) == (0, 0, 1)
+
+
+def _build_top(folder, layers, method="lora"):
+    comps = whisper_components()
+    comps = {"encoder": dataclasses.replace(comps["encoder"], method=method, r=4, layers=layers),
+             "decoder": dataclasses.replace(comps["decoder"], r=4)}
+    torch.manual_seed(0)
+    return build_whisper(WhisperModelConfig(name=str(folder)), comps, compute_dtype=torch.float32)
+
+
+def test_encoder_layers_narrow_the_method_to_the_top_block_and_set_the_cache_depth(tiny_whisper):
+    model, _, _ = _build_top(tiny_whisper, [-1])
+    enc = {n for n in model.trained_names if model.component_of(n) == "encoder"}
+    assert enc and all(".layers.1." in n for n in enc)
+    assert model.cache_depth == 1
+    full, _, _ = _build_top(tiny_whisper, [1], method="full")
+    enc = {n for n in full.trained_names if full.component_of(n) == "encoder"}
+    assert enc and all(".layers.1." in n for n in enc) and not any("conv" in n for n in enc)
+    assert full.cache_depth == 1
+    assert _build(tiny_whisper, "lora", "lora")[0].cache_depth == 0  # the convolutions' output is still cached
+    assert _build(tiny_whisper, "full", "lora")[0].cache_depth is None  # the convolutions train: nothing to cache
+    assert _build(tiny_whisper)[0].cache_depth == 2  # frozen encoder: its output is cached
+    with pytest.raises(ConfigError, match=r"block 5 does not exist; the component has 2 blocks"):
+        _build_top(tiny_whisper, [5])
+
+
+def test_partial_encoder_cache_gives_the_uncached_loss_gradients_and_transcripts(tiny_whisper):
+    from modaltune.audio.eval import ASREvalConfig, transcribe
+    from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache
+
+    model, processor, _ = _build_top(tiny_whisper, [-1])
+    with torch.no_grad():  # non-zero adapters, so the top block really differs from the base model's
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    waves, labels, _ = _batch(processor, 3)
+    cache = EncoderCache(model, processor, depth=model.cache_depth)
+    assert not cache.complete and cache.depth == 1
+    cached = ASRCollator()([ASRDataset(waves, labels, processor, cache=cache)[i] for i in range(3)])
+    plain = ASRCollator()([ASRDataset(waves, labels, processor)[i] for i in range(3)])
+    assert cached["encoder_depth"] == 1
+    model.eval()
+    grads = []
+    for batch in (cached, plain):
+        model.zero_grad()
+        loss = model(**batch)["loss"]
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                    if p.requires_grad and ".encoder." in n}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert grads[0][1].keys() == grads[1][1].keys() and grads[0][1]
+    for name, g in grads[0][1].items():
+        assert torch.allclose(g, grads[1][1][name], rtol=1e-4, atol=1e-6), name
+    cfg = ASREvalConfig(max_new_tokens=6)
+    with_cache, _ = transcribe(model, processor, waves, cfg, language=None, task=None, cache=cache)
+    without, _ = transcribe(model, processor, waves, cfg, language=None, task=None)
+    assert with_cache == without
+    # the cache of the frozen part survives training of the top block: its key ignores the trained weights
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    assert EncoderCache(model, processor, depth=1).fingerprint == cache.fingerprint
+    assert EncoderCache(model, processor, depth=2).fingerprint != cache.fingerprint

@@ -42,10 +42,10 @@ def vqa_files(tmp_path_factory):
 
 
 def _cfg(tiny_llm, vqa_files, *extra):
-    from modaltune.recipes.med_vqa import MedVQAConfig
-    from modaltune.shared.config import apply_dotted, parse_overrides
+    from modaltune.recipes.med_vqa import MedVQAConfig, _default_stages
+    from modaltune.shared.config import apply_dotted, parse_overrides, to_dict
 
-    base = {"encoder": {"kind": "timm", "name": "test_efficientnet"}, "model": {"name": str(tiny_llm)},
+    base = {"stages": [to_dict(s) for s in _default_stages()],"encoder": {"kind": "timm", "name": "test_efficientnet"}, "model": {"name": str(tiny_llm)},
             "data": {"layout": "jsonl", "train": str(vqa_files / "train.jsonl"),
                      "test": str(vqa_files / "test.jsonl")},
             "llm": {"r": 4, "alpha": 8}, "train": {"precision": "fp32", "batch_size": 4}}
@@ -149,6 +149,71 @@ def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama
     assert all(k.startswith(("projector.", "llm.")) for k in saved)
 
 
+@pytest.mark.parametrize("encoder", ["test_vit", "test_efficientnet"])
+def test_top_encoder_block_trains_over_cached_lower_blocks(encoder, tiny_llama, vqa_files):
+    """encoder_tuning.layers=[-1]: LoRA on the top block only, the input of that block is cached, and the cached
+    path gives the loss and the encoder gradients of the uncached one; BatchNorm statistics never move."""
+    from collections import Counter
+
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared.loss import unwrap_peft
+    from modaltune.vision.data import read_vqa_jsonl
+    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+
+    targets = "[qkv,proj,fc1,fc2]" if encoder == "test_vit" else "[conv_pw,conv_pwl]"
+    cfg = _cfg(tiny_llama, vqa_files, f"encoder.name={encoder}", "encoder_tuning.method=lora",
+               "encoder_tuning.layers=[-1]", f"encoder_tuning.targets={targets}", "encoder_tuning.r=4",
+               "stages[1].components=[encoder,projector,llm]", "llm.dropout=0.0")
+    recipe = MedVQA()
+    model, tok, _, _ = recipe.build(cfg)
+    base = unwrap_peft(model.encoder)
+    n_blocks = len(base.model.blocks)
+    enc_trained = [n for n in model.trained_names if model.component_of(n) == "encoder"]
+    assert enc_trained and all(f"blocks.{n_blocks - 1}." in n for n in enc_trained)
+    assert recipe.feature_depth(model) == n_blocks - 1
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
+    rows = vqa_rows(items[:4])
+    cache = FeatureCache(model.encoder, depth=n_blocks - 1)
+    cache.fill([r["image"] for r in rows])
+    assert not cache.complete
+    cached = VLCollator(tok.pad_token_id)([VLDataset(rows, tok, cache, max_length=128, skipped=Counter())[i]
+                                           for i in range(4)])
+    plain = VLCollator(tok.pad_token_id, model.encoder)([VLDataset(rows, tok, None, max_length=128,
+                                                                   skipped=Counter())[i] for i in range(4)])
+    assert cached["features_depth"] == n_blocks - 1
+    buffers = {n: b.clone() for n, b in model.encoder.named_buffers()}
+    model.train()
+    assert not model.encoder.training  # a LoRA-tuned encoder keeps its normalisation statistics
+    out = []
+    for batch in (cached, plain):
+        model.zero_grad()
+        loss = model(**batch)["loss"]
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                  if p.requires_grad and model.component_of(n) == "encoder"}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-4)
+    assert out[0][1] and out[0][1].keys() == out[1][1].keys()
+    for name, g in out[0][1].items():
+        assert torch.allclose(g, out[1][1][name], rtol=1e-3, atol=1e-6), name
+    assert all(torch.equal(b, buffers[n]) for n, b in model.encoder.named_buffers())
+    assert type(base.model.blocks).__name__ in {"Sequential", "ModuleList"} and len(base.model.blocks) == n_blocks
+
+
+def test_an_encoder_method_no_stage_trains_is_refused(tiny_llama, vqa_files):
+    from modaltune.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"encoder_tuning.method=lora, but no stage trains the encoder.*"
+                                          r"stages\[1\].components=\[encoder,projector,llm\]"):
+        _cfg(tiny_llama, vqa_files, "encoder_tuning.method=lora", "encoder_tuning.layers=[-1]",
+             "stages[0].components=[projector,llm]", "stages[1].components=[projector,llm]")
+    cfg = _cfg(tiny_llama, vqa_files, "encoder_tuning.method=lora", "stages[1].components=[encoder,projector,llm]")
+    assert cfg.stages[1].components == ["encoder", "projector", "llm"]
+
+
 def test_component_learning_rates(tiny_llama, vqa_files, tmp_path):
     from transformers import TrainingArguments
 
@@ -212,3 +277,47 @@ def test_missing_images_are_counted_skips(tiny_llama, vqa_files, tmp_path):
                  "train.batch_size=4", "train.precision=fp32", "llm.r=4"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["vqa_train"]["skip_reasons"].get("missing image") == 1
+
+
+def test_closed_questions_are_balanced_by_presence_or_answer():
+    import random
+    from collections import Counter
+
+    from modaltune.recipes.med_vqa import _balance_closed
+    from modaltune.vision.data import VQAItem
+    from modaltune.vision.vqa import closed_class as _cc
+
+    def item(q, a, t="closed"):
+        return VQAItem(id=q + a, image="x.png", question=q, answer=a, answer_type=t)
+
+    def closed_class(it, mode):
+        return _cc(it.question, it.answer, it.answer_type, mode)
+
+    assert closed_class(item("is there a red shape?", "yes"), "presence") == "present"
+    assert closed_class(item("is there not a red shape?", "no"), "presence") == "present"
+    assert closed_class(item("is no circle present?", "yes"), "presence") == "absent"
+    assert closed_class(item("does the image not contain a circle?", "yes"), "presence") == "absent"
+    assert closed_class(item("isn't the lung clear?", "no"), "presence") == "present"
+    assert closed_class(item("what colour?", "red", "open"), "presence") is None
+    assert closed_class(item("is there a red shape?", "no"), "answer") == "no"
+    items = ([item(f"is there a shape {i}?", "no") for i in range(8)] + [item(f"is there a dot {i}?", "yes") for i in
+             range(2)] + [item(f"what is {i}?", "red", "open") for i in range(5)])
+    skipped = Counter()
+    out = _balance_closed(items, "presence", random.Random(0), skipped)
+    classes = Counter(closed_class(i, "presence") for i in out)
+    assert classes == {"present": 2, "absent": 2, None: 5} and skipped == {"balance_closed=presence": 6}
+    assert _balance_closed(items, "none", random.Random(0), Counter()) == items
+
+
+def test_balanced_closed_accuracy_exposes_the_never_look_shortcut():
+    from modaltune.vision.vqa import vqa_metrics
+
+    qs = [("is there a red shape?", "no"), ("is there a blue shape?", "no"), ("is there a green shape?", "yes"),
+          ("is there not a red shape?", "yes"), ("is there not a green shape?", "no")]
+    rows = [{"id": str(i), "image": "x.png", "question": q, "target": a, "type": "closed"} for i, (q, a) in
+            enumerate(qs)]
+    never_look = ["no" if " not " not in q else "yes" for q, _ in qs]  # always "the thing is absent"
+    m, _ = vqa_metrics(rows, never_look)
+    assert m["closed_accuracy"] == pytest.approx(3 / 5) and m["closed_balanced_accuracy"] == pytest.approx(0.5)
+    m, _ = vqa_metrics(rows, [a for _, a in qs])
+    assert m["closed_balanced_accuracy"] == 1.0

@@ -86,6 +86,24 @@ def test_glob_targets_are_scoped(tiny_llama):
     assert names and all(".layers.1.mlp." in n for n in names)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "full"])
+def test_layers_narrow_a_method_to_those_blocks(method, tiny_llama):
+    cfg = ComponentConfig(method=method, r=2, targets=["q_proj", "down_proj"], feedforward=["down_proj"], layers=[-1])
+    model, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), cfg, compute_dtype=torch.float32)
+    names = model.trained_names
+    assert names and all(".layers.1." in n for n in names), sorted(names)
+    if method == "full":  # every weight of the block, nothing outside it (not the embeddings, not the head)
+        assert any("input_layernorm" in n for n in names) and not any("embed" in n or "lm_head" in n for n in names)
+
+
+def test_layers_out_of_range_or_on_prompt_methods_are_refused(tiny_llama):
+    with pytest.raises(ConfigError, match="block -3 does not exist; the component has 2 blocks"):
+        build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="lora", layers=[-3]),
+                         compute_dtype=torch.float32)
+    with pytest.raises(ConfigError, match="layers does not apply to prompt_tuning"):
+        ComponentConfig(method="prompt_tuning", layers=[0]).validate("llm")
+
+
 def test_frozen_llm_is_refused(tiny_llama):
     with pytest.raises(ConfigError, match="nothing would train"):
         build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="frozen"),

@@ -7,6 +7,11 @@
   folder (``weights``), or timm's own pretrained weights when the hub is reachable (``pretrained: true``).
 - ``clip`` / ``siglip``: transformers vision towers from a local folder or hub id (CLIP's class token dropped;
   ``layer`` picks a hidden state, e.g. -2 as LLaVA does).
+
+Feature caching works at a *depth*: :meth:`ImageEncoder.cache_depth` is :attr:`ImageEncoder.output_depth` for a
+frozen encoder (the cache holds its output), and for a timm encoder whose top blocks train (``encoder_tuning.layers``)
+it is the index of the lowest trained block, whose input the cache holds; :meth:`ImageEncoder.encode_rest` then runs
+only the blocks above it on every step.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ class EncoderConfig:
 
 
 class ImageEncoder(nn.Module):
-    """Base: ``forward(pixel_values) -> (B, N, D)``; ``preprocess(images) -> pixel_values``."""
+    """Base: ``forward(pixel_values) -> (B, N, D)``; ``preprocess(images) -> pixel_values``.
+
+    Subclasses with a block list may override the three depth methods so a partly trained encoder stays cacheable.
+    """
 
     out_dim: int
 
@@ -48,6 +56,42 @@ class ImageEncoder(nn.Module):
     def preprocessing_key(self) -> str:
         """Identifies the preprocessing, so cached features are never reused across different ones."""
         return type(self).__name__
+
+    @property
+    def output_depth(self) -> int:
+        """The depth whose cached states are the encoder's output."""
+        return 0
+
+    def cache_depth(self) -> int | None:
+        """Depth of what a feature cache may hold: the output when nothing trains, else None (nothing)."""
+        return None if any(p.requires_grad for p in self.parameters()) else self.output_depth
+
+    def encode_prefix(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
+        """The states a cache at ``depth`` keeps."""
+        if depth != self.output_depth:
+            raise ModaltuneError(f"{type(self).__name__} caches only its output (depth {self.output_depth})")
+        return self(pixel_values)
+
+    def encode_rest(self, states: torch.Tensor, depth: int) -> torch.Tensor:
+        """The encoder output ``(B, N, D)`` from states cached at ``depth``."""
+        if depth != self.output_depth:
+            raise ModaltuneError(f"{type(self).__name__} caches only its output (depth {self.output_depth})")
+        return states
+
+
+class _PrefixDone(Exception):
+    """Stops an encoder once the cached depth is reached."""
+
+
+class _Inject(nn.Module):
+    """Stands in for the cached lower blocks: ignores its input and returns the cached states."""
+
+    def __init__(self, states: torch.Tensor) -> None:
+        super().__init__()
+        self.states = states
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.states
 
 
 class TimmEncoder(ImageEncoder):
@@ -78,6 +122,75 @@ class TimmEncoder(ImageEncoder):
     def preprocessing_key(self) -> str:
         c = self.data_cfg
         return f"timm:{c['input_size']}:{c.get('interpolation')}:{c.get('crop_pct')}:{c['mean']}:{c['std']}"
+
+    # -- partial caching: the input of block `depth` of ``model.blocks`` is cached; the blocks above run each step
+    def _blocks(self) -> nn.Module | None:
+        blocks = getattr(self.model, "blocks", None)
+        if self.layer is None and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+            return blocks
+        return None
+
+    @property
+    def output_depth(self) -> int:
+        blocks = self._blocks()
+        return len(blocks) if blocks is not None else 0
+
+    def cache_depth(self) -> int | None:
+        """The output's depth when frozen; the lowest trained block of ``model.blocks`` when only blocks (and the
+        layers after them) train; None when something before the blocks trains or no block list is usable."""
+        trained = [n for n, p in self.named_parameters() if p.requires_grad]
+        if not trained:
+            return self.output_depth
+        blocks = self._blocks()
+        if blocks is None:
+            return None
+        before, lowest = False, len(blocks)
+        for name in trained:
+            rel = name.split("model.", 1)[1] if name.startswith("model.") else name
+            if rel.startswith("blocks."):
+                lowest = min(lowest, int(rel.split(".")[1]))
+            else:
+                before = before or not self._after_blocks(rel)
+        if before:
+            return None
+        return min(lowest, len(blocks) - 1)  # something after the blocks trains: cache below the top block at most
+
+    def _after_blocks(self, rel_name: str) -> bool:
+        """Whether a parameter belongs to a module that ``forward_features`` runs after the blocks."""
+        names = [n for n, _ in self.model.named_children()]
+        top = rel_name.split(".")[0]
+        return top in names and "blocks" in names and names.index(top) > names.index("blocks")
+
+    def encode_prefix(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
+        if depth == self.output_depth:
+            return self(pixel_values)
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args, kwargs):
+            captured.append(args[0] if args else next(iter(kwargs.values())))
+            raise _PrefixDone
+
+        handle = self._blocks()[depth].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model.forward_features(pixel_values)
+        except _PrefixDone:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def encode_rest(self, states: torch.Tensor, depth: int) -> torch.Tensor:
+        if depth == self.output_depth:
+            return states
+        blocks = self._blocks()
+        rest = [_Inject(states), *list(blocks)[depth:]]
+        stand_in = nn.Sequential(*rest) if isinstance(blocks, nn.Sequential) else nn.ModuleList(rest)
+        dummy = torch.zeros(states.size(0), *self.data_cfg["input_size"], device=states.device, dtype=states.dtype)
+        self.model.blocks = stand_in  # the stem runs on zeros (cheap); the cached states replace the lower blocks
+        try:
+            return self.forward(dummy)
+        finally:
+            self.model.blocks = blocks
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.layer is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections import Counter
 from typing import Any
 
@@ -63,6 +64,8 @@ class VLDataset(torch.utils.data.Dataset):
         item = dict(self.items[i])
         if self.features is not None:
             item["features"] = self.features.get(item["image"])
+            if not self.features.complete:
+                item["features_depth"] = self.features.depth
         return item
 
 
@@ -95,21 +98,34 @@ class VLCollator:
             out["labels"] = labels
         if "features" in batch[0]:
             out["features"] = torch.stack([b["features"] for b in batch])
+            if "features_depth" in batch[0]:
+                out["features_depth"] = batch[0]["features_depth"]
         else:
             out["pixel_values"] = self.encoder.preprocess([load_image(b["image"]) for b in batch])
         return out
 
 
 class FeatureCache:
-    """Frozen-encoder outputs per image and preprocessing, computed once and reused across epochs and stages."""
+    """Frozen-encoder outputs per image and preprocessing, computed once and reused across epochs and stages.
 
-    def __init__(self, encoder, *, batch_size: int = 32, autocast_dtype: torch.dtype | None = None) -> None:
+    ``depth`` (:meth:`ImageEncoder.cache_depth`; None: the output) is where the cached states are taken: below the
+    lowest trained block when the encoder's top blocks train, so only those run on every step.
+    """
+
+    def __init__(self, encoder, *, batch_size: int = 32, autocast_dtype: torch.dtype | None = None,
+                 depth: int | None = None) -> None:
+        from modaltune.shared.loss import unwrap_peft
+
         self.encoder = encoder
+        self.base = unwrap_peft(encoder)
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
-        h = hashlib.sha256(encoder.preprocessing_key.encode())
+        self.depth = self.base.output_depth if depth is None else depth
+        self.complete = self.depth == self.base.output_depth  # the states are the encoder output
+        h = hashlib.sha256(f"{encoder.preprocessing_key}|depth={self.depth}".encode())
         for name, p in encoder.named_parameters():
-            h.update(name.encode() + p.detach().float().sum().item().hex().encode())
+            if not p.requires_grad:  # trained weights sit above the cached depth and change; frozen ones never do
+                h.update(name.encode() + p.detach().float().sum().item().hex().encode())
         self.fingerprint = h.hexdigest()[:16]
         self.store: dict[str, torch.Tensor] = {}
         self.computed = 0
@@ -130,7 +146,8 @@ class FeatureCache:
                 pixels = self.encoder.preprocess([load_image(p) for p in chunk])
                 with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
                                     dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                    feats = self.encoder(pixels.to(next(self.encoder.parameters()).device)).float().cpu()
+                    feats = self.base.encode_prefix(pixels.to(next(self.encoder.parameters()).device),
+                                                    self.depth).float().cpu()
                 for path, f in zip(chunk, feats):
                     self.store[path] = f.contiguous()  # (N, D)
                     self.computed += 1
@@ -165,7 +182,7 @@ def generate_answers(model, tokenizer, dataset: VLDataset, *, batch_size: int, m
     out: list[str] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast(precision, model.device):
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -173,8 +190,31 @@ def generate_answers(model, tokenizer, dataset: VLDataset, *, batch_size: int, m
     return out
 
 
+_NEGATED = re.compile(r"\b(?:not|no|never|without)\b|n't\b")
+
+
+def closed_class(question: str, answer: str, answer_type: str, mode: str = "presence") -> str | None:
+    """The class of a closed question: its answer (``mode="answer"``), or whether the thing it asks about is
+    there (``"presence"``: a yes to a plain question or a no to a negated one means present); None for open
+    questions and, under ``presence``, for answers other than yes/no."""
+    if answer_type != "closed":
+        return None
+    answer = answer.strip().lower()
+    if mode == "answer":
+        return answer
+    if answer not in {"yes", "no"}:
+        return None
+    negated = bool(_NEGATED.search(question.lower()))
+    return "present" if (answer == "yes") != negated else "absent"
+
+
 def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float], list[dict]]:
-    """Accuracy overall and per answer type (closed, open), open-ended token recall; per-question rows."""
+    """Accuracy overall and per answer type (closed, open), open-ended token recall; per-question rows.
+
+    ``closed_balanced_accuracy`` is the mean of the closed accuracies on questions about something present and
+    about something absent (see :func:`closed_class`): a model that never looks and always answers "absent" scores
+    0.5 there whatever the share of absent questions, so it exposes the shortcut plain closed accuracy hides.
+    """
     per_item = []
     for row, ans in zip(rows, answers):
         correct = normalize_answer(ans) == normalize_answer(row["target"])
@@ -190,6 +230,13 @@ def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float],
             metrics[f"{kind}_accuracy"] = sum(r["correct"] for r in sub) / len(sub)
             if kind == "open":
                 metrics["open_token_recall"] = sum(r["token_recall"] for r in sub) / len(sub)
+    by_class: dict[str, list[bool]] = {}
+    for row, item in zip(rows, per_item):
+        label = closed_class(row["question"], row["target"], row["type"])
+        if label is not None:
+            by_class.setdefault(label, []).append(item["correct"])
+    if len(by_class) == 2:
+        metrics["closed_balanced_accuracy"] = sum(sum(v) / len(v) for v in by_class.values()) / 2
     return metrics, per_item
 
 
