@@ -21,7 +21,7 @@ from torch import nn
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import IGNORE_INDEX, label_logits_cross_entropy, unwrap_peft
-from modaltune.shared.model import ModaltuneModel
+from modaltune.shared.model import ModaltuneModel, block_input
 from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
 from modaltune.shared.quant import quantized_load_kwargs
 from modaltune.shared.zoo import load_error, resolve_model
@@ -147,20 +147,7 @@ class WhisperASR(ModaltuneModel):
         encoder = self.base.model.encoder
         if depth >= len(encoder.layers):
             return self.encode(input_features)
-        captured: list[torch.Tensor] = []
-
-        def grab(_module, args, kwargs):
-            captured.append(args[0] if args else kwargs["hidden_states"])
-            raise _PrefixDone
-
-        handle = encoder.layers[depth].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            encoder(input_features)
-        except _PrefixDone:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        return block_input(encoder.layers[depth], lambda: encoder(input_features))
 
     def encode_rest(self, states: torch.Tensor, depth: int) -> torch.Tensor:
         """Encoder output from cached states at ``depth`` (runs the blocks above it and the final norm)."""
@@ -194,10 +181,6 @@ class WhisperASR(ModaltuneModel):
                                     use_cache=False).last_hidden_state  # (B, T, D)
         loss = label_logits_cross_entropy(hidden, labels, base.proj_out, num_items_in_batch=num_items, shift=False)
         return {"loss": loss}
-
-
-class _PrefixDone(Exception):
-    """Stops the encoder once the cached depth is reached."""
 
 
 def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig], *,

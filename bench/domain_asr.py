@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for k in range(0, len(eval_waves), cfg.eval.batch_size):
             feats = log_mel(processor, eval_waves[k : k + cfg.eval.batch_size])
-            base.generate(input_features=feats, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+            base.generate(input_features=feats, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                          num_beams=cfg.eval.num_beams)  # the recipe's decoding on both sides
     plain_rtf = (time.perf_counter() - t) / secs
     ev_cache = EncoderCache(model, processor, batch_size=cfg.eval.batch_size, autocast_dtype=recipe.autocast_dtype(cfg))
     _, seconds = transcribe(model, processor, eval_waves, cfg.eval, language=None, task=None, cache=ev_cache)

@@ -7,10 +7,38 @@ as a projector); checkpoints save exactly those, whatever stage froze them later
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
 from modaltune.shared.peft import count_parameters
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the wanted block is reached."""
+
+
+def block_input(block: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """The hidden states ``block`` receives when ``run()`` (a forward pass through a model containing it) reaches
+    it; the pass stops there, so the blocks above are never computed. Encoder caches use it to keep the output of
+    a model's frozen lower blocks."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, args, kwargs):
+        captured.append(args[0] if args else next(iter(kwargs.values())))
+        raise _Reached
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run()
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"the forward pass never reached {type(block).__name__}")
+    return captured[0]
 
 
 class ModaltuneModel(nn.Module):

@@ -25,6 +25,7 @@ from torch import nn
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.model import block_input
 from modaltune.shared.registry import ENCODERS
 from modaltune.shared.zoo import load_error, resolve_model
 
@@ -77,10 +78,6 @@ class ImageEncoder(nn.Module):
         if depth != self.output_depth:
             raise ModaltuneError(f"{type(self).__name__} caches only its output (depth {self.output_depth})")
         return states
-
-
-class _PrefixDone(Exception):
-    """Stops an encoder once the cached depth is reached."""
 
 
 class _Inject(nn.Module):
@@ -164,20 +161,7 @@ class TimmEncoder(ImageEncoder):
     def encode_prefix(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
         if depth == self.output_depth:
             return self(pixel_values)
-        captured: list[torch.Tensor] = []
-
-        def grab(_module, args, kwargs):
-            captured.append(args[0] if args else next(iter(kwargs.values())))
-            raise _PrefixDone
-
-        handle = self._blocks()[depth].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self.model.forward_features(pixel_values)
-        except _PrefixDone:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
+        return block_input(self._blocks()[depth], lambda: self.model.forward_features(pixel_values))
 
     def encode_rest(self, states: torch.Tensor, depth: int) -> torch.Tensor:
         if depth == self.output_depth:
