@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Literal
@@ -67,10 +68,9 @@ def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *,
     for start in tqdm(range(0, len(waves), cfg.batch_size), desc=desc, leave=False):
         end = min(start + cfg.batch_size, len(waves))
         if keys is not None:
-            from transformers.modeling_outputs import BaseModelOutput
-
             states = cache.encoder_output(keys[start:end])
-            out = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **gen_kwargs)
+            with _cached_encoder(model, states) as feats:
+                out = whisper.generate(input_features=feats, **gen_kwargs)
         else:
             feats = log_mel(processor, waves[start:end]).to(model.device)
             out = whisper.generate(input_features=feats, **gen_kwargs)
@@ -80,6 +80,34 @@ def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *,
         prompt_text = processor.decode(prompt, skip_special_tokens=True).strip()
         texts = [t[len(prompt_text):].strip() if prompt_text and t.startswith(prompt_text) else t for t in texts]
     return texts, time.perf_counter() - started + charged
+
+
+@contextlib.contextmanager
+def _cached_encoder(model, states: torch.Tensor):
+    """Let ``generate`` take cached encoder states through ``input_features``.
+
+    Passing ``encoder_outputs`` is wrong with beam search: Whisper's ``generate`` calls the generic ``generate`` more
+    than once per batch, and each call expands the shared ``encoder_outputs`` in place for the beams again, so later
+    calls attend to other clips' states (measured: batch 3 grew to 48). Here the encoder runs on every call, but as
+    a lookup: the yielded placeholder features carry each row's index, and the encoder returns that row's cached
+    states, whatever rows and order a call passes.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder = model.base.model.encoder
+    cfg = model.config
+    feats = torch.zeros(states.size(0), cfg.num_mel_bins, 2 * cfg.max_source_positions, device=states.device)
+    feats[:, 0, 0] = torch.arange(states.size(0), device=states.device, dtype=feats.dtype)
+
+    def lookup(input_features=None, *args, **kwargs):
+        rows = input_features[:, 0, 0].round().long()
+        return BaseModelOutput(last_hidden_state=states[rows].to(input_features.dtype))
+
+    encoder.forward = lookup
+    try:
+        yield feats
+    finally:
+        del encoder.forward  # back to the class's forward
 
 
 def score(predictions: list[str], references: list[str], seconds: float, audio_seconds: float, *,
