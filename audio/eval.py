@@ -97,10 +97,11 @@ def _cached_encoder(model, states: torch.Tensor):
     encoder = model.base.model.encoder
     cfg = model.config
     feats = torch.zeros(states.size(0), cfg.num_mel_bins, 2 * cfg.max_source_positions, device=states.device)
-    feats[:, 0, 0] = torch.arange(states.size(0), device=states.device, dtype=feats.dtype)
+    index = torch.arange(states.size(0), device=states.device)
+    feats[:, 0, 0], feats[:, 0, 1] = index // 256, index % 256  # exact even if generate casts to bf16/fp16
 
     def lookup(input_features=None, *args, **kwargs):
-        rows = input_features[:, 0, 0].round().long()
+        rows = (input_features[:, 0, 0].float().round() * 256 + input_features[:, 0, 1].float().round()).long()
         return BaseModelOutput(last_hidden_state=states[rows].to(input_features.dtype))
 
     encoder.forward = lookup
