@@ -1,6 +1,6 @@
 """Benchmark: med-vqa training step vs a straightforward LLaVA-style step on the same models and batches.
 
-Both use the recipe's composed model (efficientnet-lite0 -> group 4 -> linear projector -> gemma-3-270m + LoRA) and
+Both use the recipe's composed model (efficientnet-lite0 -> group 4 -> its default projector -> gemma-3-270m + LoRA) and
 the same easy-vqa batches. Ratios are against the baseline measured in the same run:
 
 - LLaVA-style: the image encoder runs every step on preprocessed pixels, the loss takes full ``(B, T, V)`` logits,

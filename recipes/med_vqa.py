@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from modaltune.shared import checkpoint as ckpt
-from modaltune.shared.compose import ComposedLM, build_projector
+from modaltune.shared.compose import ComposedLM, anchor_embeddings, build_projector, embedding_rms
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import DataError, ModaltuneError
 from modaltune.shared.loss import unwrap_peft
@@ -39,8 +39,17 @@ class ProjectorConfig:
     group: int = doc(4, "concatenate this many consecutive encoder tokens into one")
     group_mode: str = doc("pad", "when the token count is not divisible by group: pad | trim")
     lr: float | None = doc(None, "learning rate of the projector (null: train.lr)")
+    norm: str = doc("both", "both: every token group gives a word token and a feature token | words: each "
+                            "projected token is a soft mixture of the LLM's embeddings of the training text's most "
+                            "frequent tokens, so the LM reads it as words | rms: RMS-normalised to the LLM's "
+                            "embedding scale | none: the raw projector output")
+    anchor_words: int = doc(256, "norm=words/both: how many of the training text's most frequent tokens are anchors")
 
     def validate(self, where: str) -> None:
+        if self.norm not in {"none", "rms", "words", "both"}:
+            raise ConfigError(f"{where}.norm must be none, rms, words or both, got {self.norm!r}")
+        if self.anchor_words < 2:
+            raise ConfigError(f"{where}.anchor_words must be at least 2")
         if self.group < 1:
             raise ConfigError(f"{where}.group must be at least 1")
         if self.group_mode not in {"pad", "trim"}:
@@ -136,7 +145,11 @@ class MedVQA(Recipe):
         lm = apply_peft(lm, [ComponentSpec("llm", "", llm)]) if llm.method != "frozen" else _frozen(lm)
         hidden = unwrap_peft(lm).get_input_embeddings().embedding_dim
         out_dim = encoder.out_dim if hasattr(encoder, "out_dim") else unwrap_peft(encoder).out_dim
-        projector = build_projector(cfg.projector.kind, in_dim=out_dim, out_dim=hidden, group=cfg.projector.group)
+        scale = embedding_rms(lm) if cfg.projector.norm in {"rms", "both"} else None
+        # norm=words/both: placeholders until set_anchor_words (a run) or a checkpoint (evaluate, merge) fills them
+        words = torch.zeros(cfg.projector.anchor_words, hidden) if cfg.projector.norm in {"words", "both"} else None
+        projector = build_projector(cfg.projector.kind, in_dim=out_dim, out_dim=hidden, group=cfg.projector.group,
+                                    norm=cfg.projector.norm, scale=scale, words=words)
         model = ComposedLM(encoder, projector, lm, group=cfg.projector.group, group_mode=cfg.projector.group_mode,
                            label_logits_only=cfg.train.label_logits_only,
                            encoder_train_mode=cfg.encoder_tuning.method == "full")
@@ -145,6 +158,26 @@ class MedVQA(Recipe):
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model, tok, source, precision
+
+    def set_anchor_words(self, cfg: MedVQAConfig, model, tok, raw: dict[str, list], log=print) -> list[int]:
+        """norm=words/both: anchor the projector on the ``anchor_words`` most frequent tokens of the training text
+        (captions, questions, answers; the prompt template excluded). Returns the anchor token ids."""
+        counts: Counter = Counter()
+        texts = [it.caption for it in raw["caption_train"]]
+        texts += [t for it in raw["vqa_train"] for t in (it.question, it.answer)]
+        for text in texts:
+            counts.update(tok(" " + text.strip(), add_special_tokens=False)["input_ids"])
+        special = set(tok.all_special_ids)
+        ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in special]
+        if not ranked:
+            raise DataError(f"projector.norm={cfg.projector.norm} needs training text (captions or questions) "
+                            "to take anchor words from; or set projector.norm=rms")
+        k = cfg.projector.anchor_words
+        ids = [ranked[i % len(ranked)] for i in range(k)]  # fewer distinct tokens than k: repeated (same mixture)
+        model.projector.set_words(anchor_embeddings(model.llm, ids))
+        log(f"projector anchored on {min(k, len(ranked))} distinct words of the training text, e.g. "
+            + " ".join(repr(tok.decode([t]).strip()) for t in ranked[:12]))
+        return ids
 
     def feature_depth(self, model) -> int | None:
         """Where the feature cache takes the encoder's states: its output when frozen, the input of the lowest
@@ -236,6 +269,9 @@ class MedVQA(Recipe):
                            "feature_cache_depth": self.feature_depth(model)}
         report["parameters"] = model.parameter_report()
         raw, report["data"] = self.load_data(cfg, log)
+        if cfg.projector.norm in {"words", "both"}:
+            anchors = self.set_anchor_words(cfg, model, tok, raw, log)
+            report["model"]["anchor_words"] = [tok.decode([t]) for t in dict.fromkeys(anchors)]
         cache = None
         t1 = time.time()
         if self.feature_depth(model) is not None:

@@ -56,9 +56,120 @@ def build_mlp2x_gelu(*, in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
-def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1) -> nn.Module:
-    """A registered projector taking ``group`` concatenated encoder tokens of width ``in_dim``."""
-    return PROJECTORS.get(kind)(in_dim=in_dim * group, out_dim=out_dim)
+class NormedProjector(nn.Module):
+    """A projector whose every output token is RMS-normalised, then scaled per channel (the scale trains).
+
+    The scale starts at the LLM's own input-embedding RMS, so visual tokens enter the residual stream at a word's
+    magnitude: the LM's layers then process them as they process words, instead of being swamped by (or swamping)
+    them. Unnormalised projectors drift to token norms far from the text's (measured on gemma-3-270m: 16-250 against
+    26), and the layers above can then barely move those positions.
+    """
+
+    def __init__(self, inner: nn.Module, dim: int, scale: float) -> None:
+        super().__init__()
+        self.inner = inner
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        with torch.no_grad():
+            self.norm.weight.fill_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.inner(x).float())  # normalised in float32, also under bf16 autocast
+
+
+class WordAnchoredProjector(nn.Module):
+    """A projector whose output tokens are soft mixtures of the LLM's own word embeddings.
+
+    Each projected vector picks (by softmax over cosine similarities) a mixture of ``words``, the input embeddings
+    of a fixed set of anchor tokens, typically the most frequent tokens of the training text. The LM then reads
+    visual tokens the way it reads words, and its pretrained in-context machinery (does the question's word occur
+    in the context?) applies to them. On easy-vqa with gemma-3-270m, unconstrained tokens let the LM name an
+    image's colour and shape but never compare them with a question's ("is there a red shape?": the yes/no logits
+    did not depend on the image at all), while the same LM given each image's colour and shape as text learned
+    that comparison to 0.95 test accuracy in 300 LoRA steps.
+    """
+
+    def __init__(self, inner: nn.Module, words: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("words", words.detach().float().clone())  # (K, D); saved with the projector
+
+    def set_words(self, words: torch.Tensor) -> None:
+        if words.shape != self.words.shape:
+            raise ModaltuneError(f"anchor words have shape {tuple(words.shape)}, expected {tuple(self.words.shape)}")
+        self.words.copy_(words.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x).float()  # (B, M, D)
+        words = self.words  # (K, D)
+        logits = h @ torch.nn.functional.normalize(words, dim=-1).T  # (B, M, K)
+        return torch.softmax(logits, dim=-1) @ words  # (B, M, D)
+
+
+class WordAndFeatureProjector(nn.Module):
+    """Two views of every group of encoder tokens: a word-anchored token (:class:`WordAnchoredProjector`, for the
+    LM's word matching) and an RMS-normalised feature token (:class:`NormedProjector`, for detail words cannot
+    carry). Output ``(B, 2M, D)``: the M word tokens, then the M feature tokens.
+
+    Measured on the med-vqa default (easy-vqa, 300 test questions): closed accuracy 0.96 (balanced 0.92) and open
+    0.96, where feature tokens alone gave closed 0.79 (balanced 0.50: never looking) and word tokens alone 0.86
+    closed but 0.61 open.
+    """
+
+    def __init__(self, words_inner: nn.Module, features_inner: nn.Module, dim: int, scale: float,
+                 words: torch.Tensor) -> None:
+        super().__init__()
+        self.words = WordAnchoredProjector(words_inner, words)
+        self.features = NormedProjector(features_inner, dim, scale)
+
+    def set_words(self, words: torch.Tensor) -> None:
+        self.words.set_words(words)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.words(x), self.features(x)], dim=1)  # (B, 2M, D)
+
+
+def anchor_embeddings(lm: nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """The LM's input embeddings (as it sees them, Gemma's scaling included) of ``token_ids``: ``(K, D)``."""
+    emb = unwrap_peft(lm).get_input_embeddings()
+    with torch.no_grad():
+        return emb(torch.tensor(token_ids, device=emb.weight.device)).float().cpu()
+
+
+def embedding_rms(lm: nn.Module, samples: int = 4096) -> float:
+    """Mean per-token RMS of ``lm``'s input embeddings as the LM sees them (Gemma's scaling included)."""
+    emb = unwrap_peft(lm).get_input_embeddings()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, emb.num_embeddings, (samples,), generator=gen).to(emb.weight.device)
+    with torch.no_grad():
+        vecs = emb(ids).float()  # (S, D)
+    return float(vecs.pow(2).mean(-1).sqrt().mean())
+
+
+def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, norm: str = "none",
+                    scale: float | None = None, words: torch.Tensor | None = None) -> nn.Module:
+    """A registered projector taking ``group`` concatenated encoder tokens of width ``in_dim``.
+
+    ``norm="rms"`` wraps it in :class:`NormedProjector` with its output scale starting at ``scale`` (typically
+    :func:`embedding_rms` of the LLM); ``norm="words"`` in :class:`WordAnchoredProjector` over ``words``
+    (``(K, out_dim)``, e.g. from :func:`anchor_embeddings`); ``norm="both"`` in :class:`WordAndFeatureProjector`
+    (two projectors of ``kind``: twice the tokens).
+    """
+    def make() -> nn.Module:
+        return PROJECTORS.get(kind)(in_dim=in_dim * group, out_dim=out_dim)
+
+    if norm not in {"none", "rms", "words", "both"}:
+        raise ConfigError(f"projector norm must be none, rms, words or both, got {norm!r}")
+    if norm == "none":
+        return make()
+    if norm in {"words", "both"} and (words is None or words.ndim != 2 or words.size(1) != out_dim):
+        raise ConfigError(f"projector norm={norm} needs anchor embeddings of shape (K, {out_dim})")
+    if norm in {"rms", "both"} and (scale is None or not scale > 0):
+        raise ConfigError(f"projector norm={norm} needs a positive output scale (the LLM's embedding RMS)")
+    if norm == "words":
+        return WordAnchoredProjector(make(), words)
+    if norm == "rms":
+        return NormedProjector(make(), out_dim, scale)
+    return WordAndFeatureProjector(make(), make(), out_dim, scale, words)
 
 
 def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor,
@@ -141,7 +252,7 @@ class ComposedLM(ModaltuneModel):
         """Prompt embeddings with the projected tokens spliced in."""
         lm = unwrap_peft(self.llm)
         embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
-        prefix = self.prefix_tokens(pixel_values, features, features_depth)  # (B, M, D); the projector learns its scale
+        prefix = self.prefix_tokens(pixel_values, features, features_depth)  # (B, M, D)
         return splice(embeds, attention_mask, labels, image_positions, prefix)
 
     def forward(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,

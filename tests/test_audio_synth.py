@@ -69,6 +69,11 @@ def test_sentence_plan_is_deterministic_and_uses_the_split_templates():
     n_templates = len(synth.load_templates()["test"])
     assert {job.template for job in a} == {f"test-{i:02d}" for i in range(n_templates)}  # round-robin coverage
     assert all("{" not in job.text and job.voice in synth.DEFAULT_TEST_VOICES for job in a)
+    assert all(job.lead_in == job.tail == 0.0 for job in a)  # no silence unless asked
+    quiet = synth.plan_sentences("test", 30, **kwargs, silence=(0.2, 0.8))
+    assert [(j.text, j.voice, j.speed, j.pitch) for j in quiet] == [(j.text, j.voice, j.speed, j.pitch) for j in a]
+    pauses = [x for j in quiet for x in (j.lead_in, j.tail)]
+    assert all(0.2 <= x <= 0.8 for x in pauses) and len(set(pauses)) > 10
 
 
 @needs_espeak
@@ -99,6 +104,9 @@ def test_tiny_build_is_valid_and_idempotent(tmp_path):
             assert 1.0 < row["duration"] < 30.0
             audio, _ = sf.read(str(wav), dtype="float32")
             assert np.abs(audio).max() > 0.05  # speech, not silence
+            lead = int(np.argmax(np.abs(audio) > 0))
+            trail = int(np.argmax(np.abs(audio[::-1]) > 0))
+            assert 0.2 * 16000 <= lead <= 0.82 * 16000 and 0.2 * 16000 <= trail  # a recording's lead-in and tail
     build = json.loads((out / "BUILD.json").read_text())
     assert build["counts"] == {"train": 4, "test": 2} and build["params"]["n_train"] == 4
 
@@ -124,6 +132,8 @@ def test_build_refuses_a_folder_with_other_files(tmp_path):
 def test_overlapping_voices_are_rejected(tmp_path):
     with pytest.raises(ModaltuneError, match="in both splits"):
         synth.build_dictation_set(tmp_path / "d", train_voices=["en-us+m3"], test_voices=["en-us+m3"])
+    with pytest.raises(ModaltuneError, match=r"silence=\[0.5, 0.2\]"):
+        synth.build_dictation_set(tmp_path / "d", silence=(0.5, 0.2))
 
 
 def test_missing_espeak_gives_install_hint(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modaltune.shared.compose import group_tokens, splice
-from modaltune.shared.config import from_dict
+from modaltune.shared.config import ConfigError, from_dict
 
 
 def _images(folder, n=6):
@@ -116,7 +116,7 @@ def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama
     from modaltune.vision.data import read_vqa_jsonl
     from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
 
-    cfg = _cfg(tiny_llama, vqa_files)
+    cfg = _cfg(tiny_llama, vqa_files, "projector.norm=rms")
     model, tok, _, _ = MedVQA().build(cfg)
     items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
     rows = vqa_rows(items[:4])
@@ -145,8 +145,110 @@ def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama
     from safetensors.torch import load_file
 
     saved = set(load_file(str(tmp_path / "c" / ckpt.WEIGHTS)))
-    assert {k for k in saved if k.startswith("projector.")} == {"projector.weight", "projector.bias"}
+    assert {k for k in saved if k.startswith("projector.")} == {"projector.inner.weight", "projector.inner.bias",
+                                                                  "projector.norm.weight"}
     assert all(k.startswith(("projector.", "llm.")) for k in saved)
+
+
+def test_word_anchored_projector_mixes_the_llms_own_word_embeddings(tiny_gemma, vqa_files, tmp_path):
+    """projector.norm=words: anchors are the training text's most frequent tokens; every visual token is a convex
+    mixture of their (Gemma-scaled) embeddings; the anchors travel in the checkpoint and reload."""
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared import checkpoint as ckpt
+
+    cfg = _cfg(tiny_gemma, vqa_files, "projector.norm=words", "projector.anchor_words=64")
+    recipe = MedVQA()
+    model, tok, _, _ = recipe.build(cfg)
+    raw, _ = recipe.load_data(cfg, print)
+    ids = recipe.set_anchor_words(cfg, model, tok, raw)
+    assert len(ids) == 64 and not set(ids) & set(tok.all_special_ids)
+    answer = tok(" " + raw["vqa_train"][0].answer, add_special_tokens=False)["input_ids"][0]
+    assert answer in ids  # answers are among the training text's frequent tokens
+    words = model.llm.get_input_embeddings()(torch.tensor(ids)).float()
+    assert torch.allclose(model.projector.words, words)
+    feats = torch.randn(2, 49, model.encoder.out_dim)
+    with torch.no_grad():
+        tokens = model.prefix_tokens(features=feats)  # (2, 13, D): convex mixtures, inside the anchors' box
+        assert bool((tokens >= words.min(0).values - 1e-4).all() and (tokens <= words.max(0).values + 1e-4).all())
+        assert tokens.std(1).mean() > 0  # tokens differ with the image content
+        model.projector.inner.weight.mul_(1e4)  # a confident projector picks single words
+        sharp = model.prefix_tokens(features=feats).reshape(-1, words.size(1))
+        nearest = torch.cdist(sharp, words).min(-1).values
+        assert bool((nearest < 1e-3 * words.norm(dim=-1).mean()).all())
+    assert "projector.words" in model.trained_state_dict()
+
+    ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "med-vqa"})
+    fresh, _, _, _ = recipe.build(cfg)
+    assert not fresh.projector.words.any()
+    ckpt.load_trained(fresh, tmp_path / "c")
+    assert torch.equal(fresh.projector.words, model.projector.words)
+
+
+def test_both_projector_gives_word_tokens_then_feature_tokens(tiny_gemma, vqa_files, tmp_path):
+    """projector.norm=both: 2 x 13 tokens per image, the first 13 word mixtures, the last 13 at word RMS; the
+    composed model splices all of them and its checkpoint round-trips."""
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared import checkpoint as ckpt
+    from modaltune.shared.compose import embedding_rms
+    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+
+    cfg = _cfg(tiny_gemma, vqa_files, "projector.norm=both", "projector.anchor_words=16")
+    recipe = MedVQA()
+    model, tok, _, _ = recipe.build(cfg)
+    raw, _ = recipe.load_data(cfg, print)
+    recipe.set_anchor_words(cfg, model, tok, raw)
+    words = model.projector.words.words
+    feats = torch.randn(2, 49, model.encoder.out_dim)
+    with torch.no_grad():
+        tokens = model.prefix_tokens(features=feats)
+    assert tokens.shape == (2, 26, words.size(1))
+    low, high = words.min(0).values - 1e-4, words.max(0).values + 1e-4
+    assert bool((tokens[:, :13] <= high).all() and (tokens[:, :13] >= low).all())
+    rms = tokens[:, 13:].pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, embedding_rms(model.llm)), rtol=1e-3)
+
+    from collections import Counter
+
+    cache = FeatureCache(model.encoder)  # the encoder is random here: a fresh build's would differ
+    rows = vqa_rows(raw["vqa_train"][:3])
+    cache.fill([r["image"] for r in rows])
+    ds = VLDataset(rows, tok, cache, max_length=128, skipped=Counter())
+    batch = VLCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch)["loss"]
+        ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "med-vqa"})
+        fresh, _, _, _ = recipe.build(cfg)
+        fresh.eval()
+        ckpt.load_trained(fresh, tmp_path / "c")
+        assert torch.equal(fresh(**batch)["loss"], loss)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
+def test_normed_projector_puts_visual_tokens_at_word_scale(kind, tiny_gemma, vqa_files):
+    """projector.norm=rms: every projected token has the RMS of the LLM's own (Gemma-scaled) input embeddings,
+    however large the encoder features are, and the scale trains; norm=none keeps the raw projector output."""
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared.compose import embedding_rms
+
+    cfg = _cfg(tiny_gemma, vqa_files, f"projector.kind={kind}", "projector.norm=rms")
+    model, tok, _, _ = MedVQA().build(cfg)
+    emb = model.llm.get_input_embeddings()
+    raw_rms = emb.weight.detach().float().pow(2).mean(-1).sqrt().mean().item()
+    scale = float(emb.embed_scale)  # Gemma multiplies looked-up embeddings by sqrt(hidden)
+    assert scale > 2
+    assert embedding_rms(model.llm) == pytest.approx(raw_rms * scale, rel=0.05)
+    feats = 1000.0 * torch.randn(3, 49, model.encoder.out_dim)
+    tokens = model.prefix_tokens(features=feats)  # (3, 13, D)
+    rms = tokens.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, embedding_rms(model.llm)), rtol=1e-3)
+    assert model.projector.norm.weight.requires_grad
+    assert "projector.norm.weight" in model.trained_names
+
+    raw, _, _, _ = MedVQA().build(_cfg(tiny_gemma, vqa_files, f"projector.kind={kind}", "projector.norm=none"))
+    assert raw.prefix_tokens(features=feats).pow(2).mean(-1).sqrt().min() > 10 * rms.max()
+    with pytest.raises(ConfigError, match="norm must be none, rms, words or both"):
+        _cfg(tiny_gemma, vqa_files, "projector.norm=layer")
 
 
 @pytest.mark.parametrize("encoder", ["test_vit", "test_efficientnet"])
@@ -259,7 +361,10 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     llm = AutoModelForCausalLM.from_pretrained(str(merged / "llm"))
     assert not any("lora" in n for n, _ in llm.named_parameters())
     trained = load_file(str(out / "checkpoint" / ckpt.WEIGHTS))
-    assert torch.equal(load_file(str(merged / "projector.safetensors"))["weight"], trained["projector.weight"])
+    merged_proj = load_file(str(merged / "projector.safetensors"))
+    assert set(merged_proj) == {k.removeprefix("projector.") for k in trained if k.startswith("projector.")}
+    assert all(torch.equal(v, trained["projector." + k]) for k, v in merged_proj.items())
+    assert merged_proj["words.words"].any()  # the anchor words travel with the projector
     assert json.loads((merged / "composition.json").read_text())["projector"]["group"] == 4
 
 
