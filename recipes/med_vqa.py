@@ -173,7 +173,7 @@ class MedVQA(Recipe):
             raise DataError(f"projector.norm={cfg.projector.norm} needs training text (captions or questions) "
                             "to take anchor words from; or set projector.norm=rms")
         k = cfg.projector.anchor_words
-        ids = [ranked[i % len(ranked)] for i in range(k)]  # fewer distinct tokens than k: repeated (same mixture)
+        ids = [ranked[i % len(ranked)] for i in range(k)]  # fewer distinct tokens than k: cycled, counts within 1
         model.projector.set_words(anchor_embeddings(model.llm, ids))
         log(f"projector anchored on {min(k, len(ranked))} distinct words of the training text, e.g. "
             + " ".join(repr(tok.decode([t]).strip()) for t in ranked[:12]))
