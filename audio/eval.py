@@ -67,19 +67,50 @@ def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *,
     whisper = model.whisper
     for start in tqdm(range(0, len(waves), cfg.batch_size), desc=desc, leave=False):
         end = min(start + cfg.batch_size, len(waves))
-        if keys is not None:
-            states = cache.encoder_output(keys[start:end])
-            with _cached_encoder(model, states) as feats:
+        with _beam_reorder_self_attention_only(model, cfg.num_beams):
+            if keys is not None:
+                states = cache.encoder_output(keys[start:end])
+                with _cached_encoder(model, states) as feats:
+                    out = whisper.generate(input_features=feats, **gen_kwargs)
+            else:
+                feats = log_mel(processor, waves[start:end]).to(model.device)
                 out = whisper.generate(input_features=feats, **gen_kwargs)
-        else:
-            feats = log_mel(processor, waves[start:end]).to(model.device)
-            out = whisper.generate(input_features=feats, **gen_kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         texts += [t.strip() for t in processor.batch_decode(sequences, skip_special_tokens=True)]
     if prompt is not None:  # some transformers versions return the prompt text in front of the transcript
         prompt_text = processor.decode(prompt, skip_special_tokens=True).strip()
         texts = [t[len(prompt_text):].strip() if prompt_text and t.startswith(prompt_text) else t for t in texts]
     return texts, time.perf_counter() - started + charged
+
+
+@contextlib.contextmanager
+def _beam_reorder_self_attention_only(model, num_beams: int):
+    """Beam search without copying the cross-attention cache at every step.
+
+    After each step, ``generate`` reorders the whole key/value cache by the surviving beams. The cross-attention
+    part holds, per beam, keys and values of all 1500 encoder frames in every layer, and every beam of one clip
+    holds the same ones (beams never move between clips), so that copy changes nothing and was most of the time a
+    beam step took (measured on whisper-tiny.en, 16 clips, 4 beams: 21.3 s -> 7.2 s, identical transcripts). Here
+    only the self-attention cache is reordered; ``generate`` prefers a model's ``_reorder_cache`` when it has one.
+    """
+    base = model.base
+    if num_beams <= 1 or "_reorder_cache" in vars(base) or hasattr(type(base), "_reorder_cache"):
+        yield
+        return
+
+    def reorder(past, beam_idx):
+        inner = getattr(past, "self_attention_cache", None)
+        if inner is None:  # not an encoder-decoder cache: reorder all of it, as generate would
+            past.reorder_cache(beam_idx)
+        else:
+            inner.reorder_cache(beam_idx)
+        return past
+
+    base._reorder_cache = reorder
+    try:
+        yield
+    finally:
+        del base._reorder_cache
 
 
 @contextlib.contextmanager

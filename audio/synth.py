@@ -54,7 +54,7 @@ from modaltune.shared.errors import DataError, ModaltuneError
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0  # Whisper's input window: every clip must fit in it
-BUILD_FORMAT = 2  # bump when the folder layout or sentence sampling changes, so old builds are rebuilt
+BUILD_FORMAT = 3  # bump when the folder layout or sentence sampling changes, so old builds are rebuilt
 
 # Spelled out so the reference text and Whisper's normalised output agree.
 DOSES: tuple[str, ...] = (
@@ -114,6 +114,11 @@ def load_terms() -> dict[str, list[str]]:
 def load_templates() -> dict[str, list[str]]:
     """The built-in dictation templates: ``{"train": [...], "test": [...]}``, with ``{drug}``-style slots."""
     return _load_json_lists("dictation_templates.json", ("train", "test"))
+
+
+def load_general_sentences() -> list[str]:
+    """The built-in general-English sentences (no medical terms): replayed in training against forgetting."""
+    return _load_json_lists("general_sentences.json", ("sentences",))["sentences"]
 
 
 def all_terms() -> list[str]:
@@ -304,10 +309,30 @@ def plan_sentences(
     return jobs
 
 
+def plan_general(n: int, *, seed: int, voices: Sequence[str], speeds: Sequence[int], pitches: Sequence[int],
+                 silence: Sequence[float] = (0.0, 0.0)) -> list[_Job]:
+    """The deterministic list of general-English replay clips (training split, ids ``general-0000`` ...): built-in
+    sentences in shuffled rounds, each spoken by a training voice."""
+    sentences = load_general_sentences()
+    rng = _rng(seed, "general")
+    pauses = _rng(seed, "general:silence")
+    lo, hi = (float(x) for x in silence)
+    deck, voice = _Deck(range(len(sentences)), rng), _Deck(voices, rng)
+    jobs = []
+    for i in range(n):
+        k = deck.draw()
+        jobs.append(_Job(
+            split="train", id=f"general-{i:04d}", text=sentences[k], template=f"general-{k:03d}", voice=voice.draw(),
+            speed=int(rng.choice(list(speeds))), pitch=int(rng.choice(list(pitches))),
+            lead_in=round(pauses.uniform(lo, hi), 2), tail=round(pauses.uniform(lo, hi), 2),
+        ))
+    return jobs
+
+
 def _data_digest() -> str:
     """A hash of the built-in terms and templates: editing them invalidates earlier builds."""
     h = hashlib.sha256()
-    for name in ("medical_terms.json", "dictation_templates.json"):
+    for name in ("medical_terms.json", "dictation_templates.json", "general_sentences.json"):
         h.update(_data_file(name).read_bytes())
     h.update(json.dumps([DOSES, FREQUENCIES]).encode())
     return h.hexdigest()[:16]
@@ -341,6 +366,7 @@ def build_dictation_set(
     *,
     n_train: int = 240,
     n_test: int = 60,
+    n_general: int = 0,
     seed: int = 0,
     train_voices: Sequence[str] | None = None,
     test_voices: Sequence[str] | None = None,
@@ -360,6 +386,8 @@ def build_dictation_set(
         out_dir: Folder to build into; it must be absent, empty, or an earlier build.
         n_train: Number of training clips.
         n_test: Number of test clips.
+        n_general: Number of general-English clips (no medical terms) added to the training split, spoken by the
+            training voices: replay that keeps the decoder a general English model while it learns the domain.
         seed: Seed of the sentence, voice, speed and pitch draws.
         train_voices: espeak-ng voice specs of the training split; :data:`DEFAULT_TRAIN_VOICES` when None.
         test_voices: espeak-ng voice specs of the test split; :data:`DEFAULT_TEST_VOICES` when None.
@@ -380,8 +408,9 @@ def build_dictation_set(
     out = Path(out_dir).expanduser().resolve()
     train_voices = list(DEFAULT_TRAIN_VOICES if train_voices is None else train_voices)
     test_voices = list(DEFAULT_TEST_VOICES if test_voices is None else test_voices)
-    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
-        raise ModaltuneError(f"build_dictation_set: n_train={n_train}, n_test={n_test}; both >= 0 and at least one > 0")
+    if min(n_train, n_test, n_general) < 0 or n_train + n_test + n_general == 0:
+        raise ModaltuneError(f"build_dictation_set: n_train={n_train}, n_test={n_test}, n_general={n_general}; "
+                             "all >= 0 and at least one > 0")
     for name, values in (("train_voices", train_voices), ("test_voices", test_voices),
                          ("speeds", speeds), ("pitches", pitches)):
         if not values:
@@ -395,7 +424,7 @@ def build_dictation_set(
         raise ModaltuneError(
             f"build_dictation_set: silence={list(silence)}; give [min, max] seconds with 0 <= min <= max <= 5")
     params = {
-        "format": BUILD_FORMAT, "n_train": n_train, "n_test": n_test, "seed": seed,
+        "format": BUILD_FORMAT, "n_train": n_train, "n_test": n_test, "n_general": n_general, "seed": seed,
         "train_voices": train_voices, "test_voices": test_voices,
         "speeds": [int(s) for s in speeds], "pitches": [int(p) for p in pitches],
         "silence": [float(x) for x in silence], "sample_rate": SAMPLE_RATE, "data": _data_digest(),
@@ -412,6 +441,7 @@ def build_dictation_set(
 
     plan = dict(seed=seed, speeds=speeds, pitches=pitches, silence=silence)
     jobs = (plan_sentences("train", n_train, voices=train_voices, **plan)
+            + plan_general(n_general, voices=train_voices, **plan)
             + plan_sentences("test", n_test, voices=test_voices, **plan))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"

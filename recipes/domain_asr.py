@@ -47,8 +47,10 @@ class ASRDataConfig:
     silence_rms: float = doc(1e-4, "clips quieter than this RMS level count as silence and are skipped")
     max_train_clips: int | None = doc(None, "use at most this many training clips")
     max_eval_clips: int | None = doc(None, "use at most this many test clips")
-    synth_train: int = doc(240, "built-in set: training sentences")
+    max_validation_clips: int | None = doc(None, "use at most this many validation clips")
+    synth_train: int = doc(720, "built-in set: training sentences")
     synth_test: int = doc(60, "built-in set: test sentences (held-out phrasings and voices)")
+    synth_general: int = doc(120, "built-in set: general-English replay clips added to training (against forgetting)")
     synth_seed: int = doc(0, "built-in set: seed")
     terms: str | None = doc("builtin:medical", "domain term list for term recall and prompt biasing (file: one per line)")
 
@@ -129,9 +131,11 @@ class DomainASR(Recipe):
         if d.source == "builtin:medical-dictation":
             from modaltune.audio.synth import build_dictation_set
 
-            folder = home() / "data" / f"medical-dictation-{d.synth_train}-{d.synth_test}-{d.synth_seed}"
+            name = f"medical-dictation-{d.synth_train}-{d.synth_test}-{d.synth_seed}"
+            folder = home() / "data" / (name + (f"-g{d.synth_general}" if d.synth_general else ""))
             log(f"building the synthetic dictation set in {folder} (once)")
-            manifests = build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test, seed=d.synth_seed)
+            manifests = build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test,
+                                            n_general=d.synth_general, seed=d.synth_seed)
             train_src, test_src = str(manifests["train"]), d.test or str(manifests["test"])
         elif d.source.startswith("builtin:"):
             raise DataError(f"unknown built-in speech set {d.source!r}; known: builtin:medical-dictation")
@@ -160,9 +164,11 @@ class DomainASR(Recipe):
         n_val = int(round(d.validation_fraction * len(train)))
         validation = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
-        for name, clips, cap in (("train", train, d.max_train_clips), ("test", test, d.max_eval_clips)):
+        for name, clips, key in (("train", train, "max_train_clips"), ("validation", validation, "max_validation_clips"),
+                                 ("test", test, "max_eval_clips")):
+            cap = getattr(d, key)
             if cap is not None and len(clips) > cap:
-                skipped[name][f"over max_{'train' if name == 'train' else 'eval'}_clips={cap}"] += len(clips) - cap
+                skipped[name][f"over {key}={cap}"] += len(clips) - cap
                 del clips[cap:]
         sets = {"train": train, "validation": validation, "test": test, "general": general}
         counts = {n: {"kept": len(c), "skipped": sum(skipped[n].values()), "skip_reasons": dict(skipped[n]),

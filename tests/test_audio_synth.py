@@ -77,6 +77,34 @@ def test_sentence_plan_is_deterministic_and_uses_the_split_templates():
 
 
 @needs_espeak
+def test_general_sentences_share_no_phrasing_with_the_test_templates_or_librivox():
+    sentences = synth.load_general_sentences()
+    assert len(sentences) >= 100 and len(set(s.lower() for s in sentences)) == len(sentences)
+    test_trigrams = set().union(*(_trigrams(t) for t in synth.load_templates()["test"]))
+    terms = synth.all_terms()
+    for sentence in sentences:
+        assert "{" not in sentence and not re.search(r"\d", sentence), sentence
+        assert not _trigrams(sentence) & test_trigrams, (sentence, _trigrams(sentence) & test_trigrams)
+        assert not [t for t in terms if re.search(rf"\b{t}\b", sentence.lower())], sentence  # general, not medical
+    from modaltune.audio.data import builtin_general_set
+
+    librivox = [" ".join(re.findall(r"[a-z']+", row["text"].lower())) for row in builtin_general_set()]
+    for sentence in sentences:  # the general-speech check set is never trained on
+        words = re.findall(r"[a-z']+", sentence.lower())
+        quads = {" ".join(words[i:i + 4]) for i in range(len(words) - 3)}
+        assert not [q for q in quads for ref in librivox if f" {q} " in f" {ref} "], sentence
+
+
+def test_general_plan_is_deterministic_training_voiced_and_covers_the_sentences():
+    kwargs = dict(seed=0, voices=synth.DEFAULT_TRAIN_VOICES, speeds=(165,), pitches=(50,), silence=(0.2, 0.8))
+    jobs = synth.plan_general(40, **kwargs)
+    assert jobs == synth.plan_general(40, **kwargs) and jobs != synth.plan_general(40, **{**kwargs, "seed": 1})
+    assert [j.id for j in jobs] == [f"general-{i:04d}" for i in range(40)]
+    assert all(j.split == "train" and j.voice in synth.DEFAULT_TRAIN_VOICES for j in jobs)
+    assert len({j.text for j in jobs}) == 40  # shuffled rounds: no sentence twice before all were used
+    assert set(j.text for j in jobs) <= set(synth.load_general_sentences())
+
+
 def test_default_voices_exist_in_installed_espeak():
     synth.check_voices(list(synth.DEFAULT_TRAIN_VOICES) + list(synth.DEFAULT_TEST_VOICES))
     with pytest.raises(ModaltuneError, match="no voice 'en-xx'"):
@@ -120,6 +148,13 @@ def test_tiny_build_is_valid_and_idempotent(tmp_path):
     assert len(manifests["train"].read_text().splitlines()) == 3
     assert sorted(p.name for p in (out / "wav" / "train").iterdir()) == [f"train-000{i}.wav" for i in range(3)]
 
+    synth.build_dictation_set(out, n_train=2, n_test=1, n_general=2, workers=1, progress=False)
+    rows = [json.loads(line) for line in manifests["train"].read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["train-0000", "train-0001", "general-0000", "general-0001"]
+    general = set(synth.load_general_sentences())
+    assert all(r["text"] in general and r["template"].startswith("general-") for r in rows[2:])
+    assert all(r["speaker"] in synth.DEFAULT_TRAIN_VOICES and (out / r["audio"]).is_file() for r in rows)
+
 
 @needs_espeak
 def test_build_refuses_a_folder_with_other_files(tmp_path):
@@ -132,6 +167,8 @@ def test_build_refuses_a_folder_with_other_files(tmp_path):
 def test_overlapping_voices_are_rejected(tmp_path):
     with pytest.raises(ModaltuneError, match="in both splits"):
         synth.build_dictation_set(tmp_path / "d", train_voices=["en-us+m3"], test_voices=["en-us+m3"])
+    with pytest.raises(ModaltuneError, match="n_general=-1"):
+        synth.build_dictation_set(tmp_path / "d", n_general=-1)
     with pytest.raises(ModaltuneError, match=r"silence=\[0.5, 0.2\]"):
         synth.build_dictation_set(tmp_path / "d", silence=(0.5, 0.2))
 

@@ -245,3 +245,42 @@ def test_partial_encoder_cache_gives_the_uncached_loss_gradients_and_transcripts
                 p.add_(0.1)
     assert EncoderCache(model, processor, depth=1).fingerprint == cache.fingerprint
     assert EncoderCache(model, processor, depth=2).fingerprint != cache.fingerprint
+
+
+def test_beam_search_skips_the_cross_attention_reorder_and_matches_stock_generate(tiny_whisper):
+    from modaltune.audio.eval import ASREvalConfig, transcribe
+    from modaltune.audio.features import log_mel
+
+    model, processor, _ = _build(tiny_whisper)
+    with torch.no_grad():  # non-zero adapters: beams disagree, so a wrong reorder changes the transcripts
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    rng = np.random.default_rng(1)
+    waves = [0.1 * rng.standard_normal(16000 * (i + 1)).astype(np.float32) for i in range(3)]
+    base = model.base
+    calls = []
+    stock_reorder = type(base)._reorder_cache if hasattr(type(base), "_reorder_cache") else None
+    assert stock_reorder is None  # else generate would already use the model's own reorder, and this test is moot
+
+    original = base.generate
+
+    def spy(*args, **kwargs):
+        calls.append("_reorder_cache" in vars(base))
+        return original(*args, **kwargs)
+
+    base.generate = spy
+    try:
+        cfg = ASREvalConfig(max_new_tokens=8, num_beams=3, batch_size=3)
+        ours, _ = transcribe(model, processor, waves, cfg, language=None, task=None)
+    finally:
+        del base.generate
+    assert calls and all(calls)  # the self-attention-only reorder was in place for every generate call
+    assert "_reorder_cache" not in vars(base)  # and removed afterwards
+    model.eval()
+    with torch.no_grad():
+        out = model.whisper.generate(input_features=log_mel(processor, waves), num_beams=3, max_new_tokens=8,
+                                     do_sample=False)
+    stock = [t.strip() for t in processor.batch_decode(getattr(out, "sequences", out), skip_special_tokens=True)]
+    assert ours == stock
+    assert len(set(ours)) > 1  # the clips decode differently: the comparison is not between constant outputs
