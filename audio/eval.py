@@ -159,6 +159,26 @@ def score(predictions: list[str], references: list[str], seconds: float, audio_s
     return metrics
 
 
+def speaker_wer(predictions: list[str], references: list[str], speakers: list[str], *, normalizer) -> dict[str, float]:
+    """Normalised WER per speaker, keyed ``wer@<speaker>`` (empty when the clips have fewer than two speakers).
+
+    Example:
+        >>> from modaltune.audio.eval import make_normalizer
+        >>> _, norm = make_normalizer("basic", english=True)
+        >>> speaker_wer(["take aspirin", "take the aspirin"], ["take aspirin", "take aspirin"], ["a", "b"],
+        ...             normalizer=norm)
+        {'wer@a': 0.0, 'wer@b': 0.5}
+    """
+    names = sorted({s for s in speakers if s})
+    if len(names) < 2:
+        return {}
+    out = {}
+    for name in names:
+        rows = [(normalizer(p), normalizer(r)) for p, r, s in zip(predictions, references, speakers) if s == name]
+        out[f"wer@{name}"] = word_error_rate([p for p, _ in rows], [r for _, r in rows])
+    return out
+
+
 def utterance_rows(set_name: str, ids: list[str], references: list[str], hyps: dict[str, list[str]],
                    normalizer) -> list[dict]:
     """Per-utterance alignment of the last hypothesis column against the reference, with every column shown."""

@@ -35,15 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from modaltune.audio.eval import audio_seconds, transcribe
     from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache, log_mel
     from modaltune.audio.io import load_audio
-    from modaltune.audio.synth import build_dictation_set
     from modaltune.audio.whisper import label_ids
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
-    from modaltune.shared.zoo import home
 
     recipe = get_recipe("domain-asr")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"model.name={args.model}"])
-    manifests = build_dictation_set(home() / "data" / "medical-dictation-240-60-0", n_train=240, n_test=60, seed=0)
+    manifests = recipe.builtin_manifests(cfg)  # the recipe's own built-in set (built once, then reused)
     rows = [json.loads(x) for x in Path(manifests["train"]).read_text().splitlines()]
     need = args.batch_size * (args.steps + 1)
     waves = [load_audio(Path(manifests["train"]).parent / r["audio"]) for r in rows[: max(need, args.clips)]]

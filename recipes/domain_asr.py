@@ -18,7 +18,16 @@ import torch
 
 from modaltune.audio.augment import AugmentConfig, make_views
 from modaltune.audio.data import Clip, ClipFilter, builtin_general_set, check_columns, read_manifest, validate
-from modaltune.audio.eval import ASREvalConfig, audio_seconds, make_normalizer, prompt_ids, score, transcribe, utterance_rows
+from modaltune.audio.eval import (
+    ASREvalConfig,
+    audio_seconds,
+    make_normalizer,
+    prompt_ids,
+    score,
+    speaker_wer,
+    transcribe,
+    utterance_rows,
+)
 from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache
 from modaltune.audio.io import SAMPLE_RATE
 from modaltune.audio.whisper import WhisperModelConfig, build_whisper, label_ids, whisper_components
@@ -48,7 +57,7 @@ class ASRDataConfig:
     max_train_clips: int | None = doc(None, "use at most this many training clips")
     max_eval_clips: int | None = doc(None, "use at most this many test clips")
     max_validation_clips: int | None = doc(None, "use at most this many validation clips")
-    synth_train: int = doc(720, "built-in set: training sentences")
+    synth_train: int = doc(960, "built-in set: training sentences")
     synth_test: int = doc(60, "built-in set: test sentences (held-out phrasings and voices)")
     synth_general: int = doc(120, "built-in set: general-English replay clips added to training (against forgetting)")
     synth_seed: int = doc(0, "built-in set: seed")
@@ -124,18 +133,23 @@ class DomainASR(Recipe):
         return EncoderCache(model, processor, directory=cfg.cache.dir, batch_size=batch_size,
                             autocast_dtype=self.autocast_dtype(cfg), depth=depth)
 
+    def builtin_manifests(self, cfg: DomainASRConfig, log=print) -> dict[str, Path]:
+        """Build (once) the built-in synthetic dictation set that ``data.synth_*`` describe; its manifests."""
+        from modaltune.audio.synth import build_dictation_set
+
+        d = cfg.data
+        name = f"medical-dictation-{d.synth_train}-{d.synth_test}-{d.synth_seed}"
+        folder = home() / "data" / (name + (f"-g{d.synth_general}" if d.synth_general else ""))
+        log(f"building the synthetic dictation set in {folder} (once)")
+        return build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test, n_general=d.synth_general,
+                                   seed=d.synth_seed)
+
     def load_data(self, cfg: DomainASRConfig, log) -> tuple[dict[str, list[Clip]], dict]:
         d = cfg.data
         limits = ClipFilter(d.max_seconds, d.silence_rms, d.long_clips)
         skipped = {s: Counter() for s in ("train", "validation", "test", "general")}
         if d.source == "builtin:medical-dictation":
-            from modaltune.audio.synth import build_dictation_set
-
-            name = f"medical-dictation-{d.synth_train}-{d.synth_test}-{d.synth_seed}"
-            folder = home() / "data" / (name + (f"-g{d.synth_general}" if d.synth_general else ""))
-            log(f"building the synthetic dictation set in {folder} (once)")
-            manifests = build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test,
-                                            n_general=d.synth_general, seed=d.synth_seed)
+            manifests = self.builtin_manifests(cfg, log)
             train_src, test_src = str(manifests["train"]), d.test or str(manifests["test"])
         elif d.source.startswith("builtin:"):
             raise DataError(f"unknown built-in speech set {d.source!r}; known: builtin:medical-dictation")
@@ -210,8 +224,10 @@ class DomainASR(Recipe):
                 texts, seconds = transcribe(model, processor, waves, cfg.eval, language=language, task=task,
                                             cache=cache, prompt=prompt, desc=f"{set_name} ({name})")
                 hyps[name] = texts
-                for k, v in score(texts, [c.text for c in clips], seconds, secs, normalizer=norm,
-                                  terms=terms if set_name == "test" else []).items():
+                refs = [c.text for c in clips]
+                scores = score(texts, refs, seconds, secs, normalizer=norm, terms=terms if set_name == "test" else [])
+                scores.update(speaker_wer(texts, refs, [c.speaker for c in clips], normalizer=norm))
+                for k, v in scores.items():
                     metrics[name][f"{set_name}/{k}"] = v
             rows += [r for r in utterance_rows(set_name, [c.id for c in clips], [c.text for c in clips], hyps, norm)]
         return metrics, rows, norm_name
@@ -284,7 +300,7 @@ class DomainASR(Recipe):
             "before = zero-shot; prompted = zero-shot with domain terms as Whisper prompt_ids; after = fine-tuned.",
             f"RTF counts features, encoder and decoding seconds over audio seconds on this machine ({precision}).",
         ]
-        report["plots"] = [{"title": "WER by set and condition", "path": str(_wer_plot(ctx.run_dir, report["metrics"]))}]
+        report["plots"] = _plots(ctx.run_dir, report["metrics"])
 
     def evaluate(self, cfg: DomainASRConfig, checkpoint: Path, ctx: RunContext) -> None:
         report, log = ctx.report, ctx.log
@@ -301,7 +317,7 @@ class DomainASR(Recipe):
         report["metrics"] = {"before": before["zero_shot"], "after": after["fine_tuned"]}
         report["timing"] = {"eval_seconds": round(time.time() - t0, 2)}
         report["items"] = _merge_rows(rows_before, rows_after)
-        report["plots"] = [{"title": "WER by set and condition", "path": str(_wer_plot(ctx.run_dir, report["metrics"]))}]
+        report["plots"] = _plots(ctx.run_dir, report["metrics"])
         log("fine-tuned: " + _line(after["fine_tuned"]))
 
     def merge(self, cfg: DomainASRConfig, checkpoint: Path, out: Path, log) -> None:
@@ -355,6 +371,43 @@ def _wer_plot(run_dir: Path, metrics: dict) -> Path:
     ax.legend()
     ax.set_title("Word error rate")
     path = run_dir / "wer.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _plots(run_dir: Path, metrics: dict) -> list[dict]:
+    plots = [{"title": "WER by set and condition", "path": str(_wer_plot(run_dir, metrics))}]
+    speakers = _speaker_plot(run_dir, metrics)
+    if speakers is not None:
+        plots.append({"title": "Domain test WER by speaker (voices never heard in training)", "path": str(speakers)})
+    return plots
+
+
+def _speaker_plot(run_dir: Path, metrics: dict) -> Path | None:
+    """Per-speaker test WER, one bar per condition; None when the test set has fewer than two speakers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in metrics.get("after", {}) if k.startswith("test/wer@"))
+    if not keys:
+        return None
+    cols = [c for c in ("before", "prompted", "after") if c in metrics]
+    labels = {"before": "zero-shot", "prompted": "prompt-biased", "after": "fine-tuned"}
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(keys)), 3.6))
+    width = 0.8 / max(len(cols), 1)
+    for j, col in enumerate(cols):
+        vals = [metrics[col].get(k, float("nan")) for k in keys]
+        bars = ax.bar([i + j * width for i in range(len(keys))], vals, width, label=labels[col])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(keys))],
+                  [k.split("@", 1)[1] for k in keys], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("WER (normalised)")
+    ax.legend(fontsize=8)
+    ax.set_title("Domain test WER by speaker")
+    path = run_dir / "wer_by_speaker.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

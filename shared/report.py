@@ -388,9 +388,13 @@ def metrics_table(metrics: Mapping) -> Table | None:
 
 
 def _plot_metrics(path: Path, metrics: Mapping) -> Path | None:
-    """One small bar chart per metric key (up to MAX_METRIC_PLOTS), one bar per column; None when nothing is numeric."""
+    """One small bar chart per metric key (up to MAX_METRIC_PLOTS), one bar per column; None when nothing is numeric.
+
+    Breakdown keys (``test/wer@<speaker>``) stay in the table only: the recipe that makes them plots them itself.
+    """
     columns = metric_columns(metrics)
-    keys = sorted({str(k) for values in columns.values() for k, v in values.items() if _finite(v) is not None})
+    keys = sorted({str(k) for values in columns.values() for k, v in values.items()
+                   if _finite(v) is not None and "@" not in str(k)})  # "wer@speaker": breakdowns, table only
     keys = keys[:MAX_METRIC_PLOTS]
     if not keys:
         return None

@@ -117,6 +117,8 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
     assert report["model"]["encoder_cache"] is True
     assert report["data"]["train"]["examples_with_views"] == 2 * report["data"]["train"]["kept"]
     assert (out / "wer.png").exists() and "wer.png" in json.dumps(report["plots"])
+    assert {"test/wer@s0", "test/wer@s1"} <= set(after)  # per-speaker WER, in every column, with its own plot
+    assert (out / "wer_by_speaker.png").exists() and "wer_by_speaker.png" in json.dumps(report["plots"])
     assert report["items"] and {"reference", "zero_shot", "fine_tuned", "wer", "errors"} <= set(report["items"][0])
 
     assert main(["eval", "domain-asr", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "ev"),
@@ -169,7 +171,7 @@ def test_validation_counts_every_failure_mode(tmp_path):
 
 
 def test_wer_cer_and_term_recall_on_hand_checked_examples():
-    from modaltune.audio.eval import make_normalizer, score
+    from modaltune.audio.eval import make_normalizer, score, speaker_wer
     from modaltune.shared.metrics import alignment
 
     _, norm = make_normalizer("auto", english=True)
@@ -180,6 +182,15 @@ def test_wer_cer_and_term_recall_on_hand_checked_examples():
     assert m["wer_raw"] > m["wer"]  # case and punctuation count against the raw score only
     a = alignment("he has a fever", "he has fever")
     assert (a["substitutions"], a["deletions"], a["insertions"]) == (0, 0, 1)
+    by = speaker_wer(["Take aspirin.", "take the aspirin", "give heparin now"],
+                     ["take aspirin", "take aspirin", "give heparin"], ["a", "b", "a"], normalizer=norm)
+    assert by == {"wer@a": pytest.approx(1 / 4), "wer@b": pytest.approx(1 / 2)}  # 1 insertion in 4 words; 1 in 2
+    assert speaker_wer(["x"], ["y"], ["only"], normalizer=norm) == {}  # one speaker: the set WER says it all
+    import doctest
+
+    import modaltune.audio.eval as eval_module
+
+    assert doctest.testmod(eval_module).failed == 0
 
 
 def _build_top(folder, layers, method="lora"):
