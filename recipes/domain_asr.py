@@ -350,64 +350,42 @@ def _merge_rows(before: list[dict], after: list[dict]) -> list[dict]:
     return rows
 
 
-def _wer_plot(run_dir: Path, metrics: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = [s for s in ("test", "general") if f"{s}/wer" in metrics.get("after", {})]
-    cols = [c for c in ("before", "prompted", "after") if c in metrics]
-    labels = {"before": "zero-shot", "prompted": "prompt-biased", "after": "fine-tuned"}
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    width = 0.8 / max(len(cols), 1)
-    for j, col in enumerate(cols):
-        vals = [metrics[col].get(f"{s}/wer", float("nan")) for s in sets]
-        bars = ax.bar([i + j * width for i in range(len(sets))], vals, width, label=labels[col])
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(sets))],
-                  ["domain test (held-out phrasings, voices)" if s == "test" else "general speech (LibriVox)" for s in sets])
-    ax.set_ylabel("WER (normalised)")
-    ax.legend()
-    ax.set_title("Word error rate")
-    path = run_dir / "wer.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def _plots(run_dir: Path, metrics: dict) -> list[dict]:
-    plots = [{"title": "WER by set and condition", "path": str(_wer_plot(run_dir, metrics))}]
-    speakers = _speaker_plot(run_dir, metrics)
-    if speakers is not None:
-        plots.append({"title": "Domain test WER by speaker (voices never heard in training)", "path": str(speakers)})
+    """The WER chart by set and condition, and per speaker when the test set has several speakers."""
+    sets = [s for s in ("test", "general") if f"{s}/wer" in metrics.get("after", {})]
+    names = {"test": "domain test (held-out phrasings, voices)", "general": "general speech (LibriVox)"}
+    plots = [{"title": "WER by set and condition",
+              "path": str(_wer_bars(run_dir / "wer.png", metrics, [f"{s}/wer" for s in sets],
+                                    [names[s] for s in sets], "Word error rate"))}]
+    speakers = sorted(k for k in metrics.get("after", {}) if k.startswith("test/wer@"))
+    if speakers:
+        path = _wer_bars(run_dir / "wer_by_speaker.png", metrics, speakers, [k.split("@", 1)[1] for k in speakers],
+                         "Domain test WER by speaker", rotate=True)
+        plots.append({"title": "Domain test WER by speaker (voices never heard in training)", "path": str(path)})
     return plots
 
 
-def _speaker_plot(run_dir: Path, metrics: dict) -> Path | None:
-    """Per-speaker test WER, one bar per condition; None when the test set has fewer than two speakers."""
+def _wer_bars(path: Path, metrics: dict, keys: list[str], labels: list[str], title: str, *,
+              rotate: bool = False) -> Path:
+    """Grouped bars: one group per metric key, one bar per condition (zero-shot, prompt-biased, fine-tuned)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(k for k in metrics.get("after", {}) if k.startswith("test/wer@"))
-    if not keys:
-        return None
     cols = [c for c in ("before", "prompted", "after") if c in metrics]
-    labels = {"before": "zero-shot", "prompted": "prompt-biased", "after": "fine-tuned"}
+    legend = {"before": "zero-shot", "prompted": "prompt-biased", "after": "fine-tuned"}
     fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(keys)), 3.6))
     width = 0.8 / max(len(cols), 1)
     for j, col in enumerate(cols):
         vals = [metrics[col].get(k, float("nan")) for k in keys]
-        bars = ax.bar([i + j * width for i in range(len(keys))], vals, width, label=labels[col])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(keys))],
-                  [k.split("@", 1)[1] for k in keys], rotation=20, ha="right", fontsize=8)
+        bars = ax.bar([i + j * width for i in range(len(keys))], vals, width, label=legend[col])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7 if rotate else 8)
+    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(keys))], labels,
+                  **({"rotation": 20, "ha": "right", "fontsize": 8} if rotate else {}))
     ax.set_ylabel("WER (normalised)")
     ax.legend(fontsize=8)
-    ax.set_title("Domain test WER by speaker")
-    path = run_dir / "wer_by_speaker.png"
+    ax.set_title(title)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
