@@ -29,6 +29,7 @@ class Clip:
     text: str
     speaker: str = ""
     path: str = ""
+    replay: bool = False  # general speech replayed against forgetting (see ``replay.kl_weight`` of domain-asr)
 
     @property
     def seconds(self) -> float:
@@ -81,8 +82,21 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
         if isinstance(audio, str) and audio and not Path(audio).is_absolute():
             audio = str(path.parent / audio)  # manifests name files relative to themselves
         out.append({"id": str(row.get("id", rid)), "audio": audio, "text": row.get(text_col),
-                    "speaker": str(row.get("speaker", "") or ""), "segments": row.get("segments")})
+                    "speaker": str(row.get("speaker", "") or ""), "segments": row.get("segments"),
+                    "replay": _flag(row.get("replay"), f"{rid}: replay")})
     return out
+
+
+def _flag(value, where: str) -> bool:
+    """A manifest's optional boolean column: JSON true/false, or true/false/1/0/yes/no/empty in a CSV."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in {"", "0", "false", "no"}:
+        return False
+    if text in {"1", "true", "yes"}:
+        return True
+    raise DataError(f"{where}: {value!r} is not a boolean; use true or false (or leave it empty)")
 
 
 def _read_csv(path: Path) -> list[tuple[str, dict]]:
@@ -137,7 +151,7 @@ def validate(rows: list[dict], limits: ClipFilter, skipped: Counter) -> list[Cli
             skipped["silence"] += 1
             continue
         clip = Clip(row["id"], wave, " ".join(str(text).split()), row.get("speaker", ""),
-                    audio if isinstance(audio, str) else "")
+                    audio if isinstance(audio, str) else "", bool(row.get("replay", False)))
         if clip.seconds > limits.max_seconds:
             segments = row.get("segments")
             if limits.long_clips == "split" and segments:
@@ -163,7 +177,7 @@ def _split(clip: Clip, segments: list[dict], max_seconds: float) -> list[Clip]:
         if not text or end <= start or end - start > max_seconds:
             return []
         wave = clip.wave[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
-        parts.append(Clip(f"{clip.id}#{k}", wave, text, clip.speaker, clip.path))
+        parts.append(Clip(f"{clip.id}#{k}", wave, text, clip.speaker, clip.path, clip.replay))
     return parts
 
 

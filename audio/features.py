@@ -136,11 +136,12 @@ class ASRDataset(torch.utils.data.Dataset):
     """Training examples: labels plus either cached encoder states or log-mel features."""
 
     def __init__(self, waves: list[np.ndarray], labels: list[list[int]], processor, *,
-                 cache: EncoderCache | None = None) -> None:
-        if len(waves) != len(labels):
-            raise ValueError("one label sequence per wave")
+                 cache: EncoderCache | None = None, replay: list[bool] | None = None) -> None:
+        if len(waves) != len(labels) or (replay is not None and len(replay) != len(waves)):
+            raise ValueError("one label sequence (and replay flag) per wave")
         self.waves = waves
         self.labels = labels
+        self.replay = replay
         self.processor = processor
         self.cache = cache
         self.keys = cache.fill(waves, desc="caching encoder states") if cache else None
@@ -150,6 +151,8 @@ class ASRDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"labels": self.labels[i]}
+        if self.replay is not None:
+            item["replay"] = self.replay[i]
         if self.cache is not None:
             item["encoder_hidden"] = self.cache.states[self.keys[i]]
             if not self.cache.complete:
@@ -160,7 +163,7 @@ class ASRDataset(torch.utils.data.Dataset):
 
 
 class ASRCollator:
-    """Stacks features or encoder states and right-pads labels with ``-100``."""
+    """Stacks features or encoder states, right-pads labels with ``-100``, and stacks replay flags if any."""
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(b["labels"]) for b in batch)
@@ -172,4 +175,6 @@ class ASRCollator:
         out[key] = torch.stack([b[key] for b in batch])
         if "encoder_depth" in batch[0]:
             out["encoder_depth"] = batch[0]["encoder_depth"]
+        if "replay" in batch[0]:
+            out["replay"] = torch.tensor([bool(b["replay"]) for b in batch])  # (B,)
         return out

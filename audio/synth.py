@@ -19,6 +19,7 @@ Layout of a built folder::
     out_dir/wav/train/train-0000.wav ...   16 kHz mono 16-bit PCM
     out_dir/wav/test/test-0000.wav ...
     out_dir/train.jsonl, out_dir/test.jsonl  {"id", "audio" (relative path), "text", "speaker", "duration", "template"}
+                                             and "replay": true on the general-English rows
     out_dir/BUILD.json                       parameters and counts, written last: a folder without it is incomplete
 
 Example:
@@ -54,7 +55,7 @@ from modaltune.shared.errors import DataError, ModaltuneError
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0  # Whisper's input window: every clip must fit in it
-BUILD_FORMAT = 3  # bump when the folder layout or sentence sampling changes, so old builds are rebuilt
+BUILD_FORMAT = 4  # bump when the folder layout or sentence sampling changes, so old builds are rebuilt
 
 # Spelled out so the reference text and Whisper's normalised output agree.
 DOSES: tuple[str, ...] = (
@@ -234,6 +235,7 @@ class _Job:
     pitch: int
     lead_in: float = 0.0
     tail: float = 0.0
+    replay: bool = False
 
 
 class _Deck:
@@ -324,7 +326,7 @@ def plan_general(n: int, *, seed: int, voices: Sequence[str], speeds: Sequence[i
         jobs.append(_Job(
             split="train", id=f"general-{i:04d}", text=sentences[k], template=f"general-{k:03d}", voice=voice.draw(),
             speed=int(rng.choice(list(speeds))), pitch=int(rng.choice(list(pitches))),
-            lead_in=round(pauses.uniform(lo, hi), 2), tail=round(pauses.uniform(lo, hi), 2),
+            lead_in=round(pauses.uniform(lo, hi), 2), tail=round(pauses.uniform(lo, hi), 2), replay=True,
         ))
     return jobs
 
@@ -354,8 +356,11 @@ def _synthesise(job: _Job, root: Path) -> dict[str, Any]:
             f"{job.id}: {duration:.1f} s of speech is longer than Whisper's {MAX_SECONDS:.0f} s window; "
             f"raise the speeds (got {job.speed} words per minute) or shorten template {job.template}"
         )
-    return {"id": job.id, "audio": rel.as_posix(), "text": job.text, "speaker": job.voice,
-            "duration": round(duration, 4), "template": job.template}
+    row = {"id": job.id, "audio": rel.as_posix(), "text": job.text, "speaker": job.voice,
+           "duration": round(duration, 4), "template": job.template}
+    if job.replay:
+        row["replay"] = True
+    return row
 
 
 _OURS = {"wav", "train.jsonl", "test.jsonl", "BUILD.json"}

@@ -106,6 +106,7 @@ class WhisperASR(ModaltuneModel):
         }
         self.pad_token_id = pad_token_id
         self.decoder_start_token_id = decoder_start_token_id
+        self.replay_kl_weight = 0.0  # > 0: keep replay rows' token distributions close to the zero-shot model's
 
     @property
     def base(self) -> nn.Module:
@@ -159,8 +160,14 @@ class WhisperASR(ModaltuneModel):
             states = out[0] if isinstance(out, tuple) else out
         return encoder.layer_norm(states)
 
-    def forward(self, labels=None, input_features=None, encoder_hidden=None, encoder_depth=None, **kwargs):
-        """Training loss; ``encoder_hidden`` are cached states at ``encoder_depth`` blocks (None: the output)."""
+    def forward(self, labels=None, input_features=None, encoder_hidden=None, encoder_depth=None, replay=None,
+                **kwargs):
+        """Training loss; ``encoder_hidden`` are cached states at ``encoder_depth`` blocks (None: the output).
+
+        ``replay`` (B,) flags general-speech rows: with :attr:`replay_kl_weight` > 0 their loss also counts the KL
+        divergence from the zero-shot model's next-token distributions (the decoder with its adapters off, on the
+        same encoder states) to the tuned one's, at every label position.
+        """
         num_items = kwargs.pop("num_items_in_batch", None)
         if encoder_hidden is None:
             if input_features is None:
@@ -180,7 +187,26 @@ class WhisperASR(ModaltuneModel):
         hidden = base.model.decoder(input_ids=decoder_input, encoder_hidden_states=encoder_hidden,
                                     use_cache=False).last_hidden_state  # (B, T, D)
         loss = label_logits_cross_entropy(hidden, labels, base.proj_out, num_items_in_batch=num_items, shift=False)
+        if self.replay_kl_weight > 0 and replay is not None and bool(replay.any()):
+            loss = loss + self.replay_kl_weight * self.replay_kl(hidden, labels, decoder_input, encoder_hidden, replay)
         return {"loss": loss}
+
+    def replay_kl(self, hidden: torch.Tensor, labels: torch.Tensor, decoder_input: torch.Tensor,
+                  encoder_hidden: torch.Tensor, replay: torch.Tensor) -> torch.Tensor:
+        """Mean KL(zero-shot || tuned) over the label positions of the ``replay`` rows."""
+        disable = getattr(self.whisper, "disable_adapter", None)
+        if disable is None:
+            raise ConfigError("replay.kl_weight needs an adapter method on the decoder (lora, dora, qlora, lora8bit, "
+                              "ia3): with full or frozen there is no zero-shot model left to stay close to")
+        rows = replay.to(hidden.device)
+        mask = labels[rows] != IGNORE_INDEX  # (R, T)
+        base = self.base
+        with torch.no_grad(), disable():
+            teacher = base.model.decoder(input_ids=decoder_input[rows], encoder_hidden_states=encoder_hidden[rows],
+                                         use_cache=False).last_hidden_state  # (R, T, D)
+            teacher_logp = torch.log_softmax(base.proj_out(teacher[mask]).float(), dim=-1)  # (N, V)
+        student_logp = torch.log_softmax(base.proj_out(hidden[rows][mask]).float(), dim=-1)  # (N, V)
+        return torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
 
 
 def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig], *,

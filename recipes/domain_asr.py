@@ -34,7 +34,7 @@ from modaltune.audio.whisper import WhisperModelConfig, build_whisper, label_ids
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import DataError
-from modaltune.shared.peft import QUANTISED, ComponentConfig
+from modaltune.shared.peft import LORA_FAMILY, QUANTISED, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, resolve_precision, run_stages
 from modaltune.shared.zoo import home
@@ -84,6 +84,17 @@ class CacheConfig:
 
 
 @dataclasses.dataclass
+class ReplayConfig:
+    """What training does with replay rows (manifest ``replay: true``; the built-in general-English clips)."""
+
+    kl_weight: float = doc(0.0, "> 0: also keep their next-token distributions close to the zero-shot model's (KL)")
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.kl_weight <= 100.0:
+            raise ConfigError(f"{where}.kl_weight must be in [0, 100], got {self.kl_weight}")
+
+
+@dataclasses.dataclass
 class DomainASRConfig:
     """Schema of ``recipes/configs/domain-asr.yaml``."""
 
@@ -92,10 +103,17 @@ class DomainASRConfig:
     decoder: ComponentConfig = doc(help="how the decoder is tuned", factory=lambda: whisper_components()["decoder"])
     data: ASRDataConfig = doc(ASRDataConfig, "speech data")
     augment: AugmentConfig = doc(AugmentConfig, "augmented views of training clips")
+    replay: ReplayConfig = doc(ReplayConfig, "replay rows (general speech) against forgetting")
     cache: CacheConfig = doc(CacheConfig, "frozen-encoder cache")
     train: TrainConfig = doc(TrainConfig, "optimisation")
     eval: ASREvalConfig = doc(ASREvalConfig, "decoding and scoring")
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
+
+    def validate(self, where: str) -> None:
+        if self.replay.kl_weight > 0 and self.decoder.method not in LORA_FAMILY | {"ia3"}:
+            raise ConfigError(f"replay.kl_weight={self.replay.kl_weight} needs an adapter method on the decoder "
+                              f"(lora, dora, qlora, lora8bit, ia3), not {self.decoder.method}: the KL term compares "
+                              "with the decoder's adapters switched off; set replay.kl_weight=0")
 
 
 class DomainASR(Recipe):
@@ -111,6 +129,7 @@ class DomainASR(Recipe):
         model, processor, source = build_whisper(
             cfg.model, {"encoder": encoder or cfg.encoder, "decoder": decoder or cfg.decoder},
             compute_dtype=compute, log_fn=log)
+        model.replay_kl_weight = cfg.replay.kl_weight
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model, processor, source, precision
@@ -233,17 +252,19 @@ class DomainASR(Recipe):
         return metrics, rows, norm_name
 
     def train_set(self, cfg, clips: list[Clip], processor, model, *, views: bool, log) -> ASRDataset:
-        waves, labels = [], []
+        waves, labels, replay = [], [], []
         for clip in clips:
             ids = label_ids(processor, clip.text)
             waves.append(clip.wave)
             labels.append(ids)
+            replay.append(clip.replay)
             if views and cfg.augment.views > 0:
                 for view in make_views(clip.wave, SAMPLE_RATE, cfg.augment, clip.id):
                     waves.append(view)
                     labels.append(ids)
+                    replay.append(clip.replay)
         cache = self.make_cache(cfg, model, processor, cfg.train.eval_batch_size)
-        return ASRDataset(waves, labels, processor, cache=cache)
+        return ASRDataset(waves, labels, processor, cache=cache, replay=replay if any(replay) else None)
 
     # -- commands -----------------------------------------------------------------------------------------
     def run(self, cfg: DomainASRConfig, ctx: RunContext) -> None:
@@ -274,6 +295,7 @@ class DomainASR(Recipe):
         val_ds = self.train_set(cfg, sets["validation"], processor, model, views=False, log=log) if sets["validation"] else None
         report["timing"]["encoder_cache_seconds"] = round(time.time() - t2, 2)
         report["data"]["train"]["examples_with_views"] = len(train_ds)
+        report["data"]["train"]["replay_clips"] = sum(c.replay for c in sets["train"])
         t3 = time.time()
         result = run_stages(
             model, [StagePlan("asr", train_ds, val_ds)], cfg.train, run_dir=ctx.run_dir, collator=ASRCollator(),

@@ -142,6 +142,8 @@ def speech_manifests(tmp_path_factory) -> dict[str, Path]:
             path = root / f"{split}-{i}.wav"
             sf.write(path, wave.astype(np.float32), 16000)
             rows.append({"audio": path.name, "text": words[i % len(words)], "speaker": f"s{i % 2}"})
+            if split == "train" and i % 4 == 0:
+                rows[-1]["replay"] = True  # general speech replayed against forgetting
         out[split] = root / f"{split}.jsonl"
         out[split].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out

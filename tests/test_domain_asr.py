@@ -108,7 +108,7 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
             f"data.source={speech_manifests['train']}", f"data.test={speech_manifests['test']}",
             "data.general=null", "data.terms=null", "train.max_steps=3", "train.batch_size=4",
             "train.save_steps=2", "train.logging_steps=1", "train.precision=fp32", "eval.max_new_tokens=8",
-            "augment.views=1", "augment.speed=[]"]
+            "augment.views=1", "augment.speed=[]", "replay.kl_weight=0.5"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok", report.get("error")
@@ -116,6 +116,7 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
     assert set(before) == set(after) and "test/wer" in after and "test/cer_raw" in after and "test/rtf" in after
     assert report["model"]["encoder_cache"] is True
     assert report["data"]["train"]["examples_with_views"] == 2 * report["data"]["train"]["kept"]
+    assert 1 <= report["data"]["train"]["replay_clips"] < report["data"]["train"]["kept"]
     assert (out / "wer.png").exists() and "wer.png" in json.dumps(report["plots"])
     assert {"test/wer@s0", "test/wer@s1"} <= set(after)  # per-speaker WER, in every column, with its own plot
     assert (out / "wer_by_speaker.png").exists() and "wer_by_speaker.png" in json.dumps(report["plots"])
@@ -295,3 +296,54 @@ def test_beam_search_skips_the_cross_attention_reorder_and_matches_stock_generat
     stock = [t.strip() for t in processor.batch_decode(getattr(out, "sequences", out), skip_special_tokens=True)]
     assert ours == stock
     assert len(set(ours)) > 1  # the clips decode differently: the comparison is not between constant outputs
+
+
+def test_replay_kl_is_zero_at_the_zero_shot_model_and_pulls_trained_adapters_back(tiny_whisper):
+    model, processor, _ = _build(tiny_whisper)
+    _, _, batch = _batch(processor, 3)
+    model.replay_kl_weight = 1.0
+    flags = torch.tensor([True, False, True])
+    model.eval()
+
+    def loss(**extra):
+        return model(**batch, **extra)["loss"]
+
+    with torch.no_grad():  # fresh LoRA (B = 0) is the zero-shot model: nothing to pull back
+        assert loss(replay=flags).item() == pytest.approx(loss().item(), abs=1e-6)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        plain = loss().item()
+        assert loss(replay=torch.zeros(3, dtype=torch.bool)).item() == pytest.approx(plain)  # no replay rows
+    kl = loss(replay=flags) - loss()
+    assert kl.item() > 1e-3
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():  # the adapters are switched back on after the zero-shot pass
+        assert loss().item() == pytest.approx(plain)
+        model.replay_kl_weight = 0.0
+        assert loss(replay=flags).item() == pytest.approx(plain)  # weight 0: the flags change nothing
+
+
+def test_replay_needs_an_adapter_on_the_decoder_and_reads_manifest_flags(tmp_path, speech_manifests):
+    from collections import Counter
+
+    from modaltune.audio.data import ClipFilter, read_manifest, validate
+    from modaltune.shared.config import load_config
+    from modaltune.shared.errors import DataError
+    from modaltune.shared.recipe import get_recipe
+
+    recipe = get_recipe("domain-asr")
+    with pytest.raises(ConfigError, match="replay.kl_weight=0.5 needs an adapter method on the decoder"):
+        load_config(recipe.config_cls, recipe.default_config_path(), ["replay.kl_weight=0.5", "decoder.method=full"])
+    rows = read_manifest(str(speech_manifests["train"]))
+    clips = validate(rows, ClipFilter(), Counter())
+    assert [c.replay for c in clips] == [i % 4 == 0 for i in range(12)]
+    wav = speech_manifests["train"].parent / "train-0.wav"
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"audio,text,replay\n{wav},a,yes\n{wav},b,\n{wav},c,0\n")
+    assert [r["replay"] for r in read_manifest(str(csv_path))] == [True, False, False]
+    csv_path.write_text(f"audio,text,replay\n{wav},a,maybe\n")
+    with pytest.raises(DataError, match=r"m.csv:2: replay: 'maybe' is not a boolean"):
+        read_manifest(str(csv_path))
