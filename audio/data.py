@@ -62,7 +62,7 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
             name = row.get("file_name") or row.get(audio_col)
             text = row.get("transcription", row.get(text_col))
             out.append({"id": rid, "audio": str(path / name) if name else None, "text": text,
-                        "speaker": row.get("speaker", "")})
+                        "speaker": row.get("speaker", ""), "replay": _flag(row.get("replay"), f"{rid}: replay")})
         return out
     if not path.is_file():
         raise DataError(f"manifest {source!r} does not exist")
