@@ -153,6 +153,7 @@ def test_tiny_build_is_valid_and_idempotent(tmp_path):
     assert [r["id"] for r in rows] == ["train-0000", "train-0001", "general-0000", "general-0001"]
     general = set(synth.load_general_sentences())
     assert all(r["text"] in general and r["template"].startswith("general-") for r in rows[2:])
+    assert [r.get("replay", False) for r in rows] == [False, False, True, True]  # replay rows are marked as such
     assert all(r["speaker"] in synth.DEFAULT_TRAIN_VOICES and (out / r["audio"]).is_file() for r in rows)
 
 
