@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +16,8 @@ import numpy as np
 
 from modaltune.audio.io import SAMPLE_RATE, AudioReadError, load_audio, rms
 from modaltune.shared.errors import ConfigError, DataError
-from modaltune.shared.io import iter_jsonl
+from modaltune.shared.io import iter_jsonl, within
+from modaltune.shared.skips import Skips
 
 
 @dataclasses.dataclass
@@ -43,6 +43,8 @@ class ClipFilter:
     max_seconds: float = 30.0
     silence_rms: float = 1e-4
     long_clips: str = "skip"
+    min_seconds: float = 0.1
+    root_only: bool = False  # audio files must lie inside their manifest's folder
 
 
 def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_split: str = "train") -> list[dict]:
@@ -61,7 +63,7 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
         for rid, row in rows:
             name = row.get("file_name") or row.get(audio_col)
             text = row.get("transcription", row.get(text_col))
-            out.append({"id": rid, "audio": str(path / name) if name else None, "text": text,
+            out.append({"id": rid, "audio": str(path / name) if name else None, "text": text, "root": str(path),
                         "speaker": row.get("speaker", ""), "replay": _flag(row.get("replay"), f"{rid}: replay")})
         return out
     if not path.is_file():
@@ -81,7 +83,7 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
         audio = row.get(audio_col)
         if isinstance(audio, str) and audio and not Path(audio).is_absolute():
             audio = str(path.parent / audio)  # manifests name files relative to themselves
-        out.append({"id": str(row.get("id", rid)), "audio": audio, "text": row.get(text_col),
+        out.append({"id": str(row.get("id", rid)), "audio": audio, "text": row.get(text_col), "root": str(path.parent),
                     "speaker": str(row.get("speaker", "") or ""), "segments": row.get("segments"),
                     "replay": _flag(row.get("replay"), f"{rid}: replay")})
     return out
@@ -126,29 +128,34 @@ def _read_hf(name: str, split: str, audio_col: str, text_col: str) -> list[dict]
     return out
 
 
-def validate(rows: list[dict], limits: ClipFilter, skipped: Counter) -> list[Clip]:
+def validate(rows: list[dict], limits: ClipFilter, skipped: Skips) -> list[Clip]:
     """Decode and check every row; returns the usable clips and counts each skip reason in ``skipped``."""
     clips = []
     for row in rows:
         text = row.get("text")
         if text is None or not str(text).strip():
-            skipped["empty transcript"] += 1
+            skipped.add("empty transcript", row["id"])
             continue
         audio = row.get("audio")
         if audio is None or (isinstance(audio, str) and not audio):
-            skipped["no audio file named"] += 1
+            skipped.add("no audio file named", row["id"])
+            continue
+        if limits.root_only and isinstance(audio, str) and row.get("root") and not within(audio, row["root"]):
+            skipped.add("audio path outside the manifest's folder (data.root_only)", f"{row['id']}: {audio}")
             continue
         try:
             wave = audio if isinstance(audio, np.ndarray) else load_audio(audio)
         except AudioReadError as exc:
-            reason = "missing audio file" if "does not exist" in str(exc) else "unreadable audio"
-            skipped[reason] += 1
+            skipped.add(exc.reason, row["id"])
             continue
         if wave.size == 0:
-            skipped["empty audio"] += 1
+            skipped.add("empty audio", row["id"])
+            continue
+        if wave.size < limits.min_seconds * SAMPLE_RATE:
+            skipped.add(f"shorter than {limits.min_seconds:g} s", row["id"])
             continue
         if rms(wave) < limits.silence_rms:
-            skipped["silence"] += 1
+            skipped.add("silence", row["id"])
             continue
         clip = Clip(row["id"], wave, " ".join(str(text).split()), row.get("speaker", ""),
                     audio if isinstance(audio, str) else "", bool(row.get("replay", False)))
@@ -159,9 +166,9 @@ def validate(rows: list[dict], limits: ClipFilter, skipped: Counter) -> list[Cli
                 if parts:
                     clips.extend(parts)
                     continue
-                skipped[f"longer than {limits.max_seconds:g} s: segments unusable"] += 1
+                skipped.add(f"longer than {limits.max_seconds:g} s: segments unusable", row["id"])
                 continue
-            skipped[f"longer than {limits.max_seconds:g} s (the model's window)"] += 1
+            skipped.add(f"longer than {limits.max_seconds:g} s (the model's window)", row["id"])
             continue
         clips.append(clip)
     return clips

@@ -10,7 +10,49 @@ SAMPLE_RATE = 16_000
 
 
 class AudioReadError(Exception):
-    """A file could not be decoded (the message says why)."""
+    """A file could not be decoded (the message says why; ``reason`` is the short skip reason)."""
+
+    def __init__(self, message: str, reason: str = "unreadable audio") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+TRUNCATION_TOLERANCE = (0.1, 0.02)  # seconds, fraction: a shortfall above both is a truncated file
+
+
+def declared_frames(path: str | Path) -> int | None:
+    """How many frames the file's header says it holds, or None when it does not say.
+
+    For WAV this is read from the RIFF ``data`` chunk itself: libsndfile silently shrinks a truncated file's frame
+    count to what is there, which would hide the truncation. Other containers report what libsndfile reads from
+    their header (e.g. FLAC's STREAMINFO).
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(12)
+            if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+                block_align = None
+                while True:
+                    chunk = fh.read(8)
+                    if len(chunk) < 8:
+                        return None
+                    cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                    if cid == b"fmt ":
+                        fmt = fh.read(size + (size & 1))
+                        block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else None
+                    elif cid == b"data":
+                        if not block_align or size in (0, 0xFFFFFFFF):  # streaming writers leave it unset
+                            return None
+                        return size // block_align
+                    else:
+                        fh.seek(size + (size & 1), 1)
+        import soundfile as sf
+
+        frames = sf.info(str(path)).frames
+        return frames if 0 < frames < 2**62 else None
+    except Exception:
+        return None
 
 
 def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -21,7 +63,7 @@ def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarra
     """
     path = Path(path)
     if not path.is_file():
-        raise AudioReadError(f"{path}: file does not exist")
+        raise AudioReadError(f"{path}: file does not exist", reason="missing audio file")
     if path.suffix.lower() == ".raw":
         data = np.fromfile(path, dtype="<i2").astype(np.float32) / 32768.0
         return _resample(data, SAMPLE_RATE, sample_rate)
@@ -38,6 +80,14 @@ def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarra
         except Exception as exc:
             raise AudioReadError(f"{path}: cannot decode audio ({sf_exc.__class__.__name__}: {sf_exc}; "
                                  f"librosa: {exc.__class__.__name__})") from None
+    declared = declared_frames(path)
+    if declared is not None:
+        missing = declared - len(wave)
+        seconds, fraction = TRUNCATION_TOLERANCE
+        if missing > seconds * rate and missing > fraction * declared:
+            raise AudioReadError(
+                f"{path}: truncated: its header says {declared / rate:.2f} s, only {len(wave) / rate:.2f} s decode; "
+                "re-export or re-copy the file", reason="truncated audio")
     return _resample(np.asarray(wave, dtype=np.float32), int(rate), sample_rate)
 
 

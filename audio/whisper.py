@@ -55,7 +55,7 @@ def load_whisper(cfg: WhisperModelConfig, *, encoder: ComponentConfig, decoder: 
     """Load model and processor; QLoRA/int8 quantise only the components that ask for it."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    path, kind = resolve_model(cfg.name, log=log_fn)
+    path, kind = resolve_model(cfg.name, log=log_fn, revision=cfg.revision)
     kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": torch.float32}
     quantised = {m for m in (encoder.method, decoder.method) if m in QUANTISED}
     if len(quantised) > 1:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import DataError
 from modaltune.shared.peft import LORA_FAMILY, QUANTISED, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
+from modaltune.shared.skips import Skips
 from modaltune.shared.training import StagePlan, TrainConfig, resolve_precision, run_stages
 from modaltune.shared.zoo import home
 
@@ -54,6 +54,9 @@ class ASRDataConfig:
     max_seconds: float = doc(30.0, "clips longer than this (Whisper's window) are skipped or split")
     long_clips: str = doc("skip", "skip | split (split needs per-row segment timestamps)")
     silence_rms: float = doc(1e-4, "clips quieter than this RMS level count as silence and are skipped")
+    min_seconds: float = doc(0.1, "clips shorter than this (a few 20 ms encoder frames) are skipped")
+    root_only: bool = doc(False, "skip audio paths that lead outside the manifest's folder (absolute, .., links); "
+                                 "turn on for manifests from others")
     max_train_clips: int | None = doc(None, "use at most this many training clips")
     max_eval_clips: int | None = doc(None, "use at most this many test clips")
     max_validation_clips: int | None = doc(None, "use at most this many validation clips")
@@ -165,8 +168,8 @@ class DomainASR(Recipe):
 
     def load_data(self, cfg: DomainASRConfig, log) -> tuple[dict[str, list[Clip]], dict]:
         d = cfg.data
-        limits = ClipFilter(d.max_seconds, d.silence_rms, d.long_clips)
-        skipped = {s: Counter() for s in ("train", "validation", "test", "general")}
+        limits = ClipFilter(d.max_seconds, d.silence_rms, d.long_clips, d.min_seconds, d.root_only)
+        skipped = {s: Skips() for s in ("train", "validation", "test", "general")}
         if d.source == "builtin:medical-dictation":
             manifests = self.builtin_manifests(cfg, log)
             train_src, test_src = str(manifests["train"]), d.test or str(manifests["test"])
@@ -204,8 +207,8 @@ class DomainASR(Recipe):
                 skipped[name][f"over {key}={cap}"] += len(clips) - cap
                 del clips[cap:]
         sets = {"train": train, "validation": validation, "test": test, "general": general}
-        counts = {n: {"kept": len(c), "skipped": sum(skipped[n].values()), "skip_reasons": dict(skipped[n]),
-                      "audio_minutes": round(audio_seconds([x.wave for x in c]) / 60, 2)} for n, c in sets.items()}
+        counts = {n: {**skipped[n].summary(len(c)), "audio_minutes": round(audio_seconds([x.wave for x in c]) / 60, 2)}
+                  for n, c in sets.items()}
         return sets, counts
 
     def terms(self, cfg: DomainASRConfig) -> list[str]:
@@ -300,9 +303,10 @@ class DomainASR(Recipe):
         result = run_stages(
             model, [StagePlan("asr", train_ds, val_ds)], cfg.train, run_dir=ctx.run_dir, collator=ASRCollator(),
             component_lrs={n: c.lr for n, c in (("encoder", cfg.encoder), ("decoder", cfg.decoder)) if c.lr},
-            checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source},
+            checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source}, log=ctx.log,
         )
         processor.save_pretrained(str(result.checkpoint / "processor"))
+        ckpt.write_marker(result.checkpoint)  # the marker lists the processor's files too
         report["timing"]["train_seconds"] = round(time.time() - t3, 2)
         report["training"] = {"stages": result.stages, "curve": result.rows}
         report["checkpoint"] = str(result.checkpoint)
@@ -342,11 +346,11 @@ class DomainASR(Recipe):
         report["plots"] = _plots(ctx.run_dir, report["metrics"])
         log("fine-tuned: " + _line(after["fine_tuned"]))
 
-    def merge(self, cfg: DomainASRConfig, checkpoint: Path, out: Path, log) -> None:
+    def merge(self, cfg: DomainASRConfig, checkpoint: Path, out: Path, log) -> list[tuple[str, Path]]:
         enc = dataclasses.replace(cfg.encoder, method="lora") if cfg.encoder.method in QUANTISED else cfg.encoder
         dec = dataclasses.replace(cfg.decoder, method="lora") if cfg.decoder.method in QUANTISED else cfg.decoder
         fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32", gradient_checkpointing=False))
-        model, processor, _, _ = self.build(fp32, log, encoder=enc, decoder=dec)
+        model, processor, source, _ = self.build(fp32, log, encoder=enc, decoder=dec)
         ckpt.load_trained(model, checkpoint)
         whisper = model.whisper
         if hasattr(whisper, "merge_and_unload"):
@@ -354,6 +358,7 @@ class DomainASR(Recipe):
         whisper.save_pretrained(str(out))
         processor.save_pretrained(str(out))
         log(f"merged {checkpoint} into {out}")
+        return [(source["path"], out)]
 
 
 def _merge_rows(before: list[dict], after: list[dict]) -> list[dict]:

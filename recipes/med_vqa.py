@@ -23,6 +23,7 @@ from modaltune.shared.errors import DataError, ModaltuneError
 from modaltune.shared.loss import unwrap_peft
 from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
+from modaltune.shared.skips import Skips, add_to_summary
 from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, resolve_precision, run_stages
 from modaltune.text.lm import ModelConfig, load_causal_lm
 from modaltune.vision import data as vdata
@@ -74,6 +75,8 @@ class VQADataConfig:
     max_test_captions: int | None = doc(None, "evaluate at most this many captions")
     seed: int = doc(0, "seed of the samples")
     max_length: int = doc(128, "examples longer than this many tokens (visual tokens excluded) are dropped")
+    root_only: bool = doc(False, "skip images whose paths lead outside their image folder (absolute, .., links); "
+                                 "turn on for question files from others")
     balance_closed: str = doc(
         "none", "balance the closed training questions (seeded downsampling of the larger class): none | answer "
                "(as many yes as no) | presence (as many 'the asked thing is there' as 'it is not', reading "
@@ -186,7 +189,7 @@ class MedVQA(Recipe):
 
     def load_data(self, cfg: MedVQAConfig, log) -> tuple[dict[str, list], dict]:
         d = cfg.data
-        skipped = {s: Counter() for s in ("vqa_train", "vqa_test", "caption_train", "caption_test")}
+        skipped = {s: Skips() for s in ("vqa_train", "vqa_test", "caption_train", "caption_test")}
         if d.layout == "easy-vqa":
             train, s1 = vdata.read_easy_vqa("train")
             test, s2 = vdata.read_easy_vqa("test")
@@ -198,20 +201,26 @@ class MedVQA(Recipe):
             image_dir = d.image_dir or str(Path(d.train).parent)
             train, s1 = reader(d.train, image_dir)
             test, s2 = reader(d.test, image_dir)
+            if d.root_only:
+                train = vdata.keep_within(train, image_dir, s1)
+                test = vdata.keep_within(test, image_dir, s2)
         skipped["vqa_train"].update(s1)
         skipped["vqa_test"].update(s2)
         rng = random.Random(d.seed)
         train = _sample_images(train, d.max_train_images, rng, skipped["vqa_train"], "max_train_images")
         test = _sample_images(test, d.max_test_images, rng, skipped["vqa_test"], "max_test_images")
         if d.captions:
-            caps, s3 = vdata.read_roco_captions(d.caption_images or str(Path(d.captions).parent), d.captions)
+            caption_images = d.caption_images or str(Path(d.captions).parent)
+            caps, s3 = vdata.read_roco_captions(caption_images, d.captions)
+            if d.root_only:
+                caps = vdata.keep_within(caps, caption_images, s3)
             skipped["caption_train"].update(s3)
             rng.shuffle(caps)
             n_test = min(len(caps) // 10, d.max_test_captions or len(caps))
             cap_test, cap_train = caps[:n_test], caps[n_test:]
         else:  # derived from the VQA data (every image's facts), so stage 1 needs no extra files
-            cap_train, s4 = vdata.easy_vqa_captions(train) if d.layout == "easy-vqa" else ([], Counter())
-            cap_test, s5 = vdata.easy_vqa_captions(test) if d.layout == "easy-vqa" else ([], Counter())
+            cap_train, s4 = vdata.easy_vqa_captions(train) if d.layout == "easy-vqa" else ([], Skips())
+            cap_test, s5 = vdata.easy_vqa_captions(test) if d.layout == "easy-vqa" else ([], Skips())
             skipped["caption_train"].update(s4)
             skipped["caption_test"].update(s5)
         # questions are sampled after captions were derived, so each image keeps all its facts
@@ -225,8 +234,7 @@ class MedVQA(Recipe):
             sets[name] = vdata.validate_images(sets[name], skipped[name])
         if not sets["vqa_train"]:
             raise DataError(f"no usable training questions: {dict(skipped['vqa_train'])}")
-        counts = {n: {"kept": len(v), "skipped": sum(skipped[n].values()), "skip_reasons": dict(skipped[n])}
-                  for n, v in sets.items()}
+        counts = {n: skipped[n].summary(len(v)) for n, v in sets.items()}
         return sets, counts
 
     def datasets(self, cfg, sets, tok, cache, counts) -> dict[str, VLDataset]:
@@ -236,11 +244,9 @@ class MedVQA(Recipe):
                 "caption_test": caption_rows(sets["caption_test"], seed + 1)}
         out = {}
         for name, r in rows.items():
-            skipped = Counter()
+            skipped = Skips()
             out[name] = VLDataset(r, tok, cache, max_length=cfg.data.max_length, skipped=skipped)
-            counts[name]["skipped"] += sum(skipped.values())
-            counts[name]["skip_reasons"].update(skipped)
-            counts[name]["kept"] = len(out[name])
+            add_to_summary(counts[name], skipped, len(out[name]))
         return out
 
     def measure(self, cfg, model, tok, sets, encoder, label: str):
@@ -314,7 +320,7 @@ class MedVQA(Recipe):
         t = time.time()
         result = run_stages(model, plans, cfg.train, run_dir=ctx.run_dir, collator=collator, component_lrs=lrs,
                             checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source},
-                            tokenizer=tok, after_stage=after)
+                            tokenizer=tok, after_stage=after, log=ctx.log)
         report["timing"]["train_and_stage_eval_seconds"] = round(time.time() - t, 2)
         report["checkpoint"] = str(result.checkpoint)
         summaries, curve = result.stages, result.rows
@@ -343,10 +349,10 @@ class MedVQA(Recipe):
         report["plots"] = _plots(ctx.run_dir, {"after": items_a})
         log("checkpoint: " + _line(after))
 
-    def merge(self, cfg: MedVQAConfig, checkpoint: Path, out: Path, log) -> None:
+    def merge(self, cfg: MedVQAConfig, checkpoint: Path, out: Path, log) -> list[tuple[str, Path]]:
         llm = dataclasses.replace(cfg.llm, method="lora") if cfg.llm.method in QUANTISED else cfg.llm
         fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
-        model, tok, _, _ = self.build(fp32, log, llm=llm)
+        model, tok, source, _ = self.build(fp32, log, llm=llm)
         ckpt.load_trained(model, checkpoint)
         lm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
         out.mkdir(parents=True, exist_ok=True)
@@ -359,6 +365,7 @@ class MedVQA(Recipe):
             json.dumps({"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
                                       "template": vdata.VQA_TEMPLATE}, indent=2) + "\n", encoding="utf-8")
         log(f"merged LLM into {out / 'llm'}; projector in {out / 'projector.safetensors'}")
+        return [(source["path"], out / "llm")]
 
 
 def _frozen(lm):
@@ -367,14 +374,14 @@ def _frozen(lm):
     return lm
 
 
-def _sample(items: list, cap: int | None, rng: random.Random, skipped: Counter, name: str) -> list:
+def _sample(items: list, cap: int | None, rng: random.Random, skipped: Skips, name: str) -> list:
     if cap is None or len(items) <= cap:
         return list(items)
     skipped[f"over {name}={cap}"] += len(items) - cap
     return rng.sample(list(items), cap)
 
 
-def _balance_closed(items: list, mode: str, rng: random.Random, skipped: Counter) -> list:
+def _balance_closed(items: list, mode: str, rng: random.Random, skipped: Skips) -> list:
     """Downsample the larger classes of closed questions (see :func:`closed_class`) to the smallest one's size.
 
     Closed questions are often lopsided (most "is there a red shape?" questions are about shapes that are not
@@ -398,7 +405,7 @@ def _balance_closed(items: list, mode: str, rng: random.Random, skipped: Counter
     return [it for i, it in enumerate(items) if i not in drop]
 
 
-def _sample_images(items: list, cap: int | None, rng: random.Random, skipped: Counter, name: str) -> list:
+def _sample_images(items: list, cap: int | None, rng: random.Random, skipped: Skips, name: str) -> list:
     """Keep the items of at most ``cap`` distinct images (seeded); fewer images means fewer encoder passes."""
     images = sorted({it.image for it in items})
     if cap is None or len(images) <= cap:

@@ -61,14 +61,7 @@ class TextSFT(Recipe):
             name: TokenizedDataset(examples, formatter, cfg.data.max_length, splits.skipped[name])
             for name, examples in splits.examples.items()
         }
-        counts = {
-            name: {
-                "kept": len(sets[name]),
-                "skipped": sum(splits.skipped[name].values()),
-                "skip_reasons": dict(splits.skipped[name]),
-            }
-            for name in sets
-        }
+        counts = {name: splits.skipped[name].summary(len(sets[name])) for name in sets}
         if len(sets["train"]) == 0:
             raise ModaltuneError(f"every training example was dropped: {counts['train']['skip_reasons']}")
         return sets, counts
@@ -121,6 +114,7 @@ class TextSFT(Recipe):
             component_lrs={"llm": cfg.llm.lr} if cfg.llm.lr else {},
             checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source},
             tokenizer=tok,
+            log=ctx.log,
         )
         report["timing"]["train_seconds"] = round(time.time() - t2, 2)
         report["training"] = {"stages": result.stages, "curve": result.rows}
@@ -150,7 +144,7 @@ class TextSFT(Recipe):
         ctx.log("base:       " + _metric_line(before))
         ctx.log("checkpoint: " + _metric_line(after))
 
-    def merge(self, cfg: TextSFTConfig, checkpoint: Path, out: Path, log) -> None:
+    def merge(self, cfg: TextSFTConfig, checkpoint: Path, out: Path, log) -> list[tuple[str, Path]]:
         method = cfg.llm.method
         if method in PROMPT_METHODS:
             raise ModaltuneError(
@@ -160,7 +154,7 @@ class TextSFT(Recipe):
         # A QLoRA/int8 adapter merges into the full-precision base it was quantised from.
         llm = dataclasses.replace(cfg.llm, method="lora") if method in QUANTISED else cfg.llm
         fp32 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32", gradient_checkpointing=False))
-        model, tok, _, _ = self.build(fp32, None, llm=llm)
+        model, tok, source, _ = self.build(fp32, None, llm=llm)
         ckpt.load_trained(model, checkpoint)
         lm = model.llm
         if hasattr(lm, "merge_and_unload"):
@@ -168,6 +162,7 @@ class TextSFT(Recipe):
         lm.save_pretrained(str(out))
         tok.save_pretrained(str(out))
         log(f"merged {checkpoint} into {out}")
+        return [(source["path"], out)]
 
 
 def _pair_items(before: list[dict], after: list[dict]) -> list[dict]:

@@ -6,17 +6,23 @@ A checkpoint folder holds:
   module such as a projector), keyed by its name in the model.
 - ``modaltune.json``: recipe name, the resolved config, per-component parameter counts, library versions.
 - ``adapter/<component>/``: the same adapters as a standard PEFT folder, for use outside modaltune.
-- ``COMPLETE``: written last; a folder without it is an interrupted write and is never loaded or resumed from.
+- ``COMPLETE``: written last, after every other file of the folder (the Trainer's optimizer, scheduler, RNG and
+  state files included). It lists each file with its size and SHA-256, so a folder whose write was cut short, or
+  whose files were truncated or altered afterwards, is recognised and never loaded or resumed from.
 
 Loading rebuilds the model from the saved config and copies the tensors in, refusing any missing or unexpected key.
+A checkpoint is data: nothing in it decides to run code (see :func:`modaltune.shared.recipe.checkpoint_config`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +35,7 @@ WEIGHTS = "trained.safetensors"
 META = "modaltune.json"
 MARKER = "COMPLETE"
 FORMAT_VERSION = 1
+LEGACY_MARKER = "ok\n"  # markers written before checkpoints listed their files
 
 
 def versions() -> dict[str, str]:
@@ -47,8 +54,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def save_checkpoint(model: Any, path: str | Path, *, meta: dict[str, Any], tokenizer: Any = None) -> Path:
-    """Write ``model``'s trained weights and ``meta`` to ``path`` (a folder); returns it."""
+def save_checkpoint(
+    model: Any, path: str | Path, *, meta: dict[str, Any], tokenizer: Any = None, mark_complete: bool = True
+) -> Path:
+    """Write ``model``'s trained weights and ``meta`` to ``path`` (a folder); returns it.
+
+    ``mark_complete=False`` leaves the ``COMPLETE`` marker to the caller, who writes more files into the folder
+    first (the Trainer's optimizer and state) and then calls :func:`write_marker`.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / MARKER
@@ -68,8 +81,76 @@ def save_checkpoint(model: Any, path: str | Path, *, meta: dict[str, Any], token
     _export_adapters(model, path / "adapter")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path / "tokenizer"))
-    atomic_write_text(marker, "ok\n")
+    if mark_complete:
+        write_marker(path)
     return path
+
+
+def _digest(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(path: Path) -> list[Path]:
+    """Every file of a checkpoint folder except the marker and atomic-write leftovers, sorted."""
+    return sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and f.name != MARKER and not (f.name.startswith(".") and f.name.endswith(".tmp"))
+    )
+
+
+def write_marker(path: str | Path) -> None:
+    """Write the ``COMPLETE`` marker: every file of ``path`` with its size and SHA-256 (call it last)."""
+    path = Path(path)
+    files = {f.relative_to(path).as_posix(): {"bytes": f.stat().st_size, "sha256": _digest(f)} for f in _listing(path)}
+    atomic_write_json(path / MARKER, {"format_version": FORMAT_VERSION, "files": files})
+
+
+def _marker(path: Path) -> dict | None:
+    """The marker's file list (``{}`` for a legacy marker), or None when there is no readable marker."""
+    try:
+        text = (path / MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text == LEGACY_MARKER:
+        return {}
+    try:
+        files = json.loads(text)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def problem(path: str | Path, *, hashes: bool = True) -> str | None:
+    """Why ``path`` is not a usable checkpoint (None when it is): no marker, a listed file missing, truncated or,
+    with ``hashes``, changed since it was written."""
+    path = Path(path)
+    if not path.is_dir():
+        return "no such folder"
+    files = _marker(path)
+    if files is None:
+        return f"no {MARKER} marker (its write was interrupted)"
+    for required in (WEIGHTS, META):
+        if not (path / required).is_file():
+            return f"{required} is missing"
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != info.get("bytes"):
+            return f"{name} has {size} bytes, {info.get('bytes')} were written (truncated or replaced)"
+        if hashes and _digest(file) != info.get("sha256"):
+            return f"{name} changed after it was written (SHA-256 differs)"
+    return None
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path`` is a fully written checkpoint whose files have their written sizes (no hashing)."""
+    return problem(path, hashes=False) is None
 
 
 def _export_adapters(model: Any, folder: Path) -> None:
@@ -79,29 +160,36 @@ def _export_adapters(model: Any, folder: Path) -> None:
             module.save_pretrained(str(folder / comp))
 
 
-def is_complete(path: str | Path) -> bool:
-    """True when ``path`` is a fully written checkpoint."""
-    path = Path(path)
-    return (path / MARKER).is_file() and (path / WEIGHTS).is_file() and (path / META).is_file()
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The ``modaltune.json`` of a checkpoint, with a clear error when the folder is not one."""
     path = Path(path)
     if not path.is_dir():
         raise ModaltuneError(f"checkpoint {str(path)!r} does not exist")
-    if not is_complete(path):
+    why = problem(path)
+    if why is not None:
         raise ModaltuneError(
-            f"{str(path)!r} is not a complete modaltune checkpoint (no {MARKER} marker: the write was interrupted, "
-            f"or this is not a checkpoint folder); use the run's 'checkpoint' folder or an earlier checkpoint-N"
+            f"{str(path)!r} is not a usable modaltune checkpoint: {why}; use the run's 'checkpoint' folder or an "
+            "earlier checkpoint-N"
         )
-    return json.loads((path / META).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModaltuneError(f"checkpoint {str(path)!r}: {META} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ModaltuneError(f"checkpoint {str(path)!r}: {META} does not hold a modaltune record")
+    return meta
 
 
 def load_trained(model: Any, path: str | Path) -> None:
     """Copy the saved trained tensors into ``model`` (built from the same config); keys must match exactly."""
     path = Path(path)
-    state = load_file(str(path / WEIGHTS), device="cpu")
+    try:
+        state = load_file(str(path / WEIGHTS), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ModaltuneError(
+            f"checkpoint {str(path)!r}: {WEIGHTS} cannot be read ({exc.__class__.__name__}: {exc}); the file is "
+            "damaged: use an earlier checkpoint-N of the run, or retrain"
+        ) from None
     expected = model.trained_state_dict().keys()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -124,13 +212,38 @@ def load_trained(model: Any, path: str | Path) -> None:
             target.copy_(tensor.to(target.device, target.dtype))
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The highest-step complete ``checkpoint-N`` under ``folder`` (interrupted writes are skipped)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        if child.name.startswith("checkpoint-") and child.name[11:].isdigit() and is_complete(child):
-            found.append((int(child.name[11:]), child))
-    return max(found)[1] if found else None
+def _steps(folder: Path) -> list[tuple[int, Path]]:
+    return sorted(
+        ((int(c.name[11:]), c) for c in folder.iterdir() if c.name.startswith("checkpoint-") and c.name[11:].isdigit()),
+        reverse=True,
+    ) if folder.is_dir() else []
+
+
+def latest_checkpoint(folder: str | Path, *, log: Callable[[str], None] | None = None) -> Path | None:
+    """The highest-step usable ``checkpoint-N`` under ``folder``.
+
+    A newer folder that is incomplete or damaged (see :func:`problem`) is skipped with one ``log`` line naming it,
+    and the previous one is used.
+    """
+    for _, child in _steps(Path(folder)):
+        why = problem(child)
+        if why is None:
+            return child
+        if log is not None:
+            log(f"skipping {child}: {why}; resuming from the checkpoint before it")
+    return None
+
+
+def rotate(folder: str | Path, keep: int) -> None:
+    """Delete step checkpoints under ``folder`` beyond the ``keep`` newest complete ones.
+
+    Called after a new checkpoint was marked complete, so a run always keeps a complete one to resume from;
+    incomplete folders older than the newest complete one go too.
+    """
+    complete = 0
+    for _, child in _steps(Path(folder)):
+        if complete < keep and is_complete(child):
+            complete += 1
+            continue
+        if complete >= 1:
+            shutil.rmtree(child, ignore_errors=True)

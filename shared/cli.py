@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                            "plain transformers.")
     merge.add_argument("--checkpoint", required=True, help="a run's checkpoint folder")
     merge.add_argument("--out", required=True, help="new folder for the merged model")
+    merge.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. model.name=DIR (the base model's folder on this machine) or "
+                            "model.trust_remote_code=true (never taken from the checkpoint)")
 
     zoo = sub.add_parser("zoo", help="list or install catalogued models", description="Model catalogue.")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
@@ -91,7 +94,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "merge":
         from modaltune.shared.recipe import merge
 
-        path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr))
+        path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr), overrides=args.overrides)
         print(path)
         return 0
     from modaltune.shared.recipe import execute

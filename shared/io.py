@@ -53,6 +53,33 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def within(path: str | Path, root: str | Path) -> bool:
+    """True when ``path`` (relative paths taken from the current folder) resolves inside ``root``; symbolic links
+    and ``..`` are followed first, so neither can lead out.
+
+    Example:
+        >>> within("/data/set/a.wav", "/data/set"), within("/data/set/../other/a.wav", "/data/set")
+        (True, False)
+    """
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def lines(text: str) -> list[str]:
+    """``text`` split at line ends (``\\n``, ``\\r\\n``) only.
+
+    ``str.splitlines`` also splits at U+2028, U+2029, form feeds and other separators that may stand unescaped
+    inside a JSON string or a CSV/TSV field, which would cut one valid row in two.
+
+    Example:
+        >>> lines("a\\u2028b\\r\\nc\\n")
+        ['a\\u2028b', 'c']
+    """
+    out = text.split("\n")
+    if out and out[-1] == "":
+        out.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in out]
+
+
 def iter_jsonl(path: str | Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` for each non-blank line of a JSONL file (``text``: its contents if already read).
 
@@ -69,7 +96,7 @@ def iter_jsonl(path: str | Path, text: str | None = None) -> Iterator[tuple[int,
             text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(lines(text), start=1):
         if not line.strip():
             continue
         try:

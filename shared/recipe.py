@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared.config import dump_yaml, from_dict, load_config, parse_overrides, apply_dotted, to_dict
-from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.errors import ModaltuneError, suggest
 from modaltune.shared.registry import RECIPES
+from modaltune.shared.skips import SKIPPED_FILE, write_skipped
 
 
 @dataclasses.dataclass
@@ -54,7 +55,9 @@ class Recipe:
     def evaluate(self, cfg: Any, checkpoint: Path, ctx: RunContext) -> None:
         raise NotImplementedError
 
-    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None]) -> None:
+    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None]) -> list[tuple[str, Path]]:
+        """Write the merged model into ``out``; returns ``(base model folder, merged folder)`` pairs, so the base
+        model's licence files can follow its weights."""
         raise NotImplementedError
 
 
@@ -75,6 +78,9 @@ def get_recipe(name: str) -> Recipe:
     """The registered recipe ``name``; a built-in one is imported on first use (it registers itself)."""
     import importlib
 
+    if name not in BUILTIN_RECIPES and name not in RECIPES:
+        known = sorted(set(BUILTIN_RECIPES) | set(RECIPES.names()))
+        raise ModaltuneError(f"unknown recipe {name!r}{suggest(name, known)}; known: {', '.join(known)}")
     if name in BUILTIN_RECIPES and name not in RECIPES._items:
         module, extra = BUILTIN_RECIPES[name]
         try:
@@ -165,16 +171,14 @@ def execute(
     if mode == "eval":
         if checkpoint is None:
             raise ModaltuneError("eval needs --checkpoint DIR (a run's 'checkpoint' folder)")
+        if config is not None:
+            raise ModaltuneError("eval takes its config from the checkpoint; change settings with key=value")
         meta = ckpt.read_meta(checkpoint)
         if meta.get("recipe") != recipe.name:
             raise ModaltuneError(
                 f"checkpoint {checkpoint!r} was trained by recipe {meta.get('recipe')!r}, not {recipe.name!r}"
             )
-        base = meta["config"]
-        if config is not None:
-            raise ModaltuneError("eval takes its config from the checkpoint; change settings with key=value")
-        data = apply_dotted(base, parse_overrides(overrides or []), "command line")
-        cfg = from_dict(recipe.config_cls, data)
+        cfg = checkpoint_config(recipe, meta, overrides, checkpoint)
     else:
         cfg = load_config(recipe.config_cls, config or recipe.default_config_path(), overrides, quick=quick)
     train_cfg = getattr(cfg, "train", None)
@@ -224,6 +228,10 @@ def execute(
         report["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
                           f"(full traceback in {run_dir / 'traceback.txt'})"
         log(f"error: {report['error']}")
+    named = write_skipped(run_dir, report.get("data") or {})
+    if named:
+        log(f"{named} skipped input items are named in {run_dir / SKIPPED_FILE} (the first few per reason in the "
+            "report)")
     timing = report.setdefault("timing", {})
     timing["total_seconds"] = round(time.time() - started, 2)
     report["memory"] = {k: round(v, 1) for k, v in peak_memory_mb().items()}
@@ -234,19 +242,87 @@ def execute(
     return report, code
 
 
-def merge(checkpoint: str, out: str, log: Callable[[str], None] = print) -> Path:
-    """Merge a checkpoint's adapters into its base model and save a plain transformers folder at ``out``."""
+CODE_FLAGS = ("trust_remote_code",)  # config keys that let a model folder run its own code
+
+
+def _code_flags(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of every code-running flag set anywhere in a nested config mapping."""
+    found: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            dotted = f"{prefix}{key}"
+            if key in CODE_FLAGS and value:
+                found[dotted] = data.get("name", value)
+            found.update(_code_flags(value, dotted + "."))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found.update(_code_flags(value, f"{prefix[:-1]}[{i}]."))
+    return found
+
+
+def checkpoint_config(recipe: Recipe, meta: dict[str, Any], overrides: list[str] | None, checkpoint: str) -> Any:
+    """The config a checkpoint was trained with, made safe to rebuild the model from, plus command-line overrides.
+
+    A checkpoint is data from someone else: a flag in it that lets a model folder run its own code
+    (``trust_remote_code``) is refused unless the user running the command sets it too.
+
+    Raises:
+        ModaltuneError: the checkpoint asks for remote code and the command line does not.
+    """
+    given = parse_overrides(overrides or [])
+    asked = _code_flags(meta.get("config") or {})
+    refused = {key: model for key, model in asked.items() if given.get(key) is not True}
+    if refused:
+        keys = " ".join(f"{key}=true" for key in refused)
+        models = ", ".join(repr(str(m)) for m in refused.values() if not isinstance(m, bool))
+        raise ModaltuneError(
+            f"checkpoint {str(checkpoint)!r} asks to run code shipped with its model{' ' + models if models else ''} "
+            f"({', '.join(refused)} is on); a checkpoint cannot turn that on by itself. Read that code, and if you "
+            f"trust it pass {keys} on the command line"
+        )
+    base = apply_dotted(meta.get("config") or {}, {key: False for key in asked}, "checkpoint")
+    return from_dict(recipe.config_cls, apply_dotted(base, given, "command line"))
+
+
+def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrides: list[str] | None = None) -> Path:
+    """Merge a checkpoint's adapters into its base model and save a plain transformers folder at ``out``.
+
+    Licence and notice files of the base model folders travel into ``out`` with the weights.
+    """
     from modaltune.shared import checkpoint as ckpt
 
     meta = ckpt.read_meta(checkpoint)
-    recipe = get_recipe(meta["recipe"])
-    cfg = from_dict(recipe.config_cls, meta["config"])
+    recipe = get_recipe(str(meta.get("recipe")))
+    cfg = checkpoint_config(recipe, meta, overrides, checkpoint)
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise ModaltuneError(f"--out {out!r} exists and is not empty; choose a new folder")
-    recipe.merge(cfg, Path(checkpoint), out_path, log)
+    copied = copy_licences(recipe.merge(cfg, Path(checkpoint), out_path, log) or [], out_path)
+    if copied:
+        log(f"carried the base model's licence files into {out}: {', '.join(copied)}")
     (out_path / "modaltune-merge.json").write_text(
-        json.dumps({"checkpoint": os.path.abspath(checkpoint), "recipe": recipe.name}, indent=2) + "\n",
+        json.dumps({"checkpoint": os.path.abspath(checkpoint), "recipe": recipe.name, "licence_files": copied},
+                   indent=2) + "\n",
         encoding="utf-8",
     )
     return out_path
+
+
+LICENCE_NAMES = ("licen", "notice", "copying", "terms", "use_policy", "acceptable_use")
+
+
+def copy_licences(pairs: list[tuple[str | Path, Path]], out: Path) -> list[str]:
+    """Copy the licence, notice and terms files of each base model folder into its merged folder; returns their
+    paths relative to ``out``."""
+    import shutil
+
+    copied = []
+    for source, dest in pairs:
+        source = Path(source)
+        if not source.is_dir():
+            continue
+        for file in sorted(source.iterdir()):
+            if file.is_file() and any(key in file.name.lower() for key in LICENCE_NAMES):
+                shutil.copy2(file, Path(dest) / file.name)
+                copied.append((Path(dest) / file.name).relative_to(out).as_posix())
+    return copied

@@ -510,14 +510,22 @@ def _parameters_blocks(parameters: Mapping) -> list[Block]:
 
 
 def _data_blocks(data: Mapping) -> list[Block]:
-    """Kept and skipped examples per split, with the skip reasons by count."""
+    """Kept and skipped examples per split, with the skip reasons by count and the first skipped items named."""
     rows = []
     for split, info in data.items():
         info = _as_dict(info)
         reasons = sorted(_as_dict(info.get("skip_reasons")).items(), key=lambda kv: -(_finite(kv[1]) or 0))
-        rows.append([str(split), fmt_count(info.get("kept")), fmt_count(info.get("skipped")),
-                     "; ".join(f"{reason}: {count}" for reason, count in reasons)])
-    return [Heading("Data"), Table(["split", "kept", "skipped", "skip reasons"], rows)] if rows else []
+        named = _as_dict(info.get("skipped_items"))
+        parts = []
+        for reason, count in reasons:
+            names = [str(n) for n in (named.get(reason) or [])]
+            more = " ..." if names and (_finite(count) or 0) > len(names) else ""
+            parts.append(f"{reason}: {count}" + (f" ({', '.join(names)}{more})" if names else ""))
+        rows.append([str(split), fmt_count(info.get("kept")), fmt_count(info.get("skipped")), "; ".join(parts)])
+    if not rows:
+        return []
+    return [Heading("Data"), Table(["split", "kept", "skipped", "skip reasons (first items; all in skipped.jsonl)"],
+                                   rows)]
 
 
 def fmt_count(value: Any) -> str:

@@ -28,7 +28,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
-from modaltune.shared.io import atomic_write_json, atomic_write_text
+from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
+
+STATE_FILE = "modaltune_state.json"  # in a step checkpoint: the stage's training-loss sum so far
 
 
 @dataclasses.dataclass
@@ -122,10 +124,19 @@ class ModaltuneTrainer(Trainer):
     """The transformers Trainer with component learning rates and modaltune checkpoints."""
 
     def __init__(
-        self, *args: Any, component_lrs: dict[str, float] | None = None, checkpoint_meta: dict | None = None, **kwargs
+        self,
+        *args: Any,
+        component_lrs: dict[str, float] | None = None,
+        checkpoint_meta: dict | None = None,
+        keep_checkpoints: int = 2,
+        prior_loss_sum: float = 0.0,
+        **kwargs,
     ) -> None:
         self.component_lrs = component_lrs or {}
         self.checkpoint_meta = checkpoint_meta or {}
+        self.keep_checkpoints = keep_checkpoints
+        self.prior_loss_sum = prior_loss_sum  # training-loss sum of the steps before a resume
+        self._saving_step = False
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -159,16 +170,31 @@ class ModaltuneTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            ckpt.save_checkpoint(self.model, output_dir, meta=self.checkpoint_meta)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            # inside a step checkpoint the marker comes after the Trainer's own files (see _save_checkpoint)
+            ckpt.save_checkpoint(self.model, output_dir, meta=self.checkpoint_meta, mark_complete=not self._saving_step)
+            atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string())
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        # The Trainer writes weights, optimizer, scheduler, RNG and trainer_state.json; the COMPLETE marker that
-        # _save wrote must come after all of them, so it is removed and written again at the very end.
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        super()._save_checkpoint(model, trial)
+        # The Trainer writes weights, optimizer, scheduler, RNG and trainer_state.json; the COMPLETE marker, which
+        # lists every file with its size and hash, is written after all of them. Old checkpoints are rotated only
+        # then, so a kill at any moment leaves a complete checkpoint to resume from.
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        self._saving_step = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_step = False
         if self.args.should_save and folder.is_dir():
-            atomic_write_text(folder / ckpt.MARKER, "ok\n")
+            atomic_write_json(folder / STATE_FILE, {"step": self.state.global_step, "loss_sum": self.loss_sum()})
+            ckpt.write_marker(folder)
+            ckpt.rotate(run_dir, self.keep_checkpoints)
+
+    def loss_sum(self) -> float:
+        """Sum of the per-step training losses of this stage so far, steps before a resume included."""
+        pending = getattr(self, "_tr_loss", None)
+        pending = float(pending.item()) if isinstance(pending, torch.Tensor) else 0.0
+        return self.prior_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         ckpt.load_trained(model or self.model, resume_from_checkpoint)
@@ -235,18 +261,20 @@ def run_stages(
     tokenizer: Any = None,
     callbacks: list[TrainerCallback] | None = None,
     after_stage: Callable[[StagePlan], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``model`` through ``stages`` in order and write the final checkpoint to ``run_dir/checkpoint``.
 
     With ``cfg.resume`` a finished stage is loaded instead of retrained and an unfinished one continues from its
-    last complete ``checkpoint-N`` (same step count, optimizer and scheduler state). ``after_stage(stage)`` runs
-    after each stage (e.g. an evaluation), with the model holding that stage's weights.
+    last usable ``checkpoint-N`` (same step count, optimizer and scheduler state; a newer incomplete or damaged one
+    is skipped with a ``log`` line naming it). ``after_stage(stage)`` runs after each stage (e.g. an evaluation),
+    with the model holding that stage's weights.
     """
     run_dir = Path(run_dir)
     log_path = run_dir / "metrics.jsonl"
     rows: list[dict] = []
     if cfg.resume and log_path.exists():
-        rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [row for _, row in iter_jsonl(log_path)]
     elif log_path.exists():
         log_path.unlink()
     precision = resolve_precision(cfg.precision)
@@ -254,14 +282,15 @@ def run_stages(
     for stage in stages:
         stage_dir = run_dir / "stages" / stage.name
         final = stage_dir / "final"
-        if cfg.resume and ckpt.is_complete(final):
+        if cfg.resume and ckpt.problem(final) is None:
             ckpt.load_trained(model, final)
             summaries.append({"stage": stage.name, "resumed": "finished earlier, loaded", "steps": None})
             if after_stage is not None:
                 after_stage(stage)
             continue
         model.set_stage_trainable(stage.components)
-        resume_from = ckpt.latest_checkpoint(stage_dir) if cfg.resume else None
+        resume_from = ckpt.latest_checkpoint(stage_dir, log=log) if cfg.resume else None
+        prior_loss_sum = _prior_loss_sum(resume_from)
         if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
             done = int(resume_from.name.split("-")[1]) if resume_from else 0
             rows[:] = [r for r in rows if r.get("stage") != stage.name or r.get("step", 0) <= done]
@@ -285,7 +314,7 @@ def run_stages(
             logging_first_step=True,
             save_strategy="steps",
             save_steps=cfg.save_steps,
-            save_total_limit=max(cfg.save_total_limit, 1),
+            save_total_limit=None,  # rotated by ModaltuneTrainer once a new checkpoint is complete
             eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no",
             eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
             prediction_loss_only=True,
@@ -312,12 +341,17 @@ def run_stages(
             callbacks=stage_callbacks,
             component_lrs=component_lrs,
             checkpoint_meta={**checkpoint_meta, "stage": stage.name},
+            keep_checkpoints=max(cfg.save_total_limit, 1),
+            prior_loss_sum=prior_loss_sum,
         )
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        steps = trainer.state.global_step
+        trained_now = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
         summary = {
             "stage": stage.name,
-            "steps": trainer.state.global_step,
-            "train_loss": output.training_loss,
+            "steps": steps,
+            # the mean over every step of the stage, those trained before a resume included
+            "train_loss": (prior_loss_sum + output.training_loss * trained_now) / steps if steps else None,
             "train_seconds": output.metrics.get("train_runtime"),
             "resumed_from": str(resume_from) if resume_from else None,
             "precision": precision,
@@ -333,6 +367,13 @@ def run_stages(
     write_metrics_csv(rows, run_dir / "metrics.csv")
     atomic_write_json(run_dir / "stages.json", summaries)
     return TrainResult(rows=rows, stages=summaries, checkpoint=final_dir)
+
+
+def _prior_loss_sum(checkpoint: Path | None) -> float:
+    """The training-loss sum a step checkpoint recorded (0 for none, or one written before it was recorded)."""
+    if checkpoint is None or not (checkpoint / STATE_FILE).is_file():
+        return 0.0
+    return float(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")).get("loss_sum", 0.0))
 
 
 def write_metrics_csv(rows: list[dict], path: Path) -> None:

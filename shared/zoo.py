@@ -122,11 +122,15 @@ def install(name: str, *, force: bool = False, log: Callable[[str], None] = prin
     return target
 
 
-def resolve_model(name: str, *, log: Callable[[str], None] = print) -> tuple[str, str]:
+def resolve_model(name: str, *, log: Callable[[str], None] = print, revision: str | None = None) -> tuple[str, str]:
     """Turn a model reference into something ``from_pretrained`` takes, and say which kind it was.
 
+    A hub id is checked before any weights are fetched, so a name that is neither a folder, a zoo name nor a hub
+    model fails in seconds: offline (``HF_HUB_OFFLINE=1``, or the hub unreachable) it resolves to its copy in the
+    local hub cache, or fails at once saying so.
+
     Returns:
-        ``(path_or_hub_id, kind)`` with kind ``local``, ``zoo`` or ``hub``.
+        ``(path_or_hub_id, kind)`` with kind ``local``, ``zoo``, ``hub`` or ``hub-cache``.
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -135,6 +139,50 @@ def resolve_model(name: str, *, log: Callable[[str], None] = print) -> tuple[str
         return str(install(name, log=log)), "zoo"
     if path.suffix in {".gguf", ".bin", ".safetensors"} or name.startswith((".", "/", "~")):
         raise ModaltuneError(f"model {name!r} looks like a local path but does not exist")
+    return _resolve_hub(name, revision)
+
+
+def _cached_snapshot(name: str, revision: str | None) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, revision=revision, local_files_only=True)
+    except Exception:  # not cached (or a malformed id): the caller says which
+        return None
+
+
+def _resolve_hub(name: str, revision: str | None) -> tuple[str, str]:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"not a local folder, not a zoo name (known: {', '.join(ZOO.names())})"
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if offline:
+        cached = _cached_snapshot(name, revision)
+        if cached:
+            return cached, "hub-cache"
+        raise ModaltuneError(
+            f"cannot load model {name!r}: {where}, and not in the local hub cache while offline (HF_HUB_OFFLINE=1); "
+            "give a local folder, or download it on a machine that reaches the hub"
+        )
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except GatedRepoError:
+        return name, "hub"  # exists; from_pretrained says what the login needs
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModaltuneError(
+            f"cannot load model {name!r}: {where}, and the Hugging Face hub has no such model"
+            f"{' revision' if isinstance(exc, RevisionNotFoundError) else ''} (or it is private: set HF_TOKEN)"
+        ) from None
+    except Exception as exc:  # connection refused, DNS, timeout: the hub cannot be reached from here
+        cached = _cached_snapshot(name, revision)
+        if cached:
+            return cached, "hub-cache"
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
+        raise ModaltuneError(
+            f"cannot load model {name!r}: {where}, not in the local hub cache, and the Hugging Face hub cannot be "
+            f"reached ({first}); give a local folder, or set HF_HUB_OFFLINE=1 to use cached models only"
+        ) from None
     return name, "hub"
 
 

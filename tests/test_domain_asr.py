@@ -140,6 +140,7 @@ def test_validation_counts_every_failure_mode(tmp_path):
     import soundfile as sf
 
     from modaltune.audio.data import ClipFilter, read_manifest, validate
+    from modaltune.shared.skips import Skips
 
     sr = 16000
     sf.write(tmp_path / "ok.wav", (0.2 * np.sin(np.arange(sr) / 5)).astype(np.float32), sr)
@@ -157,18 +158,52 @@ def test_validation_counts_every_failure_mode(tmp_path):
     ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    skipped = Counter()
+    skipped = Skips()
     clips = validate(read_manifest(str(manifest)), ClipFilter(long_clips="split"), skipped)
     assert [c.text for c in clips] == ["fine", "resampled", "part one", "part two"]
     assert clips[1].wave.shape == (16000,)
     assert skipped == Counter({"silence": 1, "longer than 30 s (the model's window)": 1, "unreadable audio": 1,
                                "missing audio file": 1, "empty transcript": 1, "empty audio": 1})
+    assert skipped.names["silence"] == ["m.jsonl:2"] and skipped.names["missing audio file"] == ["m.jsonl:5"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"audio": "ok.wav", "text": "a"}\nnot json\n')
     from modaltune.shared.errors import DataError
 
     with pytest.raises(DataError, match="bad.jsonl:2"):
         read_manifest(str(bad))
+
+
+def test_truncated_short_and_outside_clips_are_named_skips(tmp_path):
+    import soundfile as sf
+
+    from modaltune.audio.data import ClipFilter, read_manifest, validate
+    from modaltune.shared.skips import Skips
+
+    sr = 16000
+    voice = (0.2 * np.sin(np.arange(3 * sr) / 5)).astype(np.float32)
+    sf.write(tmp_path / "ok.wav", voice, sr, subtype="PCM_16")
+    whole = (tmp_path / "ok.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 3])  # the header still says 3 s; 1 s decodes
+    (tmp_path / "tail.wav").write_bytes(whole[:-64])  # 32 samples short: an incomplete last block, not a cut file
+    sf.write(tmp_path / "blip.wav", voice[:160], sr)  # 10 ms
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere.wav"
+    sf.write(outside, voice, sr)
+    sub = tmp_path / "set"
+    sub.mkdir()
+    rows = [{"audio": "../ok.wav", "text": "climbs out"}, {"audio": str(outside), "text": "absolute"},
+            {"audio": "../cut.wav", "text": "cut"}, {"audio": "../blip.wav", "text": "blip"},
+            {"audio": "../tail.wav", "text": "tail"}]
+    (sub / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    skipped = Skips()
+    clips = validate(read_manifest(str(sub / "m.jsonl")), ClipFilter(), skipped)
+    assert [c.text for c in clips] == ["climbs out", "absolute", "tail"]  # a local tool follows any path by default
+    assert skipped == {"truncated audio": 1, "shorter than 0.1 s": 1}
+    assert skipped.names == {"truncated audio": ["m.jsonl:3"], "shorter than 0.1 s": ["m.jsonl:4"]}
+    skipped = Skips()
+    clips = validate(read_manifest(str(sub / "m.jsonl")), ClipFilter(root_only=True), skipped)
+    assert clips == []
+    reason = "audio path outside the manifest's folder (data.root_only)"
+    assert skipped[reason] == 5 and skipped.names[reason][1] == f"m.jsonl:2: {outside}"
 
 
 def test_wer_cer_and_term_recall_on_hand_checked_examples():
@@ -327,10 +362,9 @@ def test_replay_kl_is_zero_at_the_zero_shot_model_and_pulls_trained_adapters_bac
 
 
 def test_replay_needs_an_adapter_on_the_decoder_and_reads_manifest_flags(tmp_path, speech_manifests):
-    from collections import Counter
-
     from modaltune.audio.data import ClipFilter, read_manifest, validate
     from modaltune.shared.config import load_config
+    from modaltune.shared.skips import Skips
     from modaltune.shared.errors import DataError
     from modaltune.shared.recipe import get_recipe
 
@@ -338,7 +372,7 @@ def test_replay_needs_an_adapter_on_the_decoder_and_reads_manifest_flags(tmp_pat
     with pytest.raises(ConfigError, match="replay.kl_weight=0.5 needs an adapter method on the decoder"):
         load_config(recipe.config_cls, recipe.default_config_path(), ["replay.kl_weight=0.5", "decoder.method=full"])
     rows = read_manifest(str(speech_manifests["train"]))
-    clips = validate(rows, ClipFilter(), Counter())
+    clips = validate(rows, ClipFilter(), Skips())
     assert [c.replay for c in clips] == [i % 4 == 0 for i in range(12)]
     wav = speech_manifests["train"].parent / "train-0.wav"
     csv_path = tmp_path / "m.csv"

@@ -35,10 +35,60 @@ def test_zoo_resolution(tmp_path):
 
     assert "gemma-3-270m" in zoo.ZOO.names()
     assert zoo.resolve_model(str(tmp_path)) == (str(tmp_path), "local")
-    assert zoo.resolve_model("org/some-model") == ("org/some-model", "hub")
     with pytest.raises(ModaltuneError, match="does not exist"):
         zoo.resolve_model(str(tmp_path / "missing-folder"))
     assert not zoo.is_installed("gemma-3-270m")  # fast tests run with an empty MODALTUNE_HOME
+
+
+def test_hub_names_resolve_or_fail_in_seconds(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from modaltune.shared import zoo
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    started = time.time()
+    with pytest.raises(ModaltuneError, match=r"not in the local hub cache while offline \(HF_HUB_OFFLINE=1\)"):
+        zoo.resolve_model("org/some-model")  # the tests run offline
+    assert time.time() - started < 5
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def reachable(self, name, revision=None, timeout=None):
+        calls.append((name, timeout))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", reachable)
+    assert zoo.resolve_model("org/some-model") == ("org/some-model", "hub")
+    assert calls == [("org/some-model", 10)]
+
+    def missing(self, name, revision=None, timeout=None):
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its __init__ wants an HTTP response
+        error.args = ("404 Repository Not Found",)
+        raise error
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
+    with pytest.raises(ModaltuneError, match="the Hugging Face hub has no such model"):
+        zoo.resolve_model("org/some-model")
+
+    def unreachable(self, name, revision=None, timeout=None):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ModaltuneError, match="cannot be reached .*Name or service not known.*HF_HUB_OFFLINE=1"):
+        zoo.resolve_model("org/some-model")
+    # a model in the local hub cache loads from there when the hub cannot be reached
+    snap = tmp_path / "hf" / "hub" / "models--org--some-model" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc")
+    assert zoo.resolve_model("org/some-model") == (str(snap), "hub-cache")
 
 
 def test_zoo_install_is_atomic_and_idempotent(tmp_path, monkeypatch):

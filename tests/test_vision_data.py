@@ -342,10 +342,14 @@ def test_validate_images_checks_each_image_once(images, monkeypatch):
     good, broken = str(images / "good.png"), str(images / "broken.jpg")
     items = [VQAItem(str(n), img, "q?", "yes", "closed")
              for n, img in enumerate([good, broken, good, broken, str(images / "gone.png")])]
-    skipped = Counter({"empty answer": 2})
+    from modaltune.shared.skips import Skips
+
+    skipped = Skips({"empty answer": 2})
     kept = validate_images(items, skipped)
     assert [i.id for i in kept] == ["0", "2"]
     assert skipped == Counter({"empty answer": 2, "unreadable image": 2, "missing image": 1})
+    assert skipped.names["missing image"] == [f"4 ({images / 'gone.png'})"]
+    assert skipped.names["unreadable image"] == [f"1 ({broken})", f"3 ({broken})"]
     assert calls == Counter({good: 1, broken: 1})
 
 
@@ -424,3 +428,20 @@ def test_easy_vqa_captions(easy_vqa):
     test_captions, test_skipped = easy_vqa_captions(easy_vqa["test"][0])
     assert len(test_captions) + test_skipped["no shape and colour facts"] == 1_000
     assert test_captions[0].id.startswith("easy-vqa-test-image-")
+
+
+def test_root_only_keeps_images_inside_the_image_folder_and_names_the_rest(images, tmp_path):
+    from modaltune.shared.skips import Skips
+
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    rows = [{"image": "good.png", "question": "q?", "answer": "yes"},
+            {"image": "../elsewhere.png", "question": "q?", "answer": "no"},
+            {"image": str(outside), "question": "q?", "answer": "no"}]
+    (images / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items, skipped = vdata.read_vqa_jsonl(images / "q.jsonl")
+    assert len(items) == 3  # a local tool follows any path by default
+    kept = vdata.keep_within(items, images, skipped)
+    assert [i.image for i in kept] == [str(images / "good.png")]
+    reason = "image path outside the image folder (data.root_only)"
+    assert skipped[reason] == 2 and skipped.names[reason][1] == f"3 ({outside})"

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import json
 import random
-from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import torch
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, DataError
 from modaltune.shared.io import iter_jsonl
+from modaltune.shared.skips import Skips
 from modaltune.shared.loss import IGNORE_INDEX
 
 SPLITS = ("train", "validation", "test")
@@ -66,7 +66,7 @@ class SplitData:
     """Examples of every split plus what was skipped and why."""
 
     examples: dict[str, list[Example]]
-    skipped: dict[str, Counter]
+    skipped: dict[str, Skips]
 
 
 def builtin_path(name: str) -> Path:
@@ -159,14 +159,14 @@ def to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str])
 
 def load_splits(cfg: InstructionDataConfig) -> SplitData:
     """Read, normalise and split the data; malformed rows are counted per reason, not lost silently."""
-    skipped: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    skipped: dict[str, Skips] = {s: Skips() for s in SPLITS}
 
     def convert(source: str, split: str) -> list[Example]:
         out = []
         for rid, row in read_records(source, hf_split=cfg.hf_split):
             ex = to_example(rid, row, cfg.format, cfg.columns)
             if isinstance(ex, str):
-                skipped[split][ex] += 1
+                skipped[split].add(ex, rid)
             else:
                 out.append(ex)
         return out
@@ -191,8 +191,8 @@ def load_splits(cfg: InstructionDataConfig) -> SplitData:
     caps = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples, "test": cfg.max_eval_examples}
     for split, cap in caps.items():
         if cap is not None and len(examples[split]) > cap:
-            skipped[split][f"over max_{'train' if split == 'train' else 'eval'}_examples={cap}"] += (
-                len(examples[split]) - cap
+            skipped[split].add(
+                f"over max_{'train' if split == 'train' else 'eval'}_examples={cap}", count=len(examples[split]) - cap
             )
             examples[split] = examples[split][:cap]
     return SplitData(examples, skipped)
@@ -231,14 +231,14 @@ class PromptFormatter:
 class TokenizedDataset(torch.utils.data.Dataset):
     """Tokenised examples: ``input_ids`` with ``labels`` masked to the response."""
 
-    def __init__(self, examples: list[Example], formatter: PromptFormatter, max_length: int, skipped: Counter):
+    def __init__(self, examples: list[Example], formatter: PromptFormatter, max_length: int, skipped: Skips):
         self.items: list[dict[str, Any]] = []
         self.examples: list[Example] = []
         for ex in examples:
             prompt_ids, response_ids = formatter.encode(ex)
             ids = prompt_ids + response_ids
             if len(ids) > max_length:
-                skipped[f"longer than max_length={max_length} tokens"] += 1
+                skipped.add(f"longer than max_length={max_length} tokens", ex.id)
                 continue
             labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
             self.items.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids})

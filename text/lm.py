@@ -59,7 +59,7 @@ def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: tor
     """
     from transformers import AutoModelForCausalLM
 
-    path, kind = resolve_model(cfg.name, log=log_fn)
+    path, kind = resolve_model(cfg.name, log=log_fn, revision=cfg.revision)
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,

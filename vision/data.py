@@ -15,15 +15,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import io
 import json
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from modaltune.shared.errors import DataError
-from modaltune.shared.io import iter_jsonl
+from modaltune.shared.io import iter_jsonl, lines, within
+from modaltune.shared.skips import Skips
 from modaltune.vision.images import ImageReadError, load_image
 
 PLACEHOLDER = "<ImageHere>"
@@ -172,7 +173,7 @@ def _vqa_item(
     id_: Any,
     image: Path | None,
     type_key: str | None = None,
-    skipped: Counter,
+    skipped: Skips,
 ) -> VQAItem | None:
     """Build a VQAItem from a row's ``question`` and ``answer``, or count why not and return None."""
     question, answer = _text(row.get("question")), _text(row.get("answer"))
@@ -184,7 +185,7 @@ def _vqa_item(
     elif image is None or not image.is_file():
         reason = "missing image"
     if reason:
-        skipped[reason] += 1
+        skipped.add(reason, id_)
         return None
     given = row.get(type_key) if type_key else None
     return VQAItem(str(id_), str(image), question, answer, closed_type(answer, given))
@@ -193,7 +194,7 @@ def _vqa_item(
 # ---- Med-VQA layouts ----------------------------------------------------------------------------------------------
 
 
-def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem], Counter]:
+def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem], Skips]:
     """Read VQA-RAD: a JSON list of rows with ``image_name``, ``question``, ``answer`` and ``answer_type``.
 
     Args:
@@ -209,10 +210,10 @@ def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQA
     """
     path = _existing_file(json_path, "VQA-RAD file")
     folder = _existing_dir(image_dir, "VQA-RAD image folder")
-    items, skipped = [], Counter()
+    items, skipped = [], Skips()
     for index, row in enumerate(_json_list(path)):
         if not isinstance(row, dict):
-            skipped["malformed row"] += 1
+            skipped.add("malformed row", f"{path.name}[{index}]")
             continue
         name = _text(row.get("image_name"))
         id_ = row["qid"] if _text(row.get("qid")) else index
@@ -222,7 +223,7 @@ def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQA
     return items, skipped
 
 
-def read_slake(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem], Counter]:
+def read_slake(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem], Skips]:
     """Read SLAKE: a JSON list of rows with ``img_name``, ``question``, ``answer``, ``answer_type``, ``q_lang``.
 
     Only English rows (``q_lang`` "en", or no ``q_lang``) are kept; the others are counted as "not English".
@@ -240,14 +241,14 @@ def read_slake(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAIt
     """
     path = _existing_file(json_path, "SLAKE file")
     folder = _existing_dir(image_dir, "SLAKE image folder")
-    items, skipped = [], Counter()
+    items, skipped = [], Skips()
     for index, row in enumerate(_json_list(path)):
         if not isinstance(row, dict):
-            skipped["malformed row"] += 1
+            skipped.add("malformed row", f"{path.name}[{index}]")
             continue
         lang = _text(row.get("q_lang")).lower()
         if lang and lang != "en":
-            skipped["not English"] += 1
+            skipped.add("not English", row["qid"] if _text(row.get("qid")) else index)
             continue
         name = _text(row.get("img_name"))
         id_ = row["qid"] if _text(row.get("qid")) else index
@@ -257,7 +258,7 @@ def read_slake(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAIt
     return items, skipped
 
 
-def read_pathvqa(path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem], Counter]:
+def read_pathvqa(path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem], Skips]:
     """Read PathVQA from a JSON list or a JSONL file of rows with ``image``, ``question`` and ``answer``.
 
     Args:
@@ -274,10 +275,10 @@ def read_pathvqa(path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem]
     """
     file = _existing_file(path, "PathVQA file")
     folder = _existing_dir(image_dir, "PathVQA image folder")
-    items, skipped = [], Counter()
+    items, skipped = [], Skips()
     for number, row in _json_rows(file):
         if not isinstance(row, dict):
-            skipped["malformed row"] += 1
+            skipped.add("malformed row", f"{file.name}:{number}")
             continue
         id_ = next((row[k] for k in ("id", "qid") if _text(row.get(k))), number)
         item = _vqa_item(row, id_=id_, image=_find_image(folder, _text(row.get("image"))), skipped=skipped)
@@ -286,7 +287,7 @@ def read_pathvqa(path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem]
     return items, skipped
 
 
-def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> tuple[list[VQAItem], Counter]:
+def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> tuple[list[VQAItem], Skips]:
     """Read the generic VQA layout: JSONL rows with ``image``, ``question``, ``answer`` and optional ``type``/``id``.
 
     Args:
@@ -303,10 +304,10 @@ def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> tu
     """
     file = _existing_file(path, "VQA JSONL file")
     root = Path(image_root) if image_root is not None else file.parent
-    items, skipped = [], Counter()
+    items, skipped = [], Skips()
     for lineno, row in _jsonl(file):
         if not isinstance(row, dict):
-            skipped["malformed row"] += 1
+            skipped.add("malformed row", f"{file.name}:{lineno}")
             continue
         name = _text(row.get("image"))
         image = (root / name if not Path(name).is_absolute() else Path(name)) if name else None
@@ -320,7 +321,7 @@ def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> tu
 # ---- captions -----------------------------------------------------------------------------------------------------
 
 
-def read_roco_captions(image_dir: str | Path, caption_file: str | Path) -> tuple[list[CaptionItem], Counter]:
+def read_roco_captions(image_dir: str | Path, caption_file: str | Path) -> tuple[list[CaptionItem], Skips]:
     """Read ROCO-style captions.
 
     The caption file is either tab-separated text (``.txt``/``.tsv``/other: one ``ID<TAB>caption`` per line, an
@@ -340,9 +341,9 @@ def read_roco_captions(image_dir: str | Path, caption_file: str | Path) -> tuple
     """
     file = _existing_file(caption_file, "caption file")
     folder = _existing_dir(image_dir, "caption image folder")
-    pairs: list[tuple[str, str] | None] = []  # None marks a malformed row
+    pairs: list[tuple[str, str, str]] = []  # (file:line, id, caption); an empty id marks a malformed row
     if file.suffix.lower() == ".csv":
-        reader = csv.reader(_read_text(file).splitlines())
+        reader = csv.reader(io.StringIO(_read_text(file), newline=""))
         header = [h.strip().lower() for h in next(reader, [])]
         id_col = next((header.index(c) for c in ("id", "name", "image") if c in header), None)
         if id_col is None or "caption" not in header:
@@ -354,27 +355,28 @@ def read_roco_captions(image_dir: str | Path, caption_file: str | Path) -> tuple
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
-            pairs.append((row[id_col].strip(), row[cap_col].strip()) if len(row) > max(id_col, cap_col) else None)
+            ok = len(row) > max(id_col, cap_col)
+            pairs.append((f"{file.name}:{reader.line_num}", row[id_col].strip() if ok else "",
+                          row[cap_col].strip() if ok else ""))
     else:
-        for lineno, line in enumerate(_read_text(file).splitlines(), start=1):
+        for lineno, line in enumerate(lines(_read_text(file)), start=1):
             if not line.strip():
                 continue
             key, tab, caption = line.partition("\t")
             if lineno == 1 and key.strip().lower() in ("id", "name", "image") and caption.strip().lower() == "caption":
                 continue
-            pairs.append((key.strip(), caption.strip()) if tab else None)
-    items, skipped = [], Counter()
-    for pair in pairs:
-        if pair is None or not pair[0]:
-            skipped["malformed row"] += 1
+            pairs.append((f"{file.name}:{lineno}", key.strip() if tab else "", caption.strip()))
+    items, skipped = [], Skips()
+    for where, key, caption in pairs:
+        if not key:
+            skipped.add("malformed row", where)
             continue
-        key, caption = pair
         if not caption:
-            skipped["empty caption"] += 1
+            skipped.add("empty caption", key)
             continue
         image = _find_image(folder, key)
         if image is None:
-            skipped["missing image"] += 1
+            skipped.add("missing image", key)
             continue
         items.append(CaptionItem(key, str(image), caption))
     return items, skipped
@@ -395,7 +397,7 @@ def _easy_vqa_module():
         raise DataError(f"cannot import easy_vqa ({exc}); run pip install '{EASY_VQA_PACKAGE}'") from None
 
 
-def read_easy_vqa(split: str) -> tuple[list[VQAItem], Counter]:
+def read_easy_vqa(split: str) -> tuple[list[VQAItem], Skips]:
     """Read one split of easy-VQA (64x64 PNGs of coloured shapes) from the ``easy-vqa`` PyPI package.
 
     The package is pip-installed on first use. Train has 38,575 questions on 4,000 images, test 9,673 on 1,000;
@@ -419,7 +421,7 @@ def read_easy_vqa(split: str) -> tuple[list[VQAItem], Counter]:
     else:
         questions, answers, image_ids = module.get_test_questions()
         paths = module.get_test_image_paths()
-    items, skipped = [], Counter()
+    items, skipped = [], Skips()
     for index, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids)):
         image = paths.get(image_id)
         item = _vqa_item({"question": question, "answer": answer}, id_=f"easy-vqa-{split}-{index}",
@@ -464,7 +466,7 @@ def _easy_vqa_facts(question: str, answer: str) -> dict[str, str]:
     return {}
 
 
-def easy_vqa_captions(items: Iterable[VQAItem]) -> tuple[list[CaptionItem], Counter]:
+def easy_vqa_captions(items: Iterable[VQAItem]) -> tuple[list[CaptionItem], Skips]:
     """Derive one stage-1 caption per easy-VQA image ("A blue circle.") from the answers about that image.
 
     Every question about an image that reveals its shape or colour (see :func:`_easy_vqa_facts`) contributes; an
@@ -483,7 +485,7 @@ def easy_vqa_captions(items: Iterable[VQAItem]) -> tuple[list[CaptionItem], Coun
         known = facts.setdefault(item.image, {"shape": set(), "colour": set()})
         for key, value in _easy_vqa_facts(item.question, item.answer).items():
             known[key].add(value)
-    captions, skipped = [], Counter()
+    captions, skipped = [], Skips()
     for image, known in facts.items():
         shapes, colours = known["shape"], known["colour"]
         if len(shapes) > 1 or len(colours) > 1 or (shapes and not shapes <= set(SHAPES)):
@@ -495,19 +497,30 @@ def easy_vqa_captions(items: Iterable[VQAItem]) -> tuple[list[CaptionItem], Coun
             captions.append(CaptionItem(f"easy-vqa-{path.parent.parent.name}-image-{path.stem}", image,
                                         f"A {next(iter(colours))} {next(iter(shapes))}."))
             continue
-        skipped[reason] += 1
+        skipped.add(reason, image)
     return captions, skipped
 
 
 # ---- image check --------------------------------------------------------------------------------------------------
 
 
-def validate_images(items: Iterable[VQAItem | CaptionItem], skipped: Counter) -> list:
+def keep_within(items: Iterable[VQAItem | CaptionItem], root: str | Path, skipped: Skips) -> list:
+    """The items whose image lies inside ``root`` (``data.root_only``); the others are counted and named."""
+    kept = []
+    for item in items:
+        if within(item.image, root):
+            kept.append(item)
+        else:
+            skipped.add("image path outside the image folder (data.root_only)", f"{item.id} ({item.image})")
+    return kept
+
+
+def validate_images(items: Iterable[VQAItem | CaptionItem], skipped: Skips) -> list:
     """Keep the items whose image exists and decodes; each distinct image is loaded once.
 
     Args:
         items: VQA or caption items.
-        skipped: Counter to add "missing image" and "unreadable image" to (one count per dropped item).
+        skipped: the tally to add "missing image" and "unreadable image" to (one count per dropped item).
 
     Returns:
         The usable items, in their original order.
@@ -526,7 +539,7 @@ def validate_images(items: Iterable[VQAItem | CaptionItem], skipped: Counter) ->
                     verdicts[item.image] = "unreadable image"
         reason = verdicts[item.image]
         if reason:
-            skipped[reason] += 1
+            skipped.add(reason, f"{item.id} ({item.image})")
         else:
             kept.append(item)
     return kept

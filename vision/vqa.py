@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections import Counter
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from modaltune.shared.loss import IGNORE_INDEX
 from modaltune.shared.metrics import bleu, normalize_answer, rouge_l, token_recall
+from modaltune.shared.skips import Skips
 from modaltune.vision.data import CAPTION_INSTRUCTIONS, CAPTION_TEMPLATE, PLACEHOLDER, VQA_TEMPLATE
 from modaltune.vision.images import load_image
 
@@ -43,14 +43,14 @@ class VLDataset(torch.utils.data.Dataset):
     """(image, prompt, target) examples tokenised with the loss on the target only."""
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer, features: FeatureCache | None, *,
-                 max_length: int, skipped: Counter) -> None:
+                 max_length: int, skipped: Skips) -> None:
         self.rows, self.items = [], []
         for row in rows:
             ids, pos = encode_prompt(tokenizer, row["prompt"])
             target = tokenizer(" " + row["target"].strip(), add_special_tokens=False)["input_ids"] + [
                 tokenizer.eos_token_id]
             if len(ids) + len(target) > max_length:
-                skipped[f"longer than max_length={max_length} tokens"] += 1
+                skipped.add(f"longer than max_length={max_length} tokens", row["id"])
                 continue
             self.items.append({"input_ids": ids + target, "labels": [IGNORE_INDEX] * len(ids) + target,
                                "prompt_ids": ids, "image_position": pos, "image": row["image"]})
