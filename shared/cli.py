@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config (default: the recipe's shipped config)")
     run.add_argument("--out", help="run folder (default: runs/RECIPE-run-TIMESTAMP)")
     run.add_argument("--quick", action="store_true", help="same pipeline on a small slice of data and steps")
+    run.add_argument("--seeds", metavar="N|S1,S2,...",
+                     help="run once per seed (N seeds from train.seed on, or a list) into OUT/seed-S and write a "
+                          "summary report with mean, std and worst seed of every metric")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint against its base model",
@@ -97,8 +100,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr), overrides=args.overrides)
         print(path)
         return 0
-    from modaltune.shared.recipe import execute
+    from modaltune.shared.recipe import execute, execute_seeds
 
+    if getattr(args, "seeds", None):
+        summary, code = execute_seeds(args.recipe, args.seeds, config=args.config, out=args.out, quick=args.quick,
+                                      overrides=args.overrides)
+        _print_spread(summary)
+        return code
     report, code = execute(
         args.recipe,
         mode=args.command,
@@ -124,6 +132,15 @@ def _print_summary(report: dict) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"  {key:28s} before {fmt(b):>10s}   after {fmt(a):>10s}")
     print(f"  report: {report['run_dir']}/report.html")
+
+
+def _print_spread(summary: dict) -> None:
+    metrics = summary["metrics"]
+    mean, std, worst = (metrics.get(k, {}) for k in ("after_mean", "after_std", "after_worst"))
+    print(f"\n{summary['recipe']}: {summary['status']}, seeds {summary['seeds']}  ({summary['run_dir']})")
+    for key in sorted(k for k in mean if "@" not in k):
+        print(f"  {key:28s} after {mean[key]:10.4f} ± {std.get(key, 0.0):.4f}   worst seed {worst.get(key):10.4f}")
+    print(f"  report: {summary['run_dir']}/report.html")
 
 
 if __name__ == "__main__":

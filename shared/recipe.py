@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared.config import dump_yaml, from_dict, load_config, parse_overrides, apply_dotted, to_dict
+from modaltune.shared.environment import environment
 from modaltune.shared.errors import ModaltuneError, suggest
 from modaltune.shared.registry import RECIPES
 from modaltune.shared.skips import SKIPPED_FILE, write_skipped
@@ -206,6 +207,7 @@ def execute(
     }
     if checkpoint:
         report["checkpoint"] = str(checkpoint)
+    report["environment"] = environment()
     ctx = RunContext(run_dir=run_dir, quick=quick, report=report, log=log)
     seed_everything(getattr(train_cfg, "seed", 0))
     started = time.time()
@@ -240,6 +242,96 @@ def execute(
     log(f"report: {files.get('html', run_dir / 'report.html')}")
     log.close()
     return report, code
+
+
+def parse_seeds(text: str, base: int) -> list[int]:
+    """``--seeds``: a count N (seeds ``base`` .. ``base+N-1``, ``base`` being the config's ``train.seed``) or an
+    explicit comma-separated list.
+
+    Example:
+        >>> parse_seeds("3", 42), parse_seeds("1,7,9", 42)
+        ([42, 43, 44], [1, 7, 9])
+    """
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+        else:
+            seeds = [base + i for i in range(int(text))]
+    except ValueError:
+        raise ModaltuneError(f"--seeds {text!r}: give a count (--seeds 3) or a list (--seeds 1,2,3)") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ModaltuneError(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds
+
+
+def execute_seeds(
+    recipe_name: str,
+    seeds: str,
+    *,
+    config: str | None = None,
+    out: str | None = None,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Run a recipe once per seed (``train.seed``; data splits keep their own seeds) and write a summary report.
+
+    Each seed runs in ``OUT/seed-S`` with its full report; ``OUT/report.json`` holds the spread over seeds of every
+    metric (``metrics.after_mean``, ``after_std``, ``after_min``, ``after_max``, ``after_worst``, and the same for
+    ``before``) and one row per seed. With ``train.resume=true`` a seed whose run already finished is not run again.
+
+    Returns:
+        ``(summary report, exit code)``: 0 when every seed succeeded, else the first failing seed's code.
+    """
+    from modaltune.shared.report import seed_metrics, write_report
+
+    recipe = get_recipe(recipe_name)
+    cfg = load_config(recipe.config_cls, config or recipe.default_config_path(), overrides, quick=quick)
+    train_cfg = getattr(cfg, "train", None)
+    if train_cfg is None or not hasattr(train_cfg, "seed"):
+        raise ModaltuneError(f"recipe {recipe.name!r} has no train.seed to vary")
+    seed_list = parse_seeds(seeds, train_cfg.seed)
+    resume = bool(getattr(train_cfg, "resume", False))
+    if resume and out is None:
+        raise ModaltuneError("train.resume=true continues earlier seed runs: name their folder with --out DIR")
+    out_dir = Path(out) if out else default_run_dir(recipe.name, "seeds")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    runs, reports, code = [], [], 0
+    for i, seed in enumerate(seed_list):
+        seed_dir = out_dir / f"seed-{seed}"
+        earlier = seed_dir / "report.json"
+        if resume and earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("status") == "ok":
+            report, seed_code = json.loads(earlier.read_text(encoding="utf-8")), 0
+            print(f"[modaltune] seed {seed}: finished earlier, its report is reused", flush=True)
+        else:
+            print(f"[modaltune] seed {seed} ({i + 1} of {len(seed_list)}) -> {seed_dir}", flush=True)
+            report, seed_code = execute(recipe.name, mode="run", config=config, out=str(seed_dir), quick=quick,
+                                        overrides=[*(overrides or []), f"train.seed={seed}"])
+        code = code or seed_code
+        reports.append(report)
+        metrics = report.get("metrics") or {}
+        runs.append({"seed": seed, "status": report.get("status"), "run_dir": str(seed_dir),
+                     "before": metrics.get("before", {}), "after": metrics.get("after", {}),
+                     "total_seconds": (report.get("timing") or {}).get("total_seconds")})
+    ok = [r for r in reports if r.get("status") == "ok"]
+    summary: dict[str, Any] = {
+        "recipe": recipe.name,
+        "mode": "seeds",
+        "status": "ok" if len(ok) == len(reports) else "failed",
+        "command": "modaltune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
+        "run_dir": str(out_dir),
+        "seeds": seed_list,
+        "metrics": seed_metrics(ok),
+        "runs": runs,
+        "timing": {"total_seconds": round(time.time() - started, 2)},
+        "environment": environment(),
+        "config": to_dict(cfg),
+    }
+    if len(ok) < len(reports):
+        failed = [r["seed"] for r in runs if r["status"] != "ok"]
+        summary["error"] = f"seeds {failed} did not finish; the spread covers the {len(ok)} that did"
+    write_report(out_dir, summary)
+    return summary, code
 
 
 CODE_FLAGS = ("trust_remote_code",)  # config keys that let a model folder run its own code

@@ -126,7 +126,11 @@ def write_report(run_dir: str | Path, report: dict) -> dict[str, Path]:
     curve = _plot_training_curve(run_dir / CURVE_PNG, _as_dict(report.get("training")).get("curve"))
     if curve:
         files["training_curve"] = curve
-    metrics_png = _plot_metrics(run_dir / METRICS_PNG, _as_dict(report.get("metrics")))
+    runs = [run for run in _as_list(report.get("runs")) if isinstance(run, Mapping)]
+    if runs:
+        metrics_png = _plot_seed_spread(run_dir / METRICS_PNG, _as_dict(report.get("metrics")), runs)
+    else:
+        metrics_png = _plot_metrics(run_dir / METRICS_PNG, _as_dict(report.get("metrics")))
     if metrics_png:
         files["metrics"] = metrics_png
     blocks = build_blocks(report, run_dir, files)
@@ -139,26 +143,90 @@ def write_report(run_dir: str | Path, report: dict) -> dict[str, Path]:
     return files
 
 
-def compare_reports(a: dict, b: dict) -> dict[str, tuple[float | None, float | None]]:
-    """Pair up the final metrics of two loaded ``report.json`` dicts.
+STATS = ("mean", "std", "min", "max", "worst")
+LOWER_IS_BETTER = ("loss", "perplexity", "wer", "cer", "rtf", "seconds", "error")
+
+
+def lower_is_better(key: str) -> bool:
+    """Whether a smaller value of metric ``key`` (``"<split>/<name>[@<group>]"``) is the better one.
+
+    Example:
+        >>> lower_is_better("test/wer@en-us"), lower_is_better("validation/loss"), lower_is_better("test/accuracy")
+        (True, True, False)
+    """
+    name = key.rsplit("/", 1)[-1].split("@", 1)[0].lower()
+    return any(word in name for word in LOWER_IS_BETTER)
+
+
+def seed_metrics(runs: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+    """Spread over seeds of every metric column of several runs' ``report.json`` dicts.
+
+    For each column (``before``, ``after``, ``prompted`` ...) and key: ``<column>_mean``, ``_std`` (sample standard
+    deviation, 0 for one run), ``_min``, ``_max`` and ``_worst`` (``_max`` for metrics where lower is better, see
+    :func:`lower_is_better`). A key counts only the runs that report it. ``before`` and ``after`` also hold the means,
+    so tables and :func:`compare_reports` read a summary like a single run.
+
+    Example:
+        >>> runs = [{"metrics": {"after": {"test/acc": a, "test/loss": l}}} for a, l in ((0.9, 1.0), (0.8, 2.0))]
+        >>> m = seed_metrics(runs)
+        >>> m["after_mean"]["test/acc"], round(m["after_std"]["test/acc"], 4), m["after_worst"]["test/loss"]
+        (0.85, 0.0707, 2.0)
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for column, metrics in metric_columns(_as_dict(run.get("metrics"))).items():
+            for key, value in metrics.items():
+                number = _finite(value)
+                if number is not None:
+                    values.setdefault(column, {}).setdefault(str(key), []).append(number)
+    out: dict[str, dict[str, float]] = {}
+    for column, by_key in values.items():
+        for key, xs in by_key.items():
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            stats = {"mean": mean, "std": std, "min": min(xs), "max": max(xs)}
+            stats["worst"] = stats["max"] if lower_is_better(key) else stats["min"]
+            for stat, value in stats.items():
+                out.setdefault(f"{column}_{stat}", {})[key] = value
+    for column in ("before", "after"):
+        if f"{column}_mean" in out:
+            out[column] = dict(out[f"{column}_mean"])
+    return out
+
+
+def compare_reports(a: dict, b: dict, stat: str = "mean") -> dict[str, tuple[float | None, float | None]]:
+    """Pair up the final metrics of two loaded ``report.json`` dicts, single runs or seed summaries.
 
     Args:
         a: First report.
         b: Second report.
+        stat: For a seed summary (``modaltune run --seeds``), which statistic of ``metrics.after_<stat>`` to take:
+            mean, std, min, max or worst. A single run is its own mean, min, max and worst, with no std.
 
     Returns:
-        Every key of the union of both ``metrics.after`` dicts (sorted) mapped to (value in a, value in b); a value
-        is None where the report lacks the key or it is not a number.
+        Every key of the union of both reports' metrics (sorted) mapped to (value in a, value in b); a value is None
+        where the report lacks the key or it is not a number.
 
     Example:
         >>> a = {"metrics": {"after": {"val/acc": 0.5, "val/loss": 1.0}}}
         >>> b = {"metrics": {"after": {"val/acc": 0.75}}}
         >>> compare_reports(a, b)
         {'val/acc': (0.5, 0.75), 'val/loss': (1.0, None)}
+        >>> seeds = {"metrics": {"after_worst": {"val/acc": 0.7}, "after_std": {"val/acc": 0.05}}}
+        >>> compare_reports(a, seeds, "worst")["val/acc"], compare_reports(a, seeds, "std")["val/acc"]
+        ((0.5, 0.7), (None, 0.05))
     """
-    after_a = _as_dict(_as_dict(a.get("metrics")).get("after"))
-    after_b = _as_dict(_as_dict(b.get("metrics")).get("after"))
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
+    after_a, after_b = _after(a, stat), _after(b, stat)
     return {key: (_to_float(after_a.get(key)), _to_float(after_b.get(key))) for key in sorted({*after_a, *after_b})}
+
+
+def _after(report: Mapping, stat: str) -> dict:
+    metrics = _as_dict(report.get("metrics"))
+    if f"after_{stat}" in metrics:
+        return _as_dict(metrics[f"after_{stat}"])
+    return {} if stat == "std" else _as_dict(metrics.get("after"))
 
 
 # --------------------------------------------------------------------------------------------------- small helpers
@@ -421,6 +489,37 @@ def _plot_metrics(path: Path, metrics: Mapping) -> Path | None:
     return _save_figure(fig, path)
 
 
+def _plot_seed_spread(path: Path, metrics: Mapping, runs: list[Mapping]) -> Path | None:
+    """Per metric: the mean before and after tuning with a bar of +-1 std, and each seed's value as a dot."""
+    after = _as_dict(metrics.get("after_mean"))
+    keys = sorted(k for k, v in after.items() if _finite(v) is not None and "@" not in k)[:MAX_METRIC_PLOTS]
+    if not keys:
+        return None
+    plt = _pyplot()
+    ncols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for x, column in enumerate(("before", "after")):
+            mean = _finite(_as_dict(metrics.get(f"{column}_mean")).get(key))
+            if mean is None:
+                continue
+            std = _finite(_as_dict(metrics.get(f"{column}_std")).get(key)) or 0.0
+            ax.bar(x, mean, yerr=std, color=f"C{x}", alpha=0.6, capsize=4)
+            seeds = [_finite(_as_dict(run.get(column)).get(key)) for run in runs]
+            seeds = [v for v in seeds if v is not None]
+            ax.plot([x] * len(seeds), seeds, "k.", markersize=6)
+            ax.annotate(f"{mean:.3g}±{std:.2g}", (x, mean), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([0, 1], ["before", "after"], fontsize=8)
+        ax.set_title(key, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{len(runs)} seeds: mean ± std, one dot per seed", fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 # --------------------------------------------------------------------------------------------------- sections
 
 
@@ -440,15 +539,32 @@ def build_blocks(report: Mapping, run_dir: Path, files: Mapping[str, Path]) -> l
     blocks += _summary_blocks(report)
     blocks += _notes_blocks(report.get("notes"))
     blocks += _metrics_blocks(_as_dict(report.get("metrics")), files)
+    blocks += _seeds_blocks(_as_list(report.get("runs")))
     blocks += _training_blocks(_as_dict(report.get("training")), files)
     blocks += _parameters_blocks(_as_dict(report.get("parameters")))
     blocks += _data_blocks(_as_dict(report.get("data")))
     blocks += _simple_table_blocks("Timing", report.get("timing"), ["name", "seconds", "duration"], _timing_row)
     blocks += _simple_table_blocks("Memory", report.get("memory"), ["name", "MB", "GB"], _memory_row)
+    blocks += _simple_table_blocks("Environment", report.get("environment"), ["field", "value"],
+                                   lambda name, value: [str(name), _cell(value)])
     blocks += _items_blocks(_as_list(report.get("items")))
     blocks += _plots_blocks(report.get("plots"), run_dir)
     blocks += _config_blocks(report.get("config"))
     return blocks
+
+
+def _seeds_blocks(runs: list) -> list[Block]:
+    """One row per seed of a ``--seeds`` summary: its status, folder and final metrics."""
+    rows = [run for run in runs if isinstance(run, Mapping)]
+    if not rows:
+        return []
+    keys = sorted({str(k) for run in rows for k in _as_dict(run.get("after")) if "@" not in str(k)})
+    table = Table(["seed", "status", "run folder", *keys],
+                  [[str(run.get("seed")), str(run.get("status")), str(run.get("run_dir")),
+                    *(fmt_number(_as_dict(run.get("after")).get(key)) for key in keys)] for run in rows])
+    return [Heading("Seeds"), Para("Each seed is one full run of the recipe (data order, initialisation, dropout); "
+                                   "the held-out data are the same for all. A target counts as met when the worst "
+                                   "seed meets it."), table]
 
 
 def _error_blocks(report: Mapping) -> list[Block]:
@@ -476,12 +592,19 @@ def _notes_blocks(notes: Any) -> list[Block]:
     return [Heading("Notes"), Bullets(items)] if items else []
 
 
+SEED_COLUMNS = ("before", "after", "after_std", "after_worst", "after_min", "after_max")
+
+
 def _metrics_blocks(metrics: Mapping, files: Mapping[str, Path]) -> list[Block]:
-    """The metrics table and its plot."""
-    table = metrics_table(metrics)
+    """The metrics table and its plot (for a seed summary: means, spread and worst seed)."""
+    spread = "after_std" in metrics
+    table = metrics_table({k: metrics[k] for k in SEED_COLUMNS if k in metrics} if spread else metrics)
     if table is None:
         return []
     blocks: list[Block] = [Heading("Metrics"), table]
+    if spread:
+        blocks.append(Para("before and after are means over the seeds; after_std is their sample standard "
+                           "deviation, after_worst the worst seed's value (the highest where lower is better)."))
     if "metrics" in files:
         blocks.append(Image("Metrics", files["metrics"].name, files["metrics"]))
     return blocks

@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.config import doc
+from modaltune.shared.environment import cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
 
@@ -103,21 +104,10 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     cap = torch.backends.cpu.get_cpu_capability()
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if "avx512_bf16" in flags or "amx_bf16" in flags or cap in {"AVX512_BF16", "AMX"}:
         return "bf16"
     return "fp32"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 class ModaltuneTrainer(Trainer):
