@@ -169,7 +169,7 @@ def seed_metrics(runs: Sequence[Mapping]) -> dict[str, dict[str, float]]:
     Example:
         >>> runs = [{"metrics": {"after": {"test/acc": a, "test/loss": l}}} for a, l in ((0.9, 1.0), (0.8, 2.0))]
         >>> m = seed_metrics(runs)
-        >>> m["after_mean"]["test/acc"], round(m["after_std"]["test/acc"], 4), m["after_worst"]["test/loss"]
+        >>> round(m["after_mean"]["test/acc"], 4), round(m["after_std"]["test/acc"], 4), m["after_worst"]["test/loss"]
         (0.85, 0.0707, 2.0)
     """
     values: dict[str, dict[str, list[float]]] = {}
