@@ -8,7 +8,11 @@ dictation set). Ratios are against baselines measured in the same run:
 - evaluation: real-time factor of plain ``generate(input_features)`` vs modaltune's ``transcribe`` (log-mel,
   encoder and decoding all counted).
 
-    python bench/domain_asr.py [--model whisper-tiny.en] [--batch-size 16] [--steps 3] [--clips 32]
+    python bench/domain_asr.py [--model whisper-tiny.en] [--batch-size 16] [--rounds 3] [--steps 6] [--clips 32]
+
+Each round runs every training step variant, interleaved, on the same batches (``--warmup`` untimed steps, then
+``--steps`` timed ones), then both decoders on the same clips. The tables give median times and the median and
+range over rounds of each ratio (``bench/timing.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="whisper-tiny.en")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every variant, interleaved")
     p.add_argument("--clips", type=int, default=32, help="clips decoded for the RTF comparison")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1, --warmup at least 0")
+
+    import sys
 
     import peft
     import torch
@@ -39,35 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import summary, table, timed_steps
+
     recipe = get_recipe("domain-asr")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"model.name={args.model}"])
     manifests = recipe.builtin_manifests(cfg)  # the recipe's own built-in set (built once, then reused)
     rows = [json.loads(x) for x in Path(manifests["train"]).read_text().splitlines()]
-    need = args.batch_size * (args.steps + 1)
+    need = args.batch_size * (args.warmup + args.steps)
     waves = [load_audio(Path(manifests["train"]).parent / r["audio"]) for r in rows[: max(need, args.clips)]]
     texts = [r["text"] for r in rows[: len(waves)]]
 
     model, processor, source, precision = recipe.build(cfg)
     labels = [label_ids(processor, t) for t in texts]
     collate = ASRCollator()
-    results: dict[str, dict] = {}
-
-    def timed_steps(name, batches, forward, params):
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        times = []
-        for batch in batches:
-            t = time.perf_counter()
-            loss = forward(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - t)
-        results[name] = {"step_seconds": sum(times[1:]) / len(times[1:])}
-        print(f"measured {name}: {results[name]['step_seconds']:.3f} s/step", flush=True)
 
     def chunks(ds):
         return [collate([ds[i] for i in range(k * args.batch_size, (k + 1) * args.batch_size)])
-                for k in range(args.steps + 1)]
+                for k in range(args.warmup + args.steps)]
 
     # plain transformers + peft: the encoder runs every step
     plain = WhisperForConditionalGeneration.from_pretrained(source["path"])
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        target_modules=r".*decoder.*\.(" + "|".join(lora.targets) + ")"))
     plain.train()
     plain_ds = ASRDataset(waves[:need], labels[:need], processor)
-    timed_steps("plain", chunks(plain_ds), lambda b: plain(input_features=b["input_features"], labels=b["labels"]).loss,
-                [q for q in plain.parameters() if q.requires_grad])
+    plain_params = [q for q in plain.parameters() if q.requires_grad]
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     trainable = [q for q in model.parameters() if q.requires_grad]
@@ -87,43 +85,67 @@ def main(argv: list[str] | None = None) -> int:
         with autocast:
             return model(**batch)["loss"]
 
-    timed_steps("modaltune-uncached", chunks(plain_ds), ours, trainable)
+    plain_batches = chunks(plain_ds)
     t = time.perf_counter()
     cache = EncoderCache(model, processor, batch_size=args.batch_size, autocast_dtype=recipe.autocast_dtype(cfg))
     cached_ds = ASRDataset(waves[:need], labels[:need], processor, cache=cache)
+    cached_batches = chunks(cached_ds)  # encoder states: computed once, here
     fill = time.perf_counter() - t
-    timed_steps("modaltune-cached", chunks(cached_ds), ours, trainable)
-    results["modaltune-cached"]["cache_fill_seconds_per_clip"] = fill / need
 
-    # evaluation RTF
+    def steps(forward, params, batches):
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(batch):
+            forward(batch).backward()
+            opt.step()
+            opt.zero_grad()
+
+        return timed_steps(step, batches, args.warmup)
+
     eval_waves = waves[: args.clips]
     secs = audio_seconds(eval_waves)
-    model.eval()
     base = model.whisper.get_base_model() if hasattr(model.whisper, "get_base_model") else model.whisper
-    t = time.perf_counter()
-    with torch.no_grad():
-        for k in range(0, len(eval_waves), cfg.eval.batch_size):
-            feats = log_mel(processor, eval_waves[k : k + cfg.eval.batch_size])
-            base.generate(input_features=feats, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                          num_beams=cfg.eval.num_beams)  # the recipe's decoding on both sides
-    plain_rtf = (time.perf_counter() - t) / secs
-    ev_cache = EncoderCache(model, processor, batch_size=cfg.eval.batch_size, autocast_dtype=recipe.autocast_dtype(cfg))
-    _, seconds = transcribe(model, processor, eval_waves, cfg.eval, language=None, task=None, cache=ev_cache)
-    results["eval"] = {"plain_generate_rtf": plain_rtf, "modaltune_rtf": seconds / secs}
 
-    base_step = results["plain"]["step_seconds"]
-    print(f"\ndomain-asr benchmark: {args.model}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"decoder LoRA r={lora.r}, recipe precision {precision}")
-    print(f"{'training step':22s} {'s/step':>8s} {'x plain':>8s}")
-    for name in ("plain", "modaltune-uncached", "modaltune-cached"):
-        s = results[name]["step_seconds"]
-        print(f"{name:22s} {s:8.3f} {s / base_step:8.3f}")
-    print(f"(cache fill: {results['modaltune-cached']['cache_fill_seconds_per_clip']:.3f} s per clip, once per clip "
-          "and view, reused every epoch and every evaluation)")
-    ev = results["eval"]
-    print(f"\n{'evaluation':22s} {'RTF':>8s} {'x plain':>8s}")
-    print(f"{'plain generate':22s} {ev['plain_generate_rtf']:8.3f} {1.0:8.3f}")
-    print(f"{'modaltune transcribe':22s} {ev['modaltune_rtf']:8.3f} {ev['modaltune_rtf'] / ev['plain_generate_rtf']:8.3f}")
+    def plain_decode() -> float:
+        model.eval()
+        t = time.perf_counter()
+        with torch.no_grad():
+            for k in range(0, len(eval_waves), cfg.eval.batch_size):
+                feats = log_mel(processor, eval_waves[k : k + cfg.eval.batch_size])
+                base.generate(input_features=feats, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                              num_beams=cfg.eval.num_beams)  # the recipe's decoding on both sides
+        return (time.perf_counter() - t) / secs
+
+    def our_decode() -> float:
+        model.eval()
+        ev_cache = EncoderCache(model, processor, batch_size=cfg.eval.batch_size,
+                                autocast_dtype=recipe.autocast_dtype(cfg))  # a fresh cache: encoding is counted
+        _, seconds = transcribe(model, processor, eval_waves, cfg.eval, language=None, task=None, cache=ev_cache)
+        return seconds / secs
+
+    rounds, rtf = [], []
+    for k in range(args.rounds):
+        model.train()
+        rounds.append({
+            "plain": steps(lambda b: plain(input_features=b["input_features"], labels=b["labels"]).loss,
+                           plain_params, plain_batches),
+            "modaltune-uncached": steps(ours, trainable, plain_batches),
+            "modaltune-cached": steps(ours, trainable, cached_batches),
+        })
+        rtf.append({"plain generate": [plain_decode()], "modaltune transcribe": [our_decode()]})
+        print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{n} {sorted(t)[len(t) // 2]:.3f} s/step"
+                                                          for n, t in rounds[-1].items())
+              + ", RTF " + ", ".join(f"{n} {v[0]:.3f}" for n, v in rtf[-1].items()), flush=True)
+
+    print(table(f"\ndomain-asr benchmark: {args.model}, batch {args.batch_size}, decoder LoRA r={cfg.decoder.r}, "
+                f"recipe precision {precision}", rounds, "plain", label="x plain"))
+    print(f"(cache fill: {fill / need:.3f} s per clip, once per clip and view, reused every epoch and every "
+          "evaluation)")
+    print(table(f"\nevaluation on {len(eval_waves)} clips ({secs:.0f} s of audio), beam {cfg.eval.num_beams} on both "
+                "sides; real-time factor (log-mel, encoder and decoding counted)", rtf, "plain generate", unit="RTF",
+                label="x plain"))
+    results = {"training": summary(rounds, "plain"), "eval_rtf": summary(rtf, "plain generate"),
+               "cache_fill_seconds_per_clip": fill / need}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -7,7 +7,10 @@ the same easy-vqa batches. Ratios are against the baseline measured in the same 
   fp32 (what a straightforward loop does);
 - modaltune: cached frozen-encoder features, output layer only at answer positions, the recipe's precision.
 
-    python bench/med_vqa.py [--batch-size 8] [--steps 3]
+    python bench/med_vqa.py [--batch-size 8] [--rounds 3] [--steps 6] [--warmup 2]
+
+Each round runs both steps, interleaved, on the same batches: ``--warmup`` untimed steps, then ``--steps`` timed
+ones. The table gives median step times and the median and range over rounds of the ratio (``bench/timing.py``).
 """
 
 from __future__ import annotations
@@ -15,21 +18,30 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs both variants, interleaved")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1, --warmup at least 0")
+
+    import sys
 
     import torch
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import summary, table, timed_steps
+
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
+    from modaltune.shared.skips import Skips
     from modaltune.vision.data import read_easy_vqa
     from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
 
@@ -37,46 +49,47 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"train.batch_size={args.batch_size}"])
     model, tok, _, precision = recipe.build(cfg)
     items, _ = read_easy_vqa("train")
-    n = args.batch_size * (args.steps + 1)
+    n = args.batch_size * (args.warmup + args.steps)
     rows = vqa_rows(items[:n])
-    plain_ds = VLDataset(rows, tok, None, max_length=128, skipped=Counter())
+    plain_ds = VLDataset(rows, tok, None, max_length=128, skipped=Skips())
     t = time.perf_counter()
     cache = FeatureCache(model.encoder, batch_size=64, autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     cache.fill([r["image"] for r in rows])
     fill = (time.perf_counter() - t) / len({r["image"] for r in rows})
-    cached_ds = VLDataset(rows, tok, cache, max_length=128, skipped=Counter())
+    cached_ds = VLDataset(rows, tok, cache, max_length=128, skipped=Skips())
 
     def batches(ds, collate):
         return [collate([ds[i] for i in range(k * args.batch_size, (k + 1) * args.batch_size)])
-                for k in range(args.steps + 1)]
+                for k in range(args.warmup + args.steps)]
 
     trainable = [q for q in model.parameters() if q.requires_grad]
-    results = {}
+    plain_batches = batches(plain_ds, VLCollator(tok.pad_token_id, model.encoder))
+    cached_batches = batches(cached_ds, VLCollator(tok.pad_token_id))
 
-    def timed(name, data, *, label_only: bool, bf16: bool):
+    def timed(data, *, label_only: bool, bf16: bool) -> list[float]:
         model.label_logits_only = label_only
         model.train()
         opt = torch.optim.AdamW(trainable, lr=1e-4)
-        times = []
-        for batch in data:
-            start = time.perf_counter()
+
+        def step(batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch)["loss"]
             loss.backward()
             opt.step()
             opt.zero_grad()
-            times.append(time.perf_counter() - start)
-        results[name] = {"step_seconds": sum(times[1:]) / len(times[1:])}
-        print(f"measured {name}: {results[name]['step_seconds']:.2f} s/step", flush=True)
 
-    timed("llava-style", batches(plain_ds, VLCollator(tok.pad_token_id, model.encoder)), label_only=False, bf16=False)
-    timed("modaltune", batches(cached_ds, VLCollator(tok.pad_token_id)), label_only=True, bf16=precision == "bf16")
-    base = results["llava-style"]["step_seconds"]
-    print(f"\nmed-vqa step benchmark: batch {args.batch_size}, {args.steps} timed steps, precision {precision}")
-    print(f"{'step':14s} {'s/step':>8s} {'x llava':>8s}")
-    for name, r in results.items():
-        print(f"{name:14s} {r['step_seconds']:8.2f} {r['step_seconds'] / base:8.2f}")
+        return timed_steps(step, data, args.warmup)
+
+    rounds = []
+    for k in range(args.rounds):
+        rounds.append({"llava-style": timed(plain_batches, label_only=False, bf16=False),
+                       "modaltune": timed(cached_batches, label_only=True, bf16=precision == "bf16")})
+        print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{n} {sorted(t)[len(t) // 2]:.2f} s/step"
+                                                          for n, t in rounds[-1].items()), flush=True)
+    print(table(f"\nmed-vqa step benchmark: batch {args.batch_size}, precision {precision}", rounds, "llava-style",
+                label="x llava"))
     print(f"(feature cache fill: {fill:.3f} s per image, once, reused by every epoch, stage and evaluation)")
+    results = summary(rounds, "llava-style")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -4,8 +4,12 @@ Same model, LoRA config, data and batches (the first batches of the recipe's tra
 its own process so peak memory is its own; the table prints step time and peak memory as ratios against the plain
 fp32 loop measured in the same run.
 
-    python bench/text_sft.py                      # gemma-3-270m from the zoo, batch 8, 4 timed steps
-    python bench/text_sft.py --model PATH --steps 6 --batch-size 4
+    python bench/text_sft.py                      # gemma-3-270m from the zoo, batch 8, 3 rounds x 6 timed steps
+    python bench/text_sft.py --model PATH --rounds 5 --steps 8 --batch-size 4
+
+Every round runs each variant in a fresh process: ``--warmup`` untimed steps, then ``--steps`` timed ones on the same
+batches. The table gives each variant's median step time and the median and range over rounds of its ratio to the
+plain fp32 loop in the same round (``bench/timing.py``).
 
 Variants:
     plain       model(**batch).loss (full logits), fp32: what a straightforward loop does
@@ -65,7 +69,7 @@ def _batches(args, tok, cfg):
                           splits.skipped["train"])
     collate = PadCollator(tok.pad_token_id)
     n = args.batch_size
-    return [collate([ds[i] for i in range(k * n, (k + 1) * n)]) for k in range(args.steps + 1)], ds
+    return [collate([ds[i] for i in range(k * n, (k + 1) * n)]) for k in range(args.warmup + args.steps)], ds
 
 
 def run_variant(args) -> dict:
@@ -114,7 +118,7 @@ def run_variant(args) -> dict:
 
         model, tok, _, precision = recipe.build(cfg, None)
         batches, ds = _batches(args, tok, cfg)
-        subset = torch.utils.data.Subset(ds, range((args.steps + 1) * args.batch_size))
+        subset = torch.utils.data.Subset(ds, range((args.warmup + args.steps) * args.batch_size))
 
         class Clock(TrainerCallback):
             def on_step_begin(self, a, state, control, **kw):
@@ -130,7 +134,7 @@ def run_variant(args) -> dict:
         trainer = Sequential(
             model=model,
             args=TrainingArguments(output_dir="/tmp/modaltune-bench", per_device_train_batch_size=args.batch_size,
-                                   max_steps=args.steps + 1, learning_rate=cfg.train.lr, save_strategy="no",
+                                   max_steps=args.warmup + args.steps, learning_rate=cfg.train.lr, save_strategy="no",
                                    report_to=[], bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
                                    max_grad_norm=cfg.train.max_grad_norm, disable_tqdm=True, logging_steps=1000,
                                    remove_unused_columns=False),
@@ -138,10 +142,11 @@ def run_variant(args) -> dict:
         )
         with PeakRSS() as mem:
             trainer.train()
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
-    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches[1:])
-    padded = sum(b["input_ids"].numel() for b in batches[1:])
-    return {"variant": args.variant, "precision": precision, "step_seconds": sum(times[1:]) / len(times[1:]),
+    timed = batches[args.warmup:]
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)
+    padded = sum(b["input_ids"].numel() for b in timed)
+    return {"variant": args.variant, "precision": precision, "times": times[args.warmup:],
             "peak_rss_mb": mem.peak_mb, "tokens": tokens, "labelled_tokens": labelled, "padded_positions": padded}
 
 
@@ -149,34 +154,52 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma-3-270m", help="zoo name, local folder or hub id")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=4, help="timed steps (one more untimed warm-up step runs first)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every variant once, interleaved")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1, --warmup at least 0")
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return 0
-    results = {}
-    for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model,
-               "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-            return 1
-        results[variant] = json.loads(line[7:])
-        print(f"measured {variant}: {results[variant]['step_seconds']:.2f} s/step", file=sys.stderr, flush=True)
-    base = results["plain"]
-    r0 = results["modaltune"]
-    print(f"\ntext-sft step benchmark: {args.model}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"{r0['labelled_tokens']}/{r0['padded_positions']} positions carry a label")
-    print(f"{'variant':12s} {'precision':9s} {'s/step':>8s} {'x plain':>8s} {'peak MB':>9s} {'x plain':>8s}")
-    for name, r in results.items():
-        print(f"{name:12s} {r['precision']:9s} {r['step_seconds']:8.2f} {r['step_seconds'] / base['step_seconds']:8.2f} "
-              f"{r['peak_rss_mb']:9.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:8.2f}")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import summary, table
+
+    rounds: list[dict[str, list[float]]] = []
+    peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    info: dict[str, dict] = {}
+    for k in range(args.rounds):
+        rounds.append({})
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                return 1
+            r = json.loads(line[7:])
+            rounds[k][variant] = r["times"]
+            peaks[variant].append(r["peak_rss_mb"])
+            info[variant] = r
+            print(f"round {k + 1}/{args.rounds} {variant}: median {sorted(r['times'])[len(r['times']) // 2]:.2f} s/step",
+                  file=sys.stderr, flush=True)
+    r0 = info["modaltune"]
+    print(table(f"\ntext-sft step benchmark: {args.model}, batch {args.batch_size}, "
+                f"{r0['labelled_tokens']}/{r0['padded_positions']} positions carry a label", rounds, "plain",
+                label="x plain"))
+    base_peak = min(peaks["plain"])
+    print(f"\n{'variant':22s} {'precision':9s} {'peak RSS MB':>12s} {'x plain':>8s}")
+    for name in VARIANTS:
+        print(f"{name:22s} {info[name]['precision']:9s} {min(peaks[name]):12.0f} {min(peaks[name]) / base_peak:8.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        result = summary(rounds, "plain")
+        for name in VARIANTS:
+            result[name].update(precision=info[name]["precision"], peak_rss_mb=peaks[name])
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -29,7 +29,7 @@ from modaltune.text.lm import ModelConfig, load_causal_lm
 from modaltune.vision import data as vdata
 from modaltune.vision.encoders import EncoderConfig, build_encoder
 from modaltune.vision.vqa import (FeatureCache, VLCollator, VLDataset, caption_metrics, caption_rows, closed_class,
-                                  closed_confusion, generate_answers, vqa_metrics, vqa_rows)
+                                  closed_confusion, closed_image_margin, generate_answers, vqa_metrics, vqa_rows)
 
 
 @dataclasses.dataclass
@@ -45,10 +45,18 @@ class ProjectorConfig:
                             "frequent tokens, so the LM reads it as words | rms: RMS-normalised to the LLM's "
                             "embedding scale | none: the raw projector output")
     anchor_words: int = doc(256, "norm=words/both: how many of the training text's most frequent tokens are anchors")
+    word_grounding: float = doc(0.0, "norm=words/both: weight of a loss, on caption rows, that makes each image's "
+                                     "word tokens the words of its caption (0: off)")
+    words: str = doc("soft", "norm=words/both: soft (each word token a softmax mixture of anchors) | hard (exactly "
+                             "one anchor word each, trained straight-through)")
 
     def validate(self, where: str) -> None:
         if self.norm not in {"none", "rms", "words", "both"}:
             raise ConfigError(f"{where}.norm must be none, rms, words or both, got {self.norm!r}")
+        if self.word_grounding < 0:
+            raise ConfigError(f"{where}.word_grounding must be 0 (off) or positive")
+        if self.words not in {"soft", "hard"}:
+            raise ConfigError(f"{where}.words must be soft or hard, got {self.words!r}")
         if self.anchor_words < 2:
             raise ConfigError(f"{where}.anchor_words must be at least 2")
         if self.group < 1:
@@ -152,10 +160,12 @@ class MedVQA(Recipe):
         # norm=words/both: placeholders until set_anchor_words (a run) or a checkpoint (evaluate, merge) fills them
         words = torch.zeros(cfg.projector.anchor_words, hidden) if cfg.projector.norm in {"words", "both"} else None
         projector = build_projector(cfg.projector.kind, in_dim=out_dim, out_dim=hidden, group=cfg.projector.group,
-                                    norm=cfg.projector.norm, scale=scale, words=words)
+                                    norm=cfg.projector.norm, scale=scale, words=words,
+                                    hard_words=cfg.projector.words == "hard")
         model = ComposedLM(encoder, projector, lm, group=cfg.projector.group, group_mode=cfg.projector.group_mode,
                            label_logits_only=cfg.train.label_logits_only,
-                           encoder_train_mode=cfg.encoder_tuning.method == "full")
+                           encoder_train_mode=cfg.encoder_tuning.method == "full",
+                           word_grounding=cfg.projector.word_grounding if cfg.projector.norm in {"words", "both"} else 0.0)
         full = ["projector"] + [n for n, c in (("encoder", cfg.encoder_tuning), ("llm", llm)) if c.method == "full"]
         model.record_trained(full_components=full)
         if cfg.train.gradient_checkpointing:
@@ -177,7 +187,7 @@ class MedVQA(Recipe):
                             "to take anchor words from; or set projector.norm=rms")
         k = cfg.projector.anchor_words
         ids = [ranked[i % len(ranked)] for i in range(k)]  # fewer distinct tokens than k: cycled, counts within 1
-        model.projector.set_words(anchor_embeddings(model.llm, ids))
+        model.projector.set_words(anchor_embeddings(model.llm, ids), ids)
         log(f"projector anchored on {min(k, len(ranked))} distinct words of the training text, e.g. "
             + " ".join(repr(tok.decode([t]).strip()) for t in ranked[:12]))
         return ids
@@ -256,6 +266,8 @@ class MedVQA(Recipe):
                                        max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
                                        encoder=encoder, desc=f"VQA ({label})", precision=self.precision)
             m, items = vqa_metrics(sets["vqa_test"].rows, answers)
+            m.update(closed_image_margin(model, tok, sets["vqa_test"], batch_size=cfg.eval.batch_size, encoder=encoder,
+                                         precision=self.precision))
             metrics.update({f"test/{k}": v for k, v in m.items()})
         if len(sets["caption_test"]):
             caps = generate_answers(model, tok, sets["caption_test"], batch_size=cfg.eval.batch_size,

@@ -88,21 +88,32 @@ class WordAnchoredProjector(nn.Module):
     that comparison to 0.95 test accuracy in 300 LoRA steps.
     """
 
-    def __init__(self, inner: nn.Module, words: torch.Tensor) -> None:
+    def __init__(self, inner: nn.Module, words: torch.Tensor, hard: bool = False) -> None:
         super().__init__()
         self.inner = inner
+        self.hard = hard
         self.register_buffer("words", words.detach().float().clone())  # (K, D); saved with the projector
+        # the anchors' token ids: only the grounding loss needs them, so a checkpoint does not carry them
+        self.register_buffer("word_ids", torch.full((words.size(0),), -1, dtype=torch.long), persistent=False)
+        self.last_weights: torch.Tensor | None = None  # (B, M, K) soft weights of the last forward, for grounding
 
-    def set_words(self, words: torch.Tensor) -> None:
+    def set_words(self, words: torch.Tensor, ids: list[int] | None = None) -> None:
         if words.shape != self.words.shape:
             raise ModaltuneError(f"anchor words have shape {tuple(words.shape)}, expected {tuple(self.words.shape)}")
         self.words.copy_(words.detach().float())
+        if ids is not None:
+            self.word_ids.copy_(torch.tensor(ids, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inner(x).float()  # (B, M, D)
         words = self.words  # (K, D)
         logits = h @ torch.nn.functional.normalize(words, dim=-1).T  # (B, M, K)
-        return torch.softmax(logits, dim=-1) @ words  # (B, M, D)
+        weights = torch.softmax(logits, dim=-1)
+        self.last_weights = weights if self.training else None
+        if self.hard:  # exactly one word each; gradients as if soft (straight-through)
+            one_hot = torch.nn.functional.one_hot(weights.argmax(-1), weights.size(-1)).to(weights.dtype)
+            weights = one_hot + weights - weights.detach()
+        return weights @ words  # (B, M, D)
 
 
 class WordAndFeatureProjector(nn.Module):
@@ -116,16 +127,51 @@ class WordAndFeatureProjector(nn.Module):
     """
 
     def __init__(self, words_inner: nn.Module, features_inner: nn.Module, dim: int, scale: float,
-                 words: torch.Tensor) -> None:
+                 words: torch.Tensor, hard: bool = False) -> None:
         super().__init__()
-        self.words = WordAnchoredProjector(words_inner, words)
+        self.words = WordAnchoredProjector(words_inner, words, hard)
         self.features = NormedProjector(features_inner, dim, scale)
 
-    def set_words(self, words: torch.Tensor) -> None:
-        self.words.set_words(words)
+    def set_words(self, words: torch.Tensor, ids: list[int] | None = None) -> None:
+        self.words.set_words(words, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.words(x), self.features(x)], dim=1)  # (B, 2M, D)
+
+
+def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """Cross-entropy between each flagged row's target words and its image's bag of word tokens.
+
+    For a row whose labelled tokens describe its image (a caption), the target is uniform over those tokens that
+    are anchor words; the image's bag is the mean over its word tokens of their softmax weights, summed per token
+    id. Minimising it makes every word token pick one of the caption's words and none that the caption lacks, so
+    the LLM then reads its image's colour and shape as the words it matches questions against.
+
+    Args:
+        projector: a :class:`WordAnchoredProjector` (or one holding it as ``.words``) after a training forward.
+        labels: ``(B, T)`` with ``-100`` off the target.
+        rows: ``(B,)`` bool, the rows to ground (captions).
+
+    Returns:
+        The mean loss over flagged rows with at least one anchor word in their target; None when there is none.
+    """
+    words = projector.words if isinstance(getattr(projector, "words", None), WordAnchoredProjector) else projector
+    if not isinstance(words, WordAnchoredProjector) or words.last_weights is None or not bool(rows.any()):
+        return None
+    ids = words.word_ids  # (K,)
+    if bool((ids < 0).all()):
+        raise ModaltuneError("word grounding needs the anchor token ids: set_words(embeddings, ids)")
+    distinct, column = torch.unique(ids, return_inverse=True)  # (V',), (K,)
+    weights = words.last_weights.float()  # (B, M, K)
+    bag = torch.zeros(weights.size(0), distinct.numel(), device=weights.device)  # (B, V')
+    bag.index_add_(1, column.to(weights.device), weights.mean(dim=1))
+    hit = (labels.unsqueeze(-1) == distinct.to(labels.device)).any(dim=1) & rows.unsqueeze(-1)  # (B, V')
+    keep = hit.any(dim=1)
+    if not bool(keep.any()):
+        return None
+    target = hit[keep].float()
+    target = target / target.sum(dim=1, keepdim=True)
+    return -(target * bag[keep].clamp_min(1e-8).log()).sum(dim=1).mean()
 
 
 def anchor_embeddings(lm: nn.Module, token_ids: list[int]) -> torch.Tensor:
@@ -146,7 +192,8 @@ def embedding_rms(lm: nn.Module, samples: int = 4096) -> float:
 
 
 def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, norm: str = "none",
-                    scale: float | None = None, words: torch.Tensor | None = None) -> nn.Module:
+                    scale: float | None = None, words: torch.Tensor | None = None,
+                    hard_words: bool = False) -> nn.Module:
     """A registered projector taking ``group`` concatenated encoder tokens of width ``in_dim``.
 
     ``norm="rms"`` wraps it in :class:`NormedProjector` with its output scale starting at ``scale`` (typically
@@ -166,10 +213,10 @@ def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, nor
     if norm in {"rms", "both"} and (scale is None or not scale > 0):
         raise ConfigError(f"projector norm={norm} needs a positive output scale (the LLM's embedding RMS)")
     if norm == "words":
-        return WordAnchoredProjector(make(), words)
+        return WordAnchoredProjector(make(), words, hard_words)
     if norm == "rms":
         return NormedProjector(make(), out_dim, scale)
-    return WordAndFeatureProjector(make(), make(), out_dim, scale, words)
+    return WordAndFeatureProjector(make(), make(), out_dim, scale, words, hard_words)
 
 
 def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor,
@@ -210,8 +257,9 @@ class ComposedLM(ModaltuneModel):
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, llm: nn.Module, *, group: int = 1,
                  group_mode: Literal["pad", "trim"] = "pad", label_logits_only: bool = True,
-                 encoder_train_mode: bool = False) -> None:
+                 encoder_train_mode: bool = False, word_grounding: float = 0.0) -> None:
         super().__init__()
+        self.word_grounding = word_grounding  # weight of word_grounding_loss on rows flagged ground_words
         self.encoder = encoder
         self.encoder_train_mode = encoder_train_mode
         self.projector = projector
@@ -256,7 +304,7 @@ class ComposedLM(ModaltuneModel):
         return splice(embeds, attention_mask, labels, image_positions, prefix)
 
     def forward(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,
-                features_depth=None, **kwargs):
+                features_depth=None, ground_words=None, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
         embeds, mask, labels = self.embed(input_ids, attention_mask, image_positions, labels, pixel_values, features,
                                           features_depth)
@@ -264,6 +312,10 @@ class ComposedLM(ModaltuneModel):
             return self.llm(inputs_embeds=embeds, attention_mask=mask)
         loss = causal_lm_loss(self.llm, labels=labels, label_logits_only=self.label_logits_only,
                               num_items_in_batch=num_items, inputs_embeds=embeds, attention_mask=mask)
+        if self.word_grounding and ground_words is not None and self.training:
+            extra = word_grounding_loss(self.projector, labels, ground_words)
+            if extra is not None:
+                loss = loss + self.word_grounding * extra
         return {"loss": loss}
 
     @torch.no_grad()

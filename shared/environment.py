@@ -74,6 +74,24 @@ def onednn_probe() -> dict[str, str]:
     return out
 
 
+_KERNEL: list[str | None] = []
+
+
+def bf16_matmul_kernel() -> str | None:
+    """The oneDNN kernel this process uses for a bf16 matmul (e.g. ``brg_matmul:avx10_1_512_amx``), probed once;
+    ``"none"`` when oneDNN says it has no bf16 support here (its ISA capped, e.g. ``ONEDNN_MAX_CPU_ISA=AVX2``, or
+    a VM hiding the instructions); None when it cannot tell."""
+    if not _KERNEL:
+        import torch
+
+        try:
+            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except Exception:  # an internal API: when it is gone, ask the verbose log alone
+            supported = True
+        _KERNEL.append(onednn_probe().get("onednn_bf16_matmul") if supported else "none")
+    return _KERNEL[0]
+
+
 def environment(*, probe: bool = True) -> dict[str, Any]:
     """The facts that decide a run's numerics and speed, for the report's Environment section."""
     import torch

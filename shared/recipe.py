@@ -302,6 +302,7 @@ def execute_seeds(
         earlier = seed_dir / "report.json"
         if resume and earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("status") == "ok":
             report, seed_code = json.loads(earlier.read_text(encoding="utf-8")), 0
+            _check_same_config(report.get("config") or {}, to_dict(cfg), seed, seed_dir)
             print(f"[modaltune] seed {seed}: finished earlier, its report is reused", flush=True)
         else:
             print(f"[modaltune] seed {seed} ({i + 1} of {len(seed_list)}) -> {seed_dir}", flush=True)
@@ -332,6 +333,22 @@ def execute_seeds(
         summary["error"] = f"seeds {failed} did not finish; the spread covers the {len(ok)} that did"
     write_report(out_dir, summary)
     return summary, code
+
+
+def _check_same_config(earlier: dict, now: dict, seed: int, seed_dir: Path) -> None:
+    """A reused seed run must have run this config with this seed (``train.resume`` aside), else the summary would
+    mix runs of different configs."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    a, b = flat(earlier), flat({**now, "train": {**now.get("train", {}), "seed": seed}})
+    differ = sorted(k for k in set(a) | set(b) if k != "train.resume" and a.get(k) != b.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in differ[:5])
+        raise ModaltuneError(f"{seed_dir} finished with another config ({shown}{'; ...' if len(differ) > 5 else ''}): "
+                             "give --out a new folder, or the same config")
 
 
 CODE_FLAGS = ("trust_remote_code",)  # config keys that let a model folder run its own code

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.config import doc
-from modaltune.shared.environment import cpu_flags
+from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
 
@@ -105,9 +105,12 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     cap = torch.backends.cpu.get_cpu_capability()
     flags = cpu_flags()
-    if "avx512_bf16" in flags or "amx_bf16" in flags or cap in {"AVX512_BF16", "AMX"}:
-        return "bf16"
-    return "fp32"
+    if not ("avx512_bf16" in flags or "amx_bf16" in flags or cap in {"AVX512_BF16", "AMX"}):
+        return "fp32"
+    # the CPU has bf16 instructions; take bf16 only if oneDNN uses them (ONEDNN_MAX_CPU_ISA, or a VM that does not
+    # grant AMX state, can leave it on an emulating kernel that is many times slower than fp32)
+    kernel = bf16_matmul_kernel()
+    return "bf16" if kernel is None or "bf16" in kernel or "amx" in kernel else "fp32"
 
 
 class ModaltuneTrainer(Trainer):

@@ -426,3 +426,126 @@ def test_balanced_closed_accuracy_exposes_the_never_look_shortcut():
     assert m["closed_accuracy"] == pytest.approx(3 / 5) and m["closed_balanced_accuracy"] == pytest.approx(0.5)
     m, _ = vqa_metrics(rows, [a for _, a in qs])
     assert m["closed_balanced_accuracy"] == 1.0
+
+
+def _margin_rows():
+    # the same question on four images; the truth depends on the image only
+    return [{"id": str(i), "image": f"img{i}.png", "prompt": "[INST] <img><ImageHere></img> is there a red shape? [/INST]",
+             "target": "yes" if i % 2 == 0 else "no", "type": "closed", "question": "is there a red shape?"}
+            for i in range(4)] + [
+            {"id": "open", "image": "img0.png", "prompt": "[INST] <img><ImageHere></img> what colour? [/INST]",
+             "target": "red", "type": "open", "question": "what colour?"}]
+
+
+class _Looker(torch.nn.Module):
+    """A stand-in composed model whose yes-minus-no logit margin is ``looks`` times the image's feature value."""
+
+    def __init__(self, tok, looks: float) -> None:
+        super().__init__()
+        self.yes = tok(" yes", add_special_tokens=False)["input_ids"][0]
+        self.no = tok(" no", add_special_tokens=False)["input_ids"][0]
+        self.vocab = len(tok)
+        self.looks = looks
+        self.prior = torch.nn.Parameter(torch.tensor(-2.0))  # the question alone says "no"
+        self.device = torch.device("cpu")
+
+    def embed(self, input_ids, attention_mask, image_positions, labels, pixel_values, features, depth):
+        return features.mean(dim=(1, 2)), attention_mask, None  # (B,): the image's value
+
+    def llm(self, inputs_embeds, attention_mask, logits_to_keep):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(inputs_embeds.size(0), 1, self.vocab)
+        logits[:, -1, self.yes] = self.prior + self.looks * inputs_embeds
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("looks", [0.0, 3.0])
+def test_closed_image_margin_is_zero_for_a_model_that_never_looks(tiny_llama, looks):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from modaltune.shared.skips import Skips
+    from modaltune.vision.vqa import VLDataset, closed_image_margin
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    # image value +1 where the truth is yes, -1 where it is no
+    feats = {f"img{i}.png": torch.full((3, 2), 1.0 if i % 2 == 0 else -1.0) for i in range(4)}
+    ds = VLDataset(_margin_rows(), tok, SimpleNamespace(get=feats.__getitem__, complete=True), max_length=128,
+                   skipped=Skips())
+    m = closed_image_margin(_Looker(tok, looks), tok, ds, batch_size=3)
+    assert m["closed_image_margin_questions"] == 1.0  # one question text with both answers; the open one is left out
+    assert m["closed_image_margin"] == pytest.approx(2 * looks)  # mean margin on yes-images minus on no-images
+
+
+def test_closed_image_margin_runs_on_a_composed_model(tiny_llama, vqa_files):
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared.skips import Skips
+    from modaltune.vision import data as vdata
+    from modaltune.vision.vqa import FeatureCache, VLDataset, closed_image_margin, vqa_rows
+
+    cfg = _cfg(tiny_llama, vqa_files, "projector.norm=rms")
+    model, tok, _, _ = MedVQA().build(cfg, log=lambda *_: None)
+    items, _ = vdata.read_vqa_jsonl(str(vqa_files / "train.jsonl"), str(vqa_files))
+    cache = FeatureCache(model.encoder)
+    cache.fill([it.image for it in items])
+    ds = VLDataset(vqa_rows(items), tok, cache, max_length=128, skipped=Skips())
+    m = closed_image_margin(model, tok, ds, batch_size=4)
+    assert m["closed_image_margin_questions"] == 1.0 and m["closed_image_margin"] == m["closed_image_margin"]
+
+
+def test_word_grounding_pulls_word_tokens_onto_the_caption_words():
+    from modaltune.shared.compose import WordAnchoredProjector, word_grounding_loss
+
+    torch.manual_seed(0)
+    ids = [10, 11, 12, 13, 10, 11, 12, 13]  # 4 distinct anchor words, cycled as the recipe does
+    words = torch.randn(len(ids), 16)
+    proj = WordAnchoredProjector(torch.nn.Linear(8, 16), words)
+    proj.set_words(words, ids)
+    proj.train()
+    x = torch.randn(2, 5, 8)  # two images, 5 token groups each
+    labels = torch.tensor([[-100, -100, 11, 13, 2], [-100, 12, 12, 2, -100]])  # caption words (2: eos, no anchor)
+    rows = torch.tensor([True, True])
+    opt = torch.optim.Adam(proj.parameters(), lr=0.05)
+    losses = []
+    for _ in range(60):
+        proj(x)
+        loss = word_grounding_loss(proj, labels, rows)
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0] - 0.5
+    with torch.no_grad():
+        proj(x)
+        w = proj.last_weights  # eval would drop it; still training
+        bag = torch.zeros(2, 14).index_add_(1, torch.tensor(ids), w.mean(1))
+    assert float(bag[0, [11, 13]].sum()) > 0.9 and float(bag[1, 12]) > 0.9  # only the caption's words are picked
+    # rows not flagged (VQA answers) are not grounded; a projector without ids refuses
+    assert word_grounding_loss(proj, labels, torch.tensor([False, False])) is None
+    bare = WordAnchoredProjector(torch.nn.Linear(8, 16), words).train()
+    bare(x)
+    with pytest.raises(Exception, match="anchor token ids"):
+        word_grounding_loss(bare, labels, rows)
+
+
+def test_caption_rows_are_flagged_for_grounding(tiny_gemma):
+    from transformers import AutoTokenizer
+
+    from modaltune.shared.skips import Skips
+    from modaltune.vision.vqa import VLCollator, VLDataset
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_gemma))
+    rows = [{"id": "c", "image": "a.png", "prompt": "[INST] <img><ImageHere></img> describe [/INST]",
+             "target": "a red circle", "type": "caption"},
+            {"id": "q", "image": "a.png", "prompt": "[INST] <img><ImageHere></img> red? [/INST]", "target": "yes",
+             "type": "closed"}]
+    feats = {"a.png": torch.zeros(3, 2)}
+    from types import SimpleNamespace
+
+    ds = VLDataset(rows, tok, SimpleNamespace(get=feats.__getitem__, complete=True), max_length=64, skipped=Skips())
+    batch = VLCollator(tok.pad_token_id)([ds[0], ds[1]])
+    assert batch["ground_words"].tolist() == [True, False]
+    assert "ground_words" not in VLCollator(tok.pad_token_id)([ds[1]])  # VQA-only batches are unchanged
+    assert "ground_words" not in VLCollator(tok.pad_token_id, left=True, prompt_only=True)([ds[0]])

@@ -61,3 +61,21 @@ def test_seed_lists_and_bad_values(tmp_path, capsys):
     assert parse_seeds("5,1", 42) == [5, 1]
     assert main(["run", "text-sft", "--seeds", "two", "--out", str(tmp_path / "x")]) == 2
     assert "--seeds 'two': give a count" in capsys.readouterr().err
+
+
+def test_resume_reuses_finished_seeds_of_the_same_config_only(seeded, tmp_path, tiny_llama, sft_data, capsys):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(seeded, out)
+    base = ["run", "text-sft", "--seeds", "2", "--out", str(out), f"model.name={tiny_llama}", f"data.source={sft_data}",
+            "train.max_steps=3", "train.batch_size=4", "train.lr=5e-3", "train.save_steps=100",
+            "eval.max_new_tokens=4", "train.precision=fp32", "llm.dropout=0.1", "train.resume=true"]
+    assert main(base) == 0
+    assert capsys.readouterr().out.count("finished earlier, its report is reused") == 2
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["seeds"] == [42, 43] and summary["status"] == "ok"
+    # another config must not be mixed with the runs already there
+    assert main([*base, "train.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "seed-42 finished with another config (train.lr: 0.005 there, 0.001 now)" in err

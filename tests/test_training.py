@@ -141,3 +141,29 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_gemma, sft
     other, _, _ = _setup(tiny_gemma, sft_data, method="lora")
     with pytest.raises(Exception, match="does not fit"):
         ckpt.load_trained(other, tmp_path / "c")
+
+
+@pytest.mark.parametrize("kernel,expected", [("brg_matmul:avx10_1_512_amx", "bf16"), ("brg_matmul:avx512_core_bf16", "bf16"),
+                                             ("brg_matmul:avx2", "fp32"), ("gemm:jit", "fp32"), ("none", "fp32"),
+                                             (None, "bf16")])
+def test_auto_precision_takes_bf16_only_where_onednn_runs_it(monkeypatch, kernel, expected):
+    from modaltune.shared import training
+
+    monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(training, "bf16_matmul_kernel", lambda: kernel)
+    assert training.resolve_precision("auto") == expected
+
+
+def test_auto_precision_follows_a_capped_onednn_isa():
+    import subprocess
+    import sys
+
+    from modaltune.shared.environment import cpu_flags
+
+    if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        pytest.skip("this CPU has no bf16 instructions")
+    code = "from modaltune.shared.training import resolve_precision; print(resolve_precision('auto'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, check=True)
+    assert out.stdout.strip() == "fp32"  # bf16 would be emulated there: many times slower than fp32

@@ -53,7 +53,8 @@ class VLDataset(torch.utils.data.Dataset):
                 skipped.add(f"longer than max_length={max_length} tokens", row["id"])
                 continue
             self.items.append({"input_ids": ids + target, "labels": [IGNORE_INDEX] * len(ids) + target,
-                               "prompt_ids": ids, "image_position": pos, "image": row["image"]})
+                               "prompt_ids": ids, "image_position": pos, "image": row["image"],
+                               "caption": row.get("type") == "caption"})
             self.rows.append(row)
         self.features = features
 
@@ -96,6 +97,8 @@ class VLCollator:
         out = {"input_ids": ids, "attention_mask": mask, "image_positions": pos}
         if not self.prompt_only:
             out["labels"] = labels
+            if any(b.get("caption") for b in batch):  # targets that describe the image (projector.word_grounding)
+                out["ground_words"] = torch.tensor([bool(b.get("caption")) for b in batch])
         if "features" in batch[0]:
             out["features"] = torch.stack([b["features"] for b in batch])
             if "features_depth" in batch[0]:
@@ -188,6 +191,48 @@ def generate_answers(model, tokenizer, dataset: VLDataset, *, batch_size: int, m
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     return out
+
+
+@torch.no_grad()
+def closed_image_margin(model, tokenizer, dataset: VLDataset, *, batch_size: int, encoder=None,
+                        precision: str = "fp32") -> dict[str, float]:
+    """How much the image moves the yes-versus-no decision when the question is held fixed.
+
+    For every yes/no question of ``dataset`` this takes the first answer token's logit margin, ``yes`` minus
+    ``no``. Questions are grouped by their normalised text; within each group that has both answers, the gap is the
+    mean margin where the truth is yes minus the mean where it is no. ``closed_image_margin`` averages the gaps
+    (in logits): about 0 when the model answers from the question alone and never looks, large and positive when
+    the image decides. ``closed_image_margin_questions`` counts the groups. One prefill per question; no sampling.
+    """
+    from modaltune.text.eval import autocast
+
+    yes = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
+    no = tokenizer(" no", add_special_tokens=False)["input_ids"][0]
+    idx = [i for i, row in enumerate(dataset.rows)
+           if row.get("type") == "closed" and normalize_answer(row["target"]) in {"yes", "no"}]
+    if not idx:
+        return {}
+    model.eval()
+    collate = VLCollator(tokenizer.pad_token_id, encoder, left=True, prompt_only=True)
+    margins: list[float] = []
+    for start in range(0, len(idx), batch_size):
+        batch = collate([dataset[i] for i in idx[start : start + batch_size]])
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast(precision, model.device):
+            embeds, mask, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["image_positions"],
+                                          None, batch.get("pixel_values"), batch.get("features"),
+                                          batch.get("features_depth"))
+            logits = model.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+        margins += (logits[:, yes] - logits[:, no]).tolist()  # left padding: the last position is the prompt's end
+    groups: dict[str, dict[str, list[float]]] = {}
+    for i, m in zip(idx, margins):
+        row = dataset.rows[i]
+        g = groups.setdefault(normalize_answer(row.get("question", "")), {"yes": [], "no": []})
+        g[normalize_answer(row["target"])].append(m)
+    gaps = [sum(g["yes"]) / len(g["yes"]) - sum(g["no"]) / len(g["no"]) for g in groups.values() if g["yes"] and g["no"]]
+    if not gaps:
+        return {}
+    return {"closed_image_margin": sum(gaps) / len(gaps), "closed_image_margin_questions": float(len(gaps))}
 
 
 _NEGATED = re.compile(r"\b(?:not|no|never|without)\b|n't\b")
