@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
           "evaluation)")
     print(table(f"\nevaluation on {len(eval_waves)} clips ({secs:.0f} s of audio), beam {cfg.eval.num_beams} on both "
                 "sides; real-time factor (log-mel, encoder and decoding counted)", rtf, "plain generate", unit="RTF",
-                label="x plain"))
+                label="x plain", what="pass over the clips per variant"))
     results = {"training": summary(rounds, "plain"), "eval_rtf": summary(rtf, "plain generate"),
                "cache_fill_seconds_per_clip": fill / need}
     if args.json:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m", help="the LLM: zoo name, local folder or hub id")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
 
     recipe = get_recipe("med-vqa")
-    cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"train.batch_size={args.batch_size}"])
+    cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"train.batch_size={args.batch_size}",
+                                                                           f"model.name={args.model}"])
     model, tok, _, precision = recipe.build(cfg)
     items, _ = read_easy_vqa("train")
     n = args.batch_size * (args.warmup + args.steps)

@@ -59,7 +59,7 @@ def timed_steps(step: Callable[[object], None], batches: Iterable, warmup: int) 
 
 
 def table(title: str, rounds: list[dict[str, list[float]]], base: str, *, unit: str = "s/step",
-          label: str = "x base") -> str:
+          label: str = "x base", what: str = "timed steps per variant, after warm-up") -> str:
     """A plain-text table: per variant the median step time (IQR over all rounds' steps) and the ratio to
     ``base`` (median over rounds, min-max)."""
     rs = ratios(rounds, base)
@@ -70,8 +70,8 @@ def table(title: str, rounds: list[dict[str, list[float]]], base: str, *, unit: 
         lines.append(f"{name:22s} {d['median']:13.3f} {d['q1']:7.3f}-{d['q3']:<7.3f} {rr['median']:16.3f} "
                      f"{rr['min']:6.3f}-{rr['max']:<6.3f}")
     n_steps = len(next(iter(rounds[0].values())))
-    lines.append(f"({len(rounds)} rounds x {n_steps} timed steps per variant, after warm-up; ratio = the variant's "
-                 f"median over {base}'s median in the same round)")
+    lines.append(f"({len(rounds)} rounds x {n_steps} {what}; ratio = the variant's median over {base}'s median in "
+                 "the same round)")
     return "\n".join(lines)
 
 
