@@ -95,7 +95,8 @@ class WordAnchoredProjector(nn.Module):
         self.register_buffer("words", words.detach().float().clone())  # (K, D); saved with the projector
         # the anchors' token ids: only the grounding loss needs them, so a checkpoint does not carry them
         self.register_buffer("word_ids", torch.full((words.size(0),), -1, dtype=torch.long), persistent=False)
-        self.last_weights: torch.Tensor | None = None  # (B, M, K) soft weights of the last forward, for grounding
+        self.record = False  # keep the soft weights of a training forward for word_grounding_loss (which drops them)
+        self.last_weights: torch.Tensor | None = None  # (B, M, K)
 
     def set_words(self, words: torch.Tensor, ids: list[int] | None = None) -> None:
         if words.shape != self.words.shape:
@@ -109,7 +110,7 @@ class WordAnchoredProjector(nn.Module):
         words = self.words  # (K, D)
         logits = h @ torch.nn.functional.normalize(words, dim=-1).T  # (B, M, K)
         weights = torch.softmax(logits, dim=-1)
-        self.last_weights = weights if self.training else None
+        self.last_weights = weights if self.training and self.record else None
         if self.hard:  # exactly one word each; gradients as if soft (straight-through)
             one_hot = torch.nn.functional.one_hot(weights.argmax(-1), weights.size(-1)).to(weights.dtype)
             weights = one_hot + weights - weights.detach()
@@ -139,6 +140,14 @@ class WordAndFeatureProjector(nn.Module):
         return torch.cat([self.words(x), self.features(x)], dim=1)  # (B, 2M, D)
 
 
+def word_projector(projector: nn.Module) -> WordAnchoredProjector | None:
+    """The :class:`WordAnchoredProjector` of a projector (itself, or the ``.words`` part of ``both``), if any."""
+    if isinstance(projector, WordAnchoredProjector):
+        return projector
+    inner = getattr(projector, "words", None)
+    return inner if isinstance(inner, WordAnchoredProjector) else None
+
+
 def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
     """Cross-entropy between each flagged row's target words and its image's bag of word tokens.
 
@@ -148,21 +157,24 @@ def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.
     the LLM then reads its image's colour and shape as the words it matches questions against.
 
     Args:
-        projector: a :class:`WordAnchoredProjector` (or one holding it as ``.words``) after a training forward.
+        projector: a :class:`WordAnchoredProjector` (or one holding it as ``.words``) after a training forward
+            with ``record`` on; the kept weights are released here.
         labels: ``(B, T)`` with ``-100`` off the target.
         rows: ``(B,)`` bool, the rows to ground (captions).
 
     Returns:
         The mean loss over flagged rows with at least one anchor word in their target; None when there is none.
     """
-    words = projector.words if isinstance(getattr(projector, "words", None), WordAnchoredProjector) else projector
-    if not isinstance(words, WordAnchoredProjector) or words.last_weights is None or not bool(rows.any()):
+    words = word_projector(projector)
+    if words is None or words.last_weights is None:
+        return None
+    weights, words.last_weights = words.last_weights.float(), None  # (B, M, K); not held past this step
+    if not bool(rows.any()):
         return None
     ids = words.word_ids  # (K,)
     if bool((ids < 0).all()):
         raise ModaltuneError("word grounding needs the anchor token ids: set_words(embeddings, ids)")
     distinct, column = torch.unique(ids, return_inverse=True)  # (V',), (K,)
-    weights = words.last_weights.float()  # (B, M, K)
     bag = torch.zeros(weights.size(0), distinct.numel(), device=weights.device)  # (B, V')
     bag.index_add_(1, column.to(weights.device), weights.mean(dim=1))
     hit = (labels.unsqueeze(-1) == distinct.to(labels.device)).any(dim=1) & rows.unsqueeze(-1)  # (B, V')
@@ -263,6 +275,8 @@ class ComposedLM(ModaltuneModel):
         self.encoder = encoder
         self.encoder_train_mode = encoder_train_mode
         self.projector = projector
+        if word_grounding and word_projector(projector) is not None:
+            word_projector(projector).record = True  # only then are the soft weights kept between forward and loss
         self.llm = llm
         self.group = group
         self.group_mode = group_mode

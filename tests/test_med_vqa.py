@@ -504,6 +504,7 @@ def test_word_grounding_pulls_word_tokens_onto_the_caption_words():
     proj = WordAnchoredProjector(torch.nn.Linear(8, 16), words)
     proj.set_words(words, ids)
     proj.train()
+    proj.record = True
     x = torch.randn(2, 5, 8)  # two images, 5 token groups each
     labels = torch.tensor([[-100, -100, 11, 13, 2], [-100, 12, 12, 2, -100]])  # caption words (2: eos, no anchor)
     rows = torch.tensor([True, True])
@@ -517,6 +518,7 @@ def test_word_grounding_pulls_word_tokens_onto_the_caption_words():
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.5
+    assert proj.last_weights is None  # the loss released them
     with torch.no_grad():
         proj(x)
         w = proj.last_weights  # eval would drop it; still training
@@ -525,6 +527,9 @@ def test_word_grounding_pulls_word_tokens_onto_the_caption_words():
     # rows not flagged (VQA answers) are not grounded; a projector without ids refuses
     assert word_grounding_loss(proj, labels, torch.tensor([False, False])) is None
     bare = WordAnchoredProjector(torch.nn.Linear(8, 16), words).train()
+    bare(x)
+    assert bare.last_weights is None  # not recording: nothing is held between steps
+    bare.record = True
     bare(x)
     with pytest.raises(Exception, match="anchor token ids"):
         word_grounding_loss(bare, labels, rows)
@@ -549,3 +554,14 @@ def test_caption_rows_are_flagged_for_grounding(tiny_gemma):
     assert batch["ground_words"].tolist() == [True, False]
     assert "ground_words" not in VLCollator(tok.pad_token_id)([ds[1]])  # VQA-only batches are unchanged
     assert "ground_words" not in VLCollator(tok.pad_token_id, left=True, prompt_only=True)([ds[0]])
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_word_weights_are_kept_only_when_grounding_is_on(tiny_gemma, vqa_files, weight):
+    from modaltune.recipes.med_vqa import MedVQA
+    from modaltune.shared.compose import word_projector
+
+    cfg = _cfg(tiny_gemma, vqa_files, f"projector.word_grounding={weight}")
+    model, _, _, _ = MedVQA().build(cfg, log=lambda *_: None)
+    assert word_projector(model.projector).record is (weight > 0)
+    assert model.word_grounding == weight
