@@ -12,8 +12,12 @@ configured ranges and applies, in order:
 5. clipping to [-1, 1].
 
 Example:
+    >>> import numpy as np
+    >>> wave = 0.1 * np.sin(np.linspace(0, 2000, 16000)).astype(np.float32)  # one second at 16 kHz
     >>> cfg = AugmentConfig(views=2, pitch_semitones=[])
     >>> views = make_views(wave, 16000, cfg, key="train-0007")
+    >>> len(views), all(np.array_equal(a, b) for a, b in zip(views, make_views(wave, 16000, cfg, key="train-0007")))
+    (2, True)
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ the model's window are skipped with their reason counted (or, for long clips wit
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 from typing import Literal
@@ -16,7 +15,7 @@ import numpy as np
 
 from modaltune.audio.io import SAMPLE_RATE, AudioReadError, load_audio, rms
 from modaltune.shared.errors import ConfigError, DataError
-from modaltune.shared.io import iter_jsonl, within
+from modaltune.shared.io import read_hf_rows, read_rows, within
 from modaltune.shared.skips import Skips
 
 
@@ -53,12 +52,14 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
     audio_col, text_col = columns.get("audio", "audio"), columns.get("text", "text")
     if source.startswith("hf:"):
         return _read_hf(source[3:], hf_split, audio_col, text_col)
+    if Path(source).expanduser().suffix == ".json":
+        raise DataError(f"manifest {source!r}: use .jsonl or .csv (or an audiofolder, or hf:NAME)")
     path = Path(source).expanduser()
     if path.is_dir():
         meta = path / "metadata.csv"
         if not meta.is_file():
             raise DataError(f"audiofolder {source!r} has no metadata.csv (columns: file_name, transcription/text)")
-        rows = _read_csv(meta)
+        rows = read_rows(meta, what="audiofolder metadata")
         out = []
         for rid, row in rows:
             name = row.get("file_name") or row.get(audio_col)
@@ -66,18 +67,12 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
             out.append({"id": rid, "audio": str(path / name) if name else None, "text": text, "root": str(path),
                         "speaker": row.get("speaker", ""), "replay": _flag(row.get("replay"), f"{rid}: replay")})
         return out
-    if not path.is_file():
-        raise DataError(f"manifest {source!r} does not exist")
-    if path.suffix == ".jsonl":
-        raw = []
-        for lineno, row in iter_jsonl(path):
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            raw.append((f"{path.name}:{lineno}", row))
-    elif path.suffix == ".csv":
-        raw = _read_csv(path)
-    else:
+    if path.is_file() and path.suffix not in {".jsonl", ".csv"}:
         raise DataError(f"manifest {source!r}: use .jsonl or .csv (or an audiofolder, or hf:NAME)")
+    raw = read_rows(path, what="manifest")
+    for rid, row in raw:
+        if not isinstance(row, dict):
+            raise DataError(f"{rid}: expected a JSON object")
     out = []
     for rid, row in raw:
         audio = row.get(audio_col)
@@ -101,26 +96,14 @@ def _flag(value, where: str) -> bool:
     raise DataError(f"{where}: {value!r} is not a boolean; use true or false (or leave it empty)")
 
 
-def _read_csv(path: Path) -> list[tuple[str, dict]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        return [(f"{path.name}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(fh))]
-
-
 def _read_hf(name: str, split: str, audio_col: str, text_col: str) -> list[dict]:
     import datasets
 
-    try:
-        p = Path(name).expanduser()
-        if p.is_dir() and (p / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(str(p))
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(name, split=split)
-        ds = ds.cast_column(audio_col, datasets.Audio(sampling_rate=SAMPLE_RATE))
-    except Exception as exc:
-        raise DataError(f"cannot load dataset {name!r} split {split!r}: {str(exc).splitlines()[0][:200]}") from None
+    def decode(ds):
+        return ds.cast_column(audio_col, datasets.Audio(sampling_rate=SAMPLE_RATE))
+
     out = []
-    for i, row in enumerate(ds):
+    for i, (_, row) in enumerate(read_hf_rows(name, split, decode)):
         audio = row[audio_col]
         array = audio["array"] if isinstance(audio, dict) else audio.get_all_samples().data.mean(0).numpy()
         out.append({"id": f"{name}[{i}]", "audio": np.asarray(array, dtype=np.float32), "text": row.get(text_col),

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modaltune.audio.features import EncoderCache, log_mel
+from modaltune.audio.whisper import log_mel
 from modaltune.audio.io import SAMPLE_RATE
 from modaltune.shared.config import doc
+from modaltune.shared.features import FeatureCache
 from modaltune.shared.metrics import alignment, char_error_rate, term_recall, word_error_rate
 
 
@@ -49,7 +50,7 @@ def prompt_ids(processor, terms: list[str], n: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *, language: str | None,
-               task: str | None, cache: EncoderCache | None = None, prompt: torch.Tensor | None = None,
+               task: str | None, cache: FeatureCache | None = None, prompt: torch.Tensor | None = None,
                desc: str = "decoding") -> tuple[list[str], float]:
     """Transcripts of ``waves`` and the seconds spent (features + encoder + decoding)."""
     model.eval()

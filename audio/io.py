@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from modaltune.shared.errors import DataError
+
 SAMPLE_RATE = 16_000
 
 
-class AudioReadError(Exception):
+class AudioReadError(DataError):
     """A file could not be decoded (the message says why; ``reason`` is the short skip reason)."""
 
     def __init__(self, message: str, reason: str = "unreadable audio") -> None:

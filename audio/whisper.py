@@ -1,8 +1,9 @@
 """Whisper for ASR fine-tuning: loading, per-component PEFT (encoder / decoder), frozen-encoder outputs.
 
 :class:`WhisperASR` wraps a ``WhisperForConditionalGeneration`` (possibly PEFT-wrapped) as two components,
-``encoder`` and ``decoder``. Its forward takes either log-mel ``input_features`` or precomputed ``encoder_hidden``
-states; the second is what makes frozen-encoder training cheap (see :mod:`modaltune.audio.features`).
+``encoder`` and ``decoder``. Its forward takes either log-mel ``input_features`` or precomputed encoder states
+(``features``, from :class:`modaltune.shared.features.FeatureCache`); the second is what makes frozen-encoder
+training cheap. It implements the cache's encoder protocol (:class:`modaltune.shared.features.CachedEncoder`).
 
 The cache works at a *depth*: the number of encoder blocks below the first one that trains. With a frozen encoder
 that is every block (the cached states are the encoder's output); with ``encoder.layers: [-1]`` it is all but the
@@ -15,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
+from modaltune.audio.io import SAMPLE_RATE
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import IGNORE_INDEX, label_logits_cross_entropy, unwrap_peft
@@ -107,6 +110,7 @@ class WhisperASR(ModaltuneModel):
         self.pad_token_id = pad_token_id
         self.decoder_start_token_id = decoder_start_token_id
         self.replay_kl_weight = 0.0  # > 0: keep replay rows' token distributions close to the zero-shot model's
+        self.feature_extractor = None  # the processor's log-mel extractor (build_whisper sets it)
 
     @property
     def base(self) -> nn.Module:
@@ -123,24 +127,30 @@ class WhisperASR(ModaltuneModel):
             input_features = base.model._mask_input_features(input_features)
         return base.model.encoder(input_features).last_hidden_state
 
+    # -- the encoder protocol of modaltune.shared.features (the feature cache) ---------------------------------
     @property
+    def preprocessing_key(self) -> str:
+        return whisper_preprocessing_key(self.feature_extractor)
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.config.d_model)
+
+    @property
+    def output_depth(self) -> int:
+        return len(self.base.model.encoder.layers)
+
+    def preprocess(self, waves: list[np.ndarray]) -> torch.Tensor:
+        """Log-mel features ``(B, n_mels, 3000)`` (30 s windows, zero-padded)."""
+        return log_mel(self.feature_extractor, waves)
+
     def cache_depth(self) -> int | None:
         """Encoder blocks whose output can be cached: all of them for a frozen encoder, those below the lowest
         trainable block otherwise; None when something below block 0 trains (nothing to cache)."""
-        encoder = self.base.model.encoder
-        n = len(encoder.layers)
-        depth = n
-        for name, param in encoder.named_parameters():
-            if not param.requires_grad:
-                continue
-            parts = name.split(".")
-            if parts[0] == "layers":
-                depth = min(depth, int(parts[1]))
-            elif parts[0] != "layer_norm":
-                return None
-            else:
-                depth = min(depth, n - 1)  # the final norm trains: cache below the top block
-        return depth
+        return whisper_cache_depth(self.base.model.encoder)
+
+    def cached_weights(self, depth: int):
+        return whisper_cached_weights(self.base.model.encoder, depth)
 
     def encode_prefix(self, input_features: torch.Tensor, depth: int) -> torch.Tensor:
         """The states the cache keeps: the encoder output when ``depth`` covers every block, else the input of
@@ -152,29 +162,25 @@ class WhisperASR(ModaltuneModel):
 
     def encode_rest(self, states: torch.Tensor, depth: int) -> torch.Tensor:
         """Encoder output from cached states at ``depth`` (runs the blocks above it and the final norm)."""
-        encoder = self.base.model.encoder
-        if depth >= len(encoder.layers):
-            return states
-        for layer in encoder.layers[depth:]:
-            out = layer(states, None)
-            states = out[0] if isinstance(out, tuple) else out
-        return encoder.layer_norm(states)
+        return whisper_encode_rest(self.base.model.encoder, states, depth)
 
-    def forward(self, labels=None, input_features=None, encoder_hidden=None, encoder_depth=None, replay=None,
+    def forward(self, labels=None, input_features=None, features=None, features_depth=None, replay=None,
                 **kwargs):
-        """Training loss; ``encoder_hidden`` are cached states at ``encoder_depth`` blocks (None: the output).
+        """Training loss; ``features`` are cached encoder states at ``features_depth`` blocks (None: the output).
 
         ``replay`` (B,) flags general-speech rows: with :attr:`replay_kl_weight` > 0 their loss also counts the KL
         divergence from the zero-shot model's next-token distributions (the decoder with its adapters off, on the
         same encoder states) to the tuned one's, at every label position.
         """
         num_items = kwargs.pop("num_items_in_batch", None)
-        if encoder_hidden is None:
+        if features is None:
             if input_features is None:
-                raise ModaltuneError("WhisperASR needs input_features or encoder_hidden")
+                raise ModaltuneError("WhisperASR needs input_features or cached features")
             encoder_hidden = self.encode(input_features)
-        elif encoder_depth is not None:
-            encoder_hidden = self.encode_rest(encoder_hidden, int(encoder_depth))
+        elif features_depth is not None:
+            encoder_hidden = self.encode_rest(features, int(features_depth))
+        else:
+            encoder_hidden = features
         if labels is None:
             raise ModaltuneError("WhisperASR.forward computes the training loss: pass labels")
         from transformers.models.whisper.modeling_whisper import shift_tokens_right
@@ -228,6 +234,7 @@ def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig
     tok = processor.tokenizer
     model = WhisperASR(whisper, pad_token_id=tok.pad_token_id,
                        decoder_start_token_id=unwrap_peft(whisper).config.decoder_start_token_id)
+    model.feature_extractor = processor.feature_extractor
     model.record_trained(full_components=[n for n, c in (("encoder", enc), ("decoder", dec)) if c.method == "full"])
     return model, processor, source
 
@@ -238,3 +245,56 @@ def label_ids(processor, text: str) -> list[int]:
     ids = processor.tokenizer(" " + text.strip()).input_ids
     start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     return ids[1:] if ids and ids[0] == start else ids
+
+
+
+def log_mel(feature_extractor, waves: list[np.ndarray]) -> torch.Tensor:
+    """Whisper log-mel features ``(B, n_mels, 3000)`` (30 s windows, zero-padded) of 16 kHz waveforms."""
+    extract = getattr(feature_extractor, "feature_extractor", feature_extractor)  # a processor works too
+    return extract(waves, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+
+
+def whisper_preprocessing_key(feature_extractor) -> str:
+    """What the log-mel features depend on besides the audio."""
+    fe = getattr(feature_extractor, "feature_extractor", feature_extractor)
+    return (f"whisper-logmel:{getattr(fe, 'feature_size', '?')}:{getattr(fe, 'sampling_rate', '?')}:"
+            f"{getattr(fe, 'n_samples', '?')}:{getattr(fe, 'hop_length', '?')}")
+
+
+def whisper_cache_depth(encoder: nn.Module) -> int | None:
+    """Blocks of a Whisper encoder whose output a cache may hold (see :meth:`WhisperASR.cache_depth`)."""
+    n = len(encoder.layers)
+    depth = n
+    for name, param in encoder.named_parameters():
+        if not param.requires_grad:
+            continue
+        parts = name.split(".")
+        if parts[0] == "layers":
+            depth = min(depth, int(parts[1]))
+        elif parts[0] != "layer_norm":
+            return None
+        else:
+            depth = min(depth, n - 1)  # the final norm trains: cache below the top block
+    return depth
+
+
+def whisper_cached_weights(encoder: nn.Module, depth: int) -> list[tuple[str, torch.Tensor]]:
+    """The encoder weights below ``depth`` blocks (all of them at the output's depth)."""
+    n = len(encoder.layers)
+    out = []
+    for name, p in encoder.named_parameters():
+        parts = name.split(".")
+        if depth < n and (name.startswith("layer_norm") or (parts[0] == "layers" and int(parts[1]) >= depth)):
+            continue  # trained (or above the cached depth): not part of what the cache holds
+        out.append((name, p))
+    return out
+
+
+def whisper_encode_rest(encoder: nn.Module, states: torch.Tensor, depth: int) -> torch.Tensor:
+    """Encoder output from states cached at ``depth`` (runs the blocks above it and the final norm)."""
+    if depth >= len(encoder.layers):
+        return states
+    for layer in encoder.layers[depth:]:
+        out = layer(states, None)
+        states = out[0] if isinstance(out, tuple) else out
+    return encoder.layer_norm(states)

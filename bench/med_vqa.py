@@ -40,33 +40,36 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from timing import summary, table, timed_steps
 
+    from modaltune.shared.compose_data import ComposedDataset
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
     from modaltune.shared.skips import Skips
-    from modaltune.vision.data import read_easy_vqa
-    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+    from modaltune.shared.training import resolve_precision
+    from modaltune.vision.data import PLACEHOLDER, read_easy_vqa
+    from modaltune.vision.vqa import image_cache, image_collator, vqa_rows
 
     recipe = get_recipe("med-vqa")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"train.batch_size={args.batch_size}",
                                                                            f"model.name={args.model}"])
-    model, tok, _, precision = recipe.build(cfg)
+    model, tok, _ = recipe.build_model(cfg)
+    precision = resolve_precision(cfg.train.precision)
     items, _ = read_easy_vqa("train")
     n = args.batch_size * (args.warmup + args.steps)
     rows = vqa_rows(items[:n])
-    plain_ds = VLDataset(rows, tok, None, max_length=128, skipped=Skips())
+    plain_ds = ComposedDataset(rows, tok, None, placeholder=PLACEHOLDER, max_length=128, skipped=Skips())
     t = time.perf_counter()
-    cache = FeatureCache(model.encoder, batch_size=64, autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-    cache.fill([r["image"] for r in rows])
+    cache = image_cache(model.encoder, depth=None, precision=precision)
+    cache.fill(sorted({r["image"] for r in rows}))
     fill = (time.perf_counter() - t) / len({r["image"] for r in rows})
-    cached_ds = VLDataset(rows, tok, cache, max_length=128, skipped=Skips())
+    cached_ds = ComposedDataset(rows, tok, cache, placeholder=PLACEHOLDER, max_length=128, skipped=Skips())
 
     def batches(ds, collate):
         return [collate([ds[i] for i in range(k * args.batch_size, (k + 1) * args.batch_size)])
                 for k in range(args.warmup + args.steps)]
 
     trainable = [q for q in model.parameters() if q.requires_grad]
-    plain_batches = batches(plain_ds, VLCollator(tok.pad_token_id, model.encoder))
-    cached_batches = batches(cached_ds, VLCollator(tok.pad_token_id))
+    plain_batches = batches(plain_ds, image_collator(tok, model.encoder))
+    cached_batches = batches(cached_ds, image_collator(tok))
 
     def timed(data, *, label_only: bool, bf16: bool) -> list[float]:
         model.label_logits_only = label_only

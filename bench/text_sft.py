@@ -88,7 +88,7 @@ def run_variant(args) -> dict:
         from transformers import AutoModelForCausalLM
 
         from modaltune.shared.zoo import resolve_model
-        from modaltune.text.lm import load_tokenizer
+        from modaltune.shared.lm import load_tokenizer
 
         path, _ = resolve_model(args.model)
         tok = load_tokenizer(path, cfg.model)
@@ -116,7 +116,10 @@ def run_variant(args) -> dict:
         from modaltune.shared.training import ModaltuneTrainer
         from modaltune.text.data import PadCollator
 
-        model, tok, _, precision = recipe.build(cfg, None)
+        from modaltune.shared.training import resolve_precision
+
+        model, tok, _ = recipe.build_model(cfg)
+        precision = resolve_precision(cfg.train.precision)
         batches, ds = _batches(args, tok, cfg)
         subset = torch.utils.data.Subset(ds, range((args.warmup + args.steps) * args.batch_size))
 

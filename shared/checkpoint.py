@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.io import atomic_write, atomic_write_json, atomic_write_text
+from modaltune.shared.io import atomic_write, atomic_write_json
 
 WEIGHTS = "trained.safetensors"
 META = "modaltune.json"

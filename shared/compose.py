@@ -8,15 +8,73 @@ carries its own placeholder position. The loss is the core's label-position-only
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError, DataError, ModaltuneError
 from modaltune.shared.loss import IGNORE_INDEX, causal_lm_loss, unwrap_peft
 from modaltune.shared.model import ModaltuneModel
-from modaltune.shared.registry import PROJECTORS
+from modaltune.shared.registry import ENCODERS, PROJECTORS
+
+
+@dataclasses.dataclass
+class EncoderConfig:
+    """Which encoder to build (a name registered in ``ENCODERS``: image encoders, Whisper's speech encoder)."""
+
+    kind: str = doc("efficientnet-lite0", "efficientnet-lite0 | timm | clip | siglip | whisper (or a plugin's name)")
+    name: str | None = doc(None, "timm architecture, or the CLIP/SigLIP/Whisper folder, zoo name or hub id")
+    weights: str | None = doc(None, "timm: local .safetensors/.pth file or folder with model.safetensors")
+    pretrained: bool = doc(False, "timm: download timm's pretrained weights (needs the hub)")
+    layer: int | None = doc(None, "take tokens from this block/hidden state instead of the last (e.g. -2)")
+    image_size: int | None = doc(None, "image encoders: override the input size")
+
+
+def build_encoder(cfg: EncoderConfig, log: Callable[[str], None] = print) -> nn.Module:
+    """The registered encoder ``cfg.kind`` (importing the modality packages registers theirs)."""
+    return ENCODERS.get(cfg.kind)(cfg, log=log)
+
+
+@dataclasses.dataclass
+class ProjectorConfig:
+    """The trainable bridge from encoder tokens to LLM embeddings."""
+
+    kind: str = doc("linear", "linear | mlp2x_gelu (or a plugin's name)")
+    group: int = doc(4, "concatenate this many consecutive encoder tokens into one")
+    group_mode: str = doc("pad", "when the token count is not divisible by group: pad | trim")
+    lr: float | None = doc(None, "learning rate of the projector (null: train.lr)")
+    norm: str = doc("both", "both: every token group gives a word token and a feature token | words: each "
+                            "projected token is a soft mixture of the LLM's embeddings of the training text's most "
+                            "frequent tokens, so the LM reads it as words | rms: RMS-normalised to the LLM's "
+                            "embedding scale | none: the raw projector output")
+    anchor_words: int = doc(256, "norm=words/both: how many of the training text's most frequent tokens are anchors")
+    word_grounding: float = doc(0.0, "norm=words/both: weight of a loss, on caption rows, that makes each input's "
+                                     "word tokens the words of its caption (0: off)")
+    words: str = doc("soft", "norm=words/both: soft (each word token a softmax mixture of anchors) | hard (exactly "
+                             "one anchor word each, trained straight-through)")
+
+    def validate(self, where: str) -> None:
+        if self.norm not in {"none", "rms", "words", "both"}:
+            raise ConfigError(f"{where}.norm must be none, rms, words or both, got {self.norm!r}")
+        if self.word_grounding < 0:
+            raise ConfigError(f"{where}.word_grounding must be 0 (off) or positive")
+        if self.words not in {"soft", "hard"}:
+            raise ConfigError(f"{where}.words must be soft or hard, got {self.words!r}")
+        if self.anchor_words < 2:
+            raise ConfigError(f"{where}.anchor_words must be at least 2")
+        if self.group < 1:
+            raise ConfigError(f"{where}.group must be at least 1")
+        if self.group_mode not in {"pad", "trim"}:
+            raise ConfigError(f"{where}.group_mode must be pad or trim")
+
+    @property
+    def uses_words(self) -> bool:
+        return self.norm in {"words", "both"}
 
 
 def group_tokens(tokens: torch.Tensor, k: int, mode: Literal["pad", "trim"] = "pad") -> torch.Tensor:
@@ -248,7 +306,7 @@ def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
     b, t, _ = embeds.shape
     m = inserted.size(1)
     if positions.shape != (b,) or bool(((positions < 0) | (positions >= t)).any()):
-        raise ModaltuneError("every prompt needs exactly one image placeholder inside it")
+        raise ModaltuneError("every prompt needs exactly one placeholder (image, audio) inside it")
     rows_e, rows_m, rows_l = [], [], []
     ones = mask.new_ones(m)
     for i in range(b):
@@ -263,8 +321,9 @@ def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
 class ComposedLM(ModaltuneModel):
     """``encoder -> grouping -> projector -> causal LM``; components ``encoder``, ``projector``, ``llm``.
 
-    ``forward`` takes ``input_ids``/``attention_mask`` with one placeholder per row at ``image_positions`` and
-    either raw inputs for the encoder (``pixel_values``) or its precomputed output (``features``, ``(B, N, D_enc)``).
+    ``forward`` takes ``input_ids``/``attention_mask`` with one placeholder per row at ``placeholder_positions`` and
+    either the encoder's inputs (``encoder_inputs``: pixels, log-mel features) or states from a
+    :class:`~modaltune.shared.features.FeatureCache` (``features``, ``(B, N, D_enc)``, at ``features_depth``).
     """
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, llm: nn.Module, *, group: int = 1,
@@ -295,32 +354,32 @@ class ComposedLM(ModaltuneModel):
             self.encoder.eval()
         return self
 
-    def prefix_tokens(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
+    def prefix_tokens(self, encoder_inputs: torch.Tensor | None = None, features: torch.Tensor | None = None,
                       features_depth: int | None = None) -> torch.Tensor:
         """Projected encoder tokens ``(B, M, D_llm)``; ``features`` cached at ``features_depth`` (None: the
         encoder output) go through the encoder's remaining blocks first."""
         if features is None:
-            if pixel_values is None:
-                raise ModaltuneError("ComposedLM needs pixel_values or precomputed features")
-            features = self.encoder(pixel_values)  # (B, N, D_enc)
+            if encoder_inputs is None:
+                raise ModaltuneError("ComposedLM needs encoder_inputs or cached features")
+            features = self.encoder(encoder_inputs)  # (B, N, D_enc)
         elif features_depth is not None:
             features = unwrap_peft(self.encoder).encode_rest(features, int(features_depth))  # (B, N, D_enc)
         grouped = group_tokens(features, self.group, self.group_mode)  # (B, N/k, k*D_enc)
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(grouped.to(proj_dtype))  # (B, M, D_llm)
 
-    def embed(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,
+    def embed(self, input_ids, attention_mask, placeholder_positions, labels=None, encoder_inputs=None, features=None,
               features_depth=None):
         """Prompt embeddings with the projected tokens spliced in."""
         lm = unwrap_peft(self.llm)
         embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
-        prefix = self.prefix_tokens(pixel_values, features, features_depth)  # (B, M, D)
-        return splice(embeds, attention_mask, labels, image_positions, prefix)
+        prefix = self.prefix_tokens(encoder_inputs, features, features_depth)  # (B, M, D)
+        return splice(embeds, attention_mask, labels, placeholder_positions, prefix)
 
-    def forward(self, input_ids, attention_mask, image_positions, labels=None, pixel_values=None, features=None,
+    def forward(self, input_ids, attention_mask, placeholder_positions, labels=None, encoder_inputs=None, features=None,
                 features_depth=None, ground_words=None, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
-        embeds, mask, labels = self.embed(input_ids, attention_mask, image_positions, labels, pixel_values, features,
+        embeds, mask, labels = self.embed(input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features,
                                           features_depth)
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=mask)
@@ -333,9 +392,101 @@ class ComposedLM(ModaltuneModel):
         return {"loss": loss}
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, image_positions, pixel_values=None, features=None,
+    def generate(self, input_ids, attention_mask, placeholder_positions, encoder_inputs=None, features=None,
                  features_depth=None, **gen_kwargs):
         """Generated token ids (new tokens only) for left-padded prompts."""
-        embeds, mask, _ = self.embed(input_ids, attention_mask, image_positions, None, pixel_values, features,
+        embeds, mask, _ = self.embed(input_ids, attention_mask, placeholder_positions, None, encoder_inputs, features,
                                      features_depth)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
+
+
+def build_composed_lm(*, encoder: nn.Module, encoder_tuning, model, llm, projector: ProjectorConfig,
+                      compute_dtype: torch.dtype = torch.float32, label_logits_only: bool = True,
+                      gradient_checkpointing: bool = False, log: Callable[[str], None] = print):
+    """Compose ``encoder -> grouping -> projector -> causal LM`` and apply each component's tuning method.
+
+    Args:
+        encoder: a :class:`~modaltune.shared.features.CachedEncoder` module (see :func:`build_encoder`).
+        encoder_tuning: the encoder's :class:`~modaltune.shared.peft.ComponentConfig` (frozen, lora, full, ...).
+        model: the LLM's :class:`~modaltune.shared.lm.ModelConfig`.
+        llm: the LLM's :class:`~modaltune.shared.peft.ComponentConfig`.
+        projector: the projector and token grouping.
+        compute_dtype: compute dtype of quantised layers.
+        label_logits_only: the output layer runs only at answer positions.
+        gradient_checkpointing: trade compute for memory in the LLM.
+        log: progress lines.
+
+    Returns:
+        ``(ComposedLM, tokenizer, source)``; with ``norm=words/both`` the anchor words are placeholders until
+        :func:`anchor_on_text` (a run) or a checkpoint (evaluate, merge) fills them.
+    """
+    from modaltune.shared.lm import load_causal_lm
+    from modaltune.shared.peft import ComponentSpec, apply_peft
+
+    if llm.method in {"prompt_tuning", "prefix_tuning"}:
+        raise ConfigError("llm.method: prompt/prefix tuning cannot take spliced encoder tokens; use lora, dora, ...")
+    encoder = apply_peft(encoder, [ComponentSpec("encoder", "", encoder_tuning)], causal_lm=False)
+    lm, tok, source = load_causal_lm(model, method=llm.method, compute_dtype=compute_dtype,
+                                     quantize_head=llm.quantize_head, log_fn=log)
+    if llm.method == "frozen":
+        for p in lm.parameters():
+            p.requires_grad_(False)
+    else:
+        lm = apply_peft(lm, [ComponentSpec("llm", "", llm)])
+    hidden = unwrap_peft(lm).get_input_embeddings().embedding_dim
+    scale = embedding_rms(lm) if projector.norm in {"rms", "both"} else None
+    words = torch.zeros(projector.anchor_words, hidden) if projector.uses_words else None
+    proj = build_projector(projector.kind, in_dim=unwrap_peft(encoder).out_dim, out_dim=hidden, group=projector.group,
+                           norm=projector.norm, scale=scale, words=words, hard_words=projector.words == "hard")
+    composed = ComposedLM(encoder, proj, lm, group=projector.group, group_mode=projector.group_mode,
+                          label_logits_only=label_logits_only, encoder_train_mode=encoder_tuning.method == "full",
+                          word_grounding=projector.word_grounding if projector.uses_words else 0.0)
+    full = ["projector"] + [n for n, c in (("encoder", encoder_tuning), ("llm", llm)) if c.method == "full"]
+    composed.record_trained(full_components=full)
+    if gradient_checkpointing:
+        composed.gradient_checkpointing_enable()
+    return composed, tok, source
+
+
+def anchor_on_text(model: ComposedLM, tokenizer, texts: Iterable[str], k: int,
+                   log: Callable[[str], None] = print) -> list[int]:
+    """Anchor a word projector (``norm=words/both``) on the ``k`` most frequent tokens of ``texts`` (the training
+    text: captions, questions, answers, transcripts; not the prompt template). Returns the anchor token ids."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
+    special = set(tokenizer.all_special_ids)
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in special]
+    if not ranked:
+        raise DataError("projector.norm=words/both needs training text (captions, questions, transcripts) to take "
+                        "anchor words from; or set projector.norm=rms")
+    ids = [ranked[i % len(ranked)] for i in range(k)]  # fewer distinct tokens than k: cycled, counts within 1
+    model.projector.set_words(anchor_embeddings(model.llm, ids), ids)
+    log(f"projector anchored on {min(k, len(ranked))} distinct words of the training text, e.g. "
+        + " ".join(repr(tokenizer.decode([t]).strip()) for t in ranked[:12]))
+    return ids
+
+
+def composed_report(model: ComposedLM, encoder: Any, projector: ProjectorConfig) -> dict[str, Any]:
+    """The model section fields every composed recipe reports."""
+    depth = unwrap_peft(model.encoder).cache_depth()
+    return {"encoder": encoder, "projector": projector.kind, "group": projector.group,
+            "feature_cache": depth is not None, "feature_cache_depth": depth}
+
+
+def save_composed(model: ComposedLM, tokenizer, out, composition: dict[str, Any]) -> Any:
+    """Save a composed model whose checkpoint is loaded: the LLM with its adapters merged (``out/llm``, a plain
+    transformers folder), the projector (``out/projector.safetensors``) and ``out/composition.json`` (how the parts
+    fit: encoder, projector, template). Returns the LLM folder."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    lm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
+    lm.save_pretrained(str(out / "llm"))
+    tokenizer.save_pretrained(str(out / "llm"))
+    save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, str(out / "projector.safetensors"))
+    (out / "composition.json").write_text(json.dumps(composition, indent=2) + "\n", encoding="utf-8")
+    return out / "llm"

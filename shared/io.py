@@ -103,3 +103,107 @@ def iter_jsonl(path: str | Path, text: str | None = None) -> Iterator[tuple[int,
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped).
+
+    Raises:
+        DataError: the file is missing or not UTF-8.
+    """
+    from modaltune.shared.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+
+
+def read_rows(path: str | Path, *, what: str = "data file") -> list[tuple[str, Any]]:
+    """Rows of a JSONL, JSON (a list) or CSV file as ``(id, row)`` pairs; ids point back at the item
+    (``file:line`` for JSONL and CSV, ``file[i]`` for a JSON list), so errors and skip reports can name it. A
+    ``.json`` file that holds one object per line is read as JSONL. Rows are returned as parsed: callers decide
+    what a row that is not an object means.
+
+    Raises:
+        DataError: the file is missing, not UTF-8, has an invalid JSON line, or another extension.
+
+    Example:
+        >>> import tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = open(os.path.join(folder, "a.csv"), "w").write("text,label\\nhi,1\\n")
+        >>> read_rows(os.path.join(folder, "a.csv"))
+        [('a.csv:2', {'text': 'hi', 'label': '1'})]
+    """
+    import csv
+
+    from modaltune.shared.errors import DataError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in {".jsonl", ".json", ".csv"}:
+        raise DataError(f"{what} {str(path)!r}: unsupported extension {path.suffix!r} (use .jsonl, .json or .csv)")
+    text = read_text(path)
+    if suffix == ".csv":
+        import io
+
+        rows = csv.DictReader(io.StringIO(text, newline=""))  # splits at \n and \r only, quoted newlines kept
+        return [(f"{path.name}:{i + 2}", dict(row)) for i, row in enumerate(rows)]
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
+        return [(f"{path.name}[{i}]", row) for i, row in enumerate(data)]
+    return [(f"{path.name}:{lineno}", row) for lineno, row in iter_jsonl(path, text)]
+
+
+def read_hf_rows(spec: str, split: str, prepare: Callable[[Any], Any] | None = None) -> list[tuple[str, dict]]:
+    """Rows of a ``datasets`` dataset: a hub name (``name`` or ``name:config``) or a folder saved with
+    ``save_to_disk``; ``prepare`` may transform the dataset first (e.g. decode an audio column).
+
+    Raises:
+        DataError: it cannot be loaded (the message gives the name, the split and why).
+    """
+    import datasets
+
+    from modaltune.shared.errors import DataError
+
+    name, _, config = spec.partition(":")
+    try:
+        folder = Path(name).expanduser()
+        if folder.is_dir() and (folder / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(folder))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split)
+        if prepare is not None:
+            ds = prepare(ds)
+    except Exception as exc:  # datasets raises many types; the user needs the name and the reason
+        raise DataError(f"cannot load dataset {spec!r} split {split!r}: {str(exc).splitlines()[0][:200]}") from None
+    return [(f"{name}[{i}]", dict(row)) for i, row in enumerate(ds)]
+
+
+def seeded_split(items: list, sizes: list[int], seed: int) -> list[list]:
+    """Consecutive parts of a seeded shuffle of ``items``: one part per size, then the rest. The same seed gives
+    the same parts on every machine (Python's ``random``), whatever the model seed.
+
+    Example:
+        >>> seeded_split(list(range(6)), [2, 1], seed=0)
+        [[4, 2], [1], [0, 5, 3]]
+    """
+    import random
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    parts, start = [], 0
+    for size in sizes:
+        parts.append([items[i] for i in order[start : start + size]])
+        start += size
+    parts.append([items[i] for i in order[start:]])
+    return parts

@@ -9,6 +9,8 @@ import math
 import re
 import string
 
+from modaltune.shared.errors import DataError
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -64,7 +66,8 @@ def perplexity(mean_loss: float) -> float:
 
 def _check(predictions: list[str], references: list[str]) -> None:
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+        raise DataError(f"{len(predictions)} predictions for {len(references)} references: score one output per "
+                        "reference")
 
 
 def word_error_rate(predictions: list[str], references: list[str]) -> float:

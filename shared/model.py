@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.peft import count_parameters
 
 
@@ -37,7 +38,8 @@ def block_input(block: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
     finally:
         handle.remove()
     if not captured:
-        raise RuntimeError(f"the forward pass never reached {type(block).__name__}")
+        raise ModaltuneError(f"the forward pass never reached {type(block).__name__}: that block is not on the "
+                             "encoder's path, so its input cannot be cached; turn the feature cache off")
     return captured[0]
 
 

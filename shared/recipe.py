@@ -24,7 +24,7 @@ from typing import Any
 
 from modaltune.shared.config import dump_yaml, from_dict, load_config, parse_overrides, apply_dotted, to_dict
 from modaltune.shared.environment import environment
-from modaltune.shared.errors import ModaltuneError, suggest
+from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.registry import RECIPES
 from modaltune.shared.skips import SKIPPED_FILE, write_skipped
 
@@ -56,10 +56,29 @@ class Recipe:
     def evaluate(self, cfg: Any, checkpoint: Path, ctx: RunContext) -> None:
         raise NotImplementedError
 
-    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None]) -> list[tuple[str, Path]]:
-        """Write the merged model into ``out``; returns ``(base model folder, merged folder)`` pairs, so the base
-        model's licence files can follow its weights."""
+    def build_model(self, cfg: Any, log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
+        """``(model, tokenizer or processor, source)`` as the config describes (used by :meth:`merge`)."""
         raise NotImplementedError
+
+    def save_merged(self, cfg: Any, model: Any, tokenizer: Any, out: Path, log: Callable[[str], None]) -> Path:
+        """Save a model whose checkpoint is loaded, adapters merged, into ``out``; returns the folder holding the
+        base model's weights (``out`` itself, or a part of it such as ``out/llm``)."""
+        raise NotImplementedError
+
+    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None]) -> list[tuple[str, Path]]:
+        """Write the merged model into ``out``: the model is rebuilt in fp32 (quantised components as plain LoRA),
+        the checkpoint loaded, adapters merged by :meth:`save_merged`. Returns ``(base model folder, merged
+        folder)`` pairs, so the base model's licence files can follow its weights."""
+        from modaltune.shared import checkpoint as ckpt
+        from modaltune.shared.harness import merge_config
+
+        cfg = merge_config(cfg)
+        model, tokenizer, source = self.build_model(cfg, log)
+        ckpt.load_trained(model, checkpoint)
+        out.mkdir(parents=True, exist_ok=True)
+        folder = self.save_merged(cfg, model, tokenizer, out, log)
+        log(f"merged {checkpoint} into {out}")
+        return [(source["path"], folder)]
 
 
 def register_recipe(recipe: Recipe) -> Recipe:
@@ -68,41 +87,19 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
-BUILTIN_RECIPES = {
-    "text-sft": ("modaltune.recipes.text_sft", "text"),
-    "domain-asr": ("modaltune.recipes.domain_asr", "audio"),
-    "med-vqa": ("modaltune.recipes.med_vqa", "vision"),
-}
-
-
 def get_recipe(name: str) -> Recipe:
-    """The registered recipe ``name``; a built-in one is imported on first use (it registers itself)."""
-    import importlib
-
-    if name not in BUILTIN_RECIPES and name not in RECIPES:
-        known = sorted(set(BUILTIN_RECIPES) | set(RECIPES.names()))
-        raise ModaltuneError(f"unknown recipe {name!r}{suggest(name, known)}; known: {', '.join(known)}")
-    if name in BUILTIN_RECIPES and name not in RECIPES._items:
-        module, extra = BUILTIN_RECIPES[name]
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ModaltuneError(
-                f"recipe {name!r} needs the {extra} extra: pip install 'modaltune[{extra}]' ({exc})"
-            ) from None
+    """The registered recipe ``name`` (a declared one is imported on first use and registers itself)."""
     return RECIPES.get(name)
 
 
 def all_recipes() -> dict[str, Recipe | str]:
-    """Every recipe: built-ins (or why one cannot load) and plugins."""
+    """Every recipe, built-in or plugin: the recipe, or why it cannot load (a missing extra, say)."""
     out: dict[str, Recipe | str] = {}
-    for name in BUILTIN_RECIPES:
+    for name in RECIPES.names():
         try:
             out[name] = get_recipe(name)
         except ModaltuneError as exc:
             out[name] = str(exc)
-    for name in RECIPES.names():
-        out.setdefault(name, RECIPES.get(name))
     return out
 
 

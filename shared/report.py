@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modaltune.shared.errors import ModaltuneError
+
 import yaml
 
 from modaltune.shared.io import atomic_write
@@ -217,7 +219,7 @@ def compare_reports(a: dict, b: dict, stat: str = "mean") -> dict[str, tuple[flo
         ((0.5, 0.7), (None, 0.05))
     """
     if stat not in STATS:
-        raise ValueError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
+        raise ModaltuneError(f"stat must be one of {', '.join(STATS)}, got {stat!r}")
     after_a, after_b = _after(a, stat), _after(b, stat)
     return {key: (_to_float(after_a.get(key)), _to_float(after_b.get(key))) for key in sorted({*after_a, *after_b})}
 
@@ -633,7 +635,8 @@ def _parameters_blocks(parameters: Mapping) -> list[Block]:
 
 
 def _data_blocks(data: Mapping) -> list[Block]:
-    """Kept and skipped examples per split, with the skip reasons by count and the first skipped items named."""
+    """Kept, capped and skipped examples per split: items a size cap left out are counted apart from those that could
+    not be used, whose reasons are given by count with the first items named."""
     rows = []
     for split, info in data.items():
         info = _as_dict(info)
@@ -644,11 +647,13 @@ def _data_blocks(data: Mapping) -> list[Block]:
             names = [str(n) for n in (named.get(reason) or [])]
             more = " ..." if names and (_finite(count) or 0) > len(names) else ""
             parts.append(f"{reason}: {count}" + (f" ({', '.join(names)}{more})" if names else ""))
-        rows.append([str(split), fmt_count(info.get("kept")), fmt_count(info.get("skipped")), "; ".join(parts)])
+        caps = _as_dict(info.get("cap_reasons"))
+        capped = fmt_count(info.get("capped")) + (f" ({', '.join(caps)})" if caps else "") if info.get("capped") else "0"
+        rows.append([str(split), fmt_count(info.get("kept")), capped, fmt_count(info.get("skipped")), "; ".join(parts)])
     if not rows:
         return []
-    return [Heading("Data"), Table(["split", "kept", "skipped", "skip reasons (first items; all in skipped.jsonl)"],
-                                   rows)]
+    return [Heading("Data"), Table(["split", "kept", "left out by a size cap (--quick, max_*)", "skipped",
+                                    "skip reasons (first items; all in skipped.jsonl)"], rows)]
 
 
 def fmt_count(value: Any) -> str:

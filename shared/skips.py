@@ -25,14 +25,21 @@ class Skips(Counter):
         >>> s = Skips()
         >>> s.add("missing image", "row 3")
         >>> s.add("missing image", "row 9")
-        >>> s.add("over max_train=10", count=40)  # a deliberate cap: counted, items not named
-        >>> dict(s), s.names["missing image"]
-        ({'missing image': 2, 'over max_train=10': 40}, ['row 3', 'row 9'])
+        >>> s.cap("max_train=10", 40)  # a deliberate cap (--quick, max_*): counted apart, not a skip
+        >>> dict(s), s.names["missing image"], s.capped
+        ({'missing image': 2}, ['row 3', 'row 9'], {'max_train=10': 40})
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.names: dict[str, list[str]] = {}
+        self.capped: dict[str, int] = {}  # items left out on purpose by a size cap, per cap
         super().__init__(*args, **kwargs)
+
+    def cap(self, reason: str, count: int) -> None:
+        """Count ``count`` items left out by a size cap (``max_train_questions=3000``, ``--quick``): data the
+        config chose not to use, reported apart from the items that could not be used."""
+        if count > 0:
+            self.capped[reason] = self.capped.get(reason, 0) + count
 
     def add(self, reason: str, item: object = None, *, count: int = 1) -> None:
         """Count ``count`` skips for ``reason``, naming ``item`` (an id, ``file:line`` or path) when given."""
@@ -45,15 +52,21 @@ class Skips(Counter):
         super().update(other, **kwargs)
         for reason, names in getattr(other, "names", {}).items():
             self.names.setdefault(reason, []).extend(names)
+        for reason, count in getattr(other, "capped", {}).items():
+            self.cap(reason, count)
 
     def summary(self, kept: int) -> dict[str, Any]:
         """The report's data entry for one split: kept, skipped, counts per reason and the named items."""
-        return {
+        out = {
             "kept": kept,
             "skipped": sum(self.values()),
             "skip_reasons": dict(self),
             "skipped_items": {reason: list(names) for reason, names in self.names.items()},
         }
+        if self.capped:
+            out["capped"] = sum(self.capped.values())
+            out["cap_reasons"] = dict(self.capped)
+        return out
 
 
 def add_to_summary(entry: dict[str, Any], skips: Skips, kept: int) -> None:

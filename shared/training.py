@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -111,6 +110,26 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     # grant AMX state, can leave it on an emulating kernel that is many times slower than fp32)
     kernel = bf16_matmul_kernel()
     return "bf16" if kernel is None or "bf16" in kernel or "amx" in kernel else "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype quantised layers compute in for a resolved precision: bf16 under bf16, else float32."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None: no autocast, float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context that matches a resolved training precision (a no-op for fp32)."""
+    import contextlib
+
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 class ModaltuneTrainer(Trainer):

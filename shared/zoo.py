@@ -249,8 +249,3 @@ ZOO.register(
     ),
     owner="modaltune.shared.zoo",
 )
-
-
-# Modality entries register themselves; their modules import only the standard library and this one.
-import modaltune.vision.zoo  # noqa: E402,F401
-import modaltune.audio.zoo  # noqa: E402,F401

@@ -54,11 +54,12 @@ def test_each_method_trains_only_its_components(enc, dec, tiny_whisper):
 
 
 def test_cached_and_uncached_paths_give_the_same_loss(tiny_whisper):
-    from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache
+    from modaltune.audio.features import ASRCollator, ASRDataset
+    from modaltune.shared.features import FeatureCache
 
     model, processor, _ = _build(tiny_whisper)
     waves, labels, _ = _batch(processor, 3)
-    cache = EncoderCache(model, processor)
+    cache = FeatureCache(model)
     cached = ASRDataset(waves, labels, processor, cache=cache)
     plain = ASRDataset(waves, labels, processor)
     assert cache.computed == 3
@@ -72,13 +73,13 @@ def test_cached_and_uncached_paths_give_the_same_loss(tiny_whisper):
 
 
 def test_disk_cache_is_keyed_by_content_and_encoder(tiny_whisper, tmp_path):
-    from modaltune.audio.features import EncoderCache
+    from modaltune.shared.features import FeatureCache
 
     model, processor, _ = _build(tiny_whisper)
     waves, _, _ = _batch(processor, 2)
-    first = EncoderCache(model, processor, directory=tmp_path)
+    first = FeatureCache(model, directory=tmp_path)
     first.fill(waves)
-    second = EncoderCache(model, processor, directory=tmp_path)
+    second = FeatureCache(model, directory=tmp_path)
     second.fill(waves)
     assert first.computed == 2 and second.computed == 0 and second.loaded == 2
     other, _, _ = _build(tiny_whisper, "lora", "lora")
@@ -86,7 +87,7 @@ def test_disk_cache_is_keyed_by_content_and_encoder(tiny_whisper, tmp_path):
         for n, p in other.named_parameters():
             if "lora_B" in n:
                 p.add_(0.1)
-    third = EncoderCache(other, processor, directory=tmp_path)
+    third = FeatureCache(other, directory=tmp_path)
     third.fill(waves)
     assert third.computed == 2  # a different encoder never reuses another's states
 
@@ -241,21 +242,22 @@ def test_encoder_layers_narrow_the_method_to_the_top_block_and_set_the_cache_dep
     model, _, _ = _build_top(tiny_whisper, [-1])
     enc = {n for n in model.trained_names if model.component_of(n) == "encoder"}
     assert enc and all(".layers.1." in n for n in enc)
-    assert model.cache_depth == 1
+    assert model.cache_depth() == 1
     full, _, _ = _build_top(tiny_whisper, [1], method="full")
     enc = {n for n in full.trained_names if full.component_of(n) == "encoder"}
     assert enc and all(".layers.1." in n for n in enc) and not any("conv" in n for n in enc)
-    assert full.cache_depth == 1
-    assert _build(tiny_whisper, "lora", "lora")[0].cache_depth == 0  # the convolutions' output is still cached
-    assert _build(tiny_whisper, "full", "lora")[0].cache_depth is None  # the convolutions train: nothing to cache
-    assert _build(tiny_whisper)[0].cache_depth == 2  # frozen encoder: its output is cached
+    assert full.cache_depth() == 1
+    assert _build(tiny_whisper, "lora", "lora")[0].cache_depth() == 0  # the convolutions' output is still cached
+    assert _build(tiny_whisper, "full", "lora")[0].cache_depth() is None  # the convolutions train: nothing to cache
+    assert _build(tiny_whisper)[0].cache_depth() == 2  # frozen encoder: its output is cached
     with pytest.raises(ConfigError, match=r"block 5 does not exist; the component has 2 blocks"):
         _build_top(tiny_whisper, [5])
 
 
 def test_partial_encoder_cache_gives_the_uncached_loss_gradients_and_transcripts(tiny_whisper):
     from modaltune.audio.eval import ASREvalConfig, transcribe
-    from modaltune.audio.features import ASRCollator, ASRDataset, EncoderCache
+    from modaltune.audio.features import ASRCollator, ASRDataset
+    from modaltune.shared.features import FeatureCache
 
     model, processor, _ = _build_top(tiny_whisper, [-1])
     with torch.no_grad():  # non-zero adapters, so the top block really differs from the base model's
@@ -263,11 +265,11 @@ def test_partial_encoder_cache_gives_the_uncached_loss_gradients_and_transcripts
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     waves, labels, _ = _batch(processor, 3)
-    cache = EncoderCache(model, processor, depth=model.cache_depth)
+    cache = FeatureCache(model, depth=model.cache_depth())
     assert not cache.complete and cache.depth == 1
     cached = ASRCollator()([ASRDataset(waves, labels, processor, cache=cache)[i] for i in range(3)])
     plain = ASRCollator()([ASRDataset(waves, labels, processor)[i] for i in range(3)])
-    assert cached["encoder_depth"] == 1
+    assert cached["features_depth"] == 1
     model.eval()
     grads = []
     for batch in (cached, plain):
@@ -290,8 +292,8 @@ def test_partial_encoder_cache_gives_the_uncached_loss_gradients_and_transcripts
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.add_(0.1)
-    assert EncoderCache(model, processor, depth=1).fingerprint == cache.fingerprint
-    assert EncoderCache(model, processor, depth=2).fingerprint != cache.fingerprint
+    assert FeatureCache(model, depth=1).fingerprint == cache.fingerprint
+    assert FeatureCache(model, depth=2).fingerprint != cache.fingerprint
 
 
 def test_beam_search_skips_the_cross_attention_reorder_and_matches_stock_generate(tiny_whisper):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modaltune.shared.peft import ComponentConfig
-from modaltune.text.lm import ModelConfig, build_text_model
+from modaltune.shared.lm import ModelConfig, build_text_model
 
 
 @pytest.mark.gpu

@@ -10,6 +10,8 @@ import torch
 
 from modaltune.shared.compose import group_tokens, splice
 from modaltune.shared.config import ConfigError, from_dict
+from modaltune.shared.loss import unwrap_peft
+from modaltune.vision.vqa import load_vqa_sets
 
 
 def _images(folder, n=6):
@@ -42,14 +44,52 @@ def vqa_files(tmp_path_factory):
 
 
 def _cfg(tiny_llm, vqa_files, *extra):
-    from modaltune.recipes.med_vqa import MedVQAConfig, _default_stages
-    from modaltune.shared.config import apply_dotted, parse_overrides, to_dict
+    from modaltune.recipes.med_vqa import MedVQAConfig
+    from modaltune.shared.config import apply_dotted, parse_overrides
 
-    base = {"stages": [to_dict(s) for s in _default_stages()],"encoder": {"kind": "timm", "name": "test_efficientnet"}, "model": {"name": str(tiny_llm)},
+    base = {"stages": [{"name": "caption", "data": "caption"}, {"name": "vqa", "data": "vqa"}], "encoder": {"kind": "timm", "name": "test_efficientnet"}, "model": {"name": str(tiny_llm)},
             "data": {"layout": "jsonl", "train": str(vqa_files / "train.jsonl"),
                      "test": str(vqa_files / "test.jsonl")},
             "llm": {"r": 4, "alpha": 8}, "train": {"precision": "fp32", "batch_size": 4}}
     return from_dict(MedVQAConfig, apply_dotted(base, parse_overrides(list(extra)), "test"))
+
+
+def _build(cfg, log=lambda *_: None):
+    """The composed model a med-vqa config describes, built by the library (as the recipe does)."""
+    from modaltune.shared.compose import build_composed_lm, build_encoder
+
+    return build_composed_lm(encoder=build_encoder(cfg.encoder, log=log), encoder_tuning=cfg.encoder_tuning,
+                             model=cfg.model, llm=cfg.llm, projector=cfg.projector,
+                             label_logits_only=cfg.train.label_logits_only,
+                             gradient_checkpointing=cfg.train.gradient_checkpointing, log=log)
+
+
+def _dataset(rows, tok, cache, *, max_length=128, skipped=None):
+    from modaltune.shared.compose_data import ComposedDataset
+    from modaltune.shared.skips import Skips
+    from modaltune.vision.data import PLACEHOLDER
+
+    return ComposedDataset(rows, tok, cache, placeholder=PLACEHOLDER, max_length=max_length,
+                           skipped=Skips() if skipped is None else skipped)
+
+
+def _collator(tok, encoder=None, **kwargs):
+    from modaltune.vision.vqa import image_collator
+
+    return image_collator(tok, encoder, **kwargs)
+
+
+def _cache(encoder, depth=None):
+    from modaltune.vision.vqa import image_cache
+
+    return image_cache(encoder, depth=depth, precision="fp32")
+
+
+def _anchor(cfg, model, tok, raw):
+    from modaltune.shared.compose import anchor_on_text
+
+    texts = [it.caption for it in raw["caption_train"]] + [t for it in raw["vqa_train"] for t in (it.question, it.answer)]
+    return anchor_on_text(model, tok, texts, cfg.projector.anchor_words, log=lambda *_: None)
 
 
 def test_grouping_pads_or_trims():
@@ -85,17 +125,16 @@ def test_splice_keeps_text_and_padding_in_place(left):
 @pytest.mark.parametrize("encoder", ["test_vit", "test_efficientnet"])
 @pytest.mark.parametrize("llm", ["tiny_llama", "tiny_gemma"])
 def test_composed_step_trains_only_projector_and_lora(encoder, llm, request, vqa_files):
-    from modaltune.recipes.med_vqa import MedVQA
-    from modaltune.vision.vqa import VLCollator, VLDataset, vqa_rows
+    from modaltune.vision.vqa import vqa_rows
     from modaltune.vision.data import read_vqa_jsonl
 
     cfg = _cfg(request.getfixturevalue(llm), vqa_files, f"encoder.name={encoder}")
-    model, tok, _, _ = MedVQA().build(cfg)
+    model, tok, _ = _build(cfg)
     items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
     from collections import Counter
 
-    ds = VLDataset(vqa_rows(items[:4]), tok, None, max_length=128, skipped=Counter())
-    batch = VLCollator(tok.pad_token_id, model.encoder)([ds[i] for i in range(4)])
+    ds = _dataset(vqa_rows(items[:4]), tok, None, max_length=128, skipped=Counter())
+    batch = _collator(tok, model.encoder)([ds[i] for i in range(4)])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     loss = model(**batch)["loss"]
@@ -111,24 +150,23 @@ def test_composed_step_trains_only_projector_and_lora(encoder, llm, request, vqa
 def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama, vqa_files, tmp_path):
     from collections import Counter
 
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared import checkpoint as ckpt
     from modaltune.vision.data import read_vqa_jsonl
-    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+    from modaltune.vision.vqa import vqa_rows
 
     cfg = _cfg(tiny_llama, vqa_files, "projector.norm=rms")
-    model, tok, _, _ = MedVQA().build(cfg)
+    model, tok, _ = _build(cfg)
     items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
     rows = vqa_rows(items[:4])
-    cache = FeatureCache(model.encoder)
+    cache = _cache(model.encoder)
     cache.fill([r["image"] for r in rows])
     assert cache.computed == len({r["image"] for r in rows})
-    cached = VLDataset(rows, tok, cache, max_length=128, skipped=Counter())
-    plain = VLDataset(rows, tok, None, max_length=128, skipped=Counter())
+    cached = _dataset(rows, tok, cache, max_length=128, skipped=Counter())
+    plain = _dataset(rows, tok, None, max_length=128, skipped=Counter())
     model.eval()
     with torch.no_grad():
-        a = model(**VLCollator(tok.pad_token_id)([cached[i] for i in range(4)]))["loss"]
-        b = model(**VLCollator(tok.pad_token_id, model.encoder)([plain[i] for i in range(4)]))["loss"]
+        a = model(**_collator(tok)([cached[i] for i in range(4)]))["loss"]
+        b = model(**_collator(tok, model.encoder)([plain[i] for i in range(4)]))["loss"]
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
     with torch.no_grad():
@@ -136,9 +174,9 @@ def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "med-vqa"})
-    fresh, _, _, _ = MedVQA().build(cfg)
+    fresh, _, _ = _build(cfg)
     fresh.eval()
-    batch = VLCollator(tok.pad_token_id)([cached[i] for i in range(4)])
+    batch = _collator(tok)([cached[i] for i in range(4)])
     with torch.no_grad():
         ckpt.load_trained(fresh, tmp_path / "c")
         assert torch.equal(model(**batch)["loss"], fresh(**batch)["loss"])
@@ -153,14 +191,12 @@ def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama
 def test_word_anchored_projector_mixes_the_llms_own_word_embeddings(tiny_gemma, vqa_files, tmp_path):
     """projector.norm=words: anchors are the training text's most frequent tokens; every visual token is a convex
     mixture of their (Gemma-scaled) embeddings; the anchors travel in the checkpoint and reload."""
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared import checkpoint as ckpt
 
     cfg = _cfg(tiny_gemma, vqa_files, "projector.norm=words", "projector.anchor_words=64")
-    recipe = MedVQA()
-    model, tok, _, _ = recipe.build(cfg)
-    raw, _ = recipe.load_data(cfg, print)
-    ids = recipe.set_anchor_words(cfg, model, tok, raw)
+    model, tok, _ = _build(cfg)
+    raw, _ = load_vqa_sets(cfg.data)
+    ids = _anchor(cfg, model, tok, raw)
     assert len(ids) == 64 and not set(ids) & set(tok.all_special_ids)
     answer = tok(" " + raw["vqa_train"][0].answer, add_special_tokens=False)["input_ids"][0]
     assert answer in ids  # answers are among the training text's frequent tokens
@@ -178,7 +214,7 @@ def test_word_anchored_projector_mixes_the_llms_own_word_embeddings(tiny_gemma, 
     assert "projector.words" in model.trained_state_dict()
 
     ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "med-vqa"})
-    fresh, _, _, _ = recipe.build(cfg)
+    fresh, _, _ = _build(cfg)
     assert not fresh.projector.words.any()
     ckpt.load_trained(fresh, tmp_path / "c")
     assert torch.equal(fresh.projector.words, model.projector.words)
@@ -187,16 +223,14 @@ def test_word_anchored_projector_mixes_the_llms_own_word_embeddings(tiny_gemma, 
 def test_both_projector_gives_word_tokens_then_feature_tokens(tiny_gemma, vqa_files, tmp_path):
     """projector.norm=both: 2 x 13 tokens per image, the first 13 word mixtures, the last 13 at word RMS; the
     composed model splices all of them and its checkpoint round-trips."""
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared import checkpoint as ckpt
     from modaltune.shared.compose import embedding_rms
-    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+    from modaltune.vision.vqa import vqa_rows
 
     cfg = _cfg(tiny_gemma, vqa_files, "projector.norm=both", "projector.anchor_words=16")
-    recipe = MedVQA()
-    model, tok, _, _ = recipe.build(cfg)
-    raw, _ = recipe.load_data(cfg, print)
-    recipe.set_anchor_words(cfg, model, tok, raw)
+    model, tok, _ = _build(cfg)
+    raw, _ = load_vqa_sets(cfg.data)
+    _anchor(cfg, model, tok, raw)
     words = model.projector.words.words
     feats = torch.randn(2, 49, model.encoder.out_dim)
     with torch.no_grad():
@@ -209,16 +243,16 @@ def test_both_projector_gives_word_tokens_then_feature_tokens(tiny_gemma, vqa_fi
 
     from collections import Counter
 
-    cache = FeatureCache(model.encoder)  # the encoder is random here: a fresh build's would differ
+    cache = _cache(model.encoder)  # the encoder is random here: a fresh build's would differ
     rows = vqa_rows(raw["vqa_train"][:3])
     cache.fill([r["image"] for r in rows])
-    ds = VLDataset(rows, tok, cache, max_length=128, skipped=Counter())
-    batch = VLCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    ds = _dataset(rows, tok, cache, max_length=128, skipped=Counter())
+    batch = _collator(tok)([ds[i] for i in range(3)])
     model.eval()
     with torch.no_grad():
         loss = model(**batch)["loss"]
         ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "med-vqa"})
-        fresh, _, _, _ = recipe.build(cfg)
+        fresh, _, _ = _build(cfg)
         fresh.eval()
         ckpt.load_trained(fresh, tmp_path / "c")
         assert torch.equal(fresh(**batch)["loss"], loss)
@@ -228,11 +262,10 @@ def test_both_projector_gives_word_tokens_then_feature_tokens(tiny_gemma, vqa_fi
 def test_normed_projector_puts_visual_tokens_at_word_scale(kind, tiny_gemma, vqa_files):
     """projector.norm=rms: every projected token has the RMS of the LLM's own (Gemma-scaled) input embeddings,
     however large the encoder features are, and the scale trains; norm=none keeps the raw projector output."""
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared.compose import embedding_rms
 
     cfg = _cfg(tiny_gemma, vqa_files, f"projector.kind={kind}", "projector.norm=rms")
-    model, tok, _, _ = MedVQA().build(cfg)
+    model, tok, _ = _build(cfg)
     emb = model.llm.get_input_embeddings()
     raw_rms = emb.weight.detach().float().pow(2).mean(-1).sqrt().mean().item()
     scale = float(emb.embed_scale)  # Gemma multiplies looked-up embeddings by sqrt(hidden)
@@ -245,7 +278,7 @@ def test_normed_projector_puts_visual_tokens_at_word_scale(kind, tiny_gemma, vqa
     assert model.projector.norm.weight.requires_grad
     assert "projector.norm.weight" in model.trained_names
 
-    raw, _, _, _ = MedVQA().build(_cfg(tiny_gemma, vqa_files, f"projector.kind={kind}", "projector.norm=none"))
+    raw, _, _ = _build(_cfg(tiny_gemma, vqa_files, f"projector.kind={kind}", "projector.norm=none"))
     assert raw.prefix_tokens(features=feats).pow(2).mean(-1).sqrt().min() > 10 * rms.max()
     with pytest.raises(ConfigError, match="norm must be none, rms, words or both"):
         _cfg(tiny_gemma, vqa_files, "projector.norm=layer")
@@ -257,35 +290,31 @@ def test_top_encoder_block_trains_over_cached_lower_blocks(encoder, tiny_llama, 
     path gives the loss and the encoder gradients of the uncached one; BatchNorm statistics never move."""
     from collections import Counter
 
-    from modaltune.recipes.med_vqa import MedVQA
-    from modaltune.shared.loss import unwrap_peft
     from modaltune.vision.data import read_vqa_jsonl
-    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+    from modaltune.vision.vqa import vqa_rows
 
     targets = "[qkv,proj,fc1,fc2]" if encoder == "test_vit" else "[conv_pw,conv_pwl]"
     cfg = _cfg(tiny_llama, vqa_files, f"encoder.name={encoder}", "encoder_tuning.method=lora",
                "encoder_tuning.layers=[-1]", f"encoder_tuning.targets={targets}", "encoder_tuning.r=4",
                "stages[1].components=[encoder,projector,llm]", "llm.dropout=0.0")
-    recipe = MedVQA()
-    model, tok, _, _ = recipe.build(cfg)
+    model, tok, _ = _build(cfg)
     base = unwrap_peft(model.encoder)
     n_blocks = len(base.model.blocks)
     enc_trained = [n for n in model.trained_names if model.component_of(n) == "encoder"]
     assert enc_trained and all(f"blocks.{n_blocks - 1}." in n for n in enc_trained)
-    assert recipe.feature_depth(model) == n_blocks - 1
+    assert unwrap_peft(model.encoder).cache_depth() == n_blocks - 1
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
     rows = vqa_rows(items[:4])
-    cache = FeatureCache(model.encoder, depth=n_blocks - 1)
+    cache = _cache(model.encoder, depth=n_blocks - 1)
     cache.fill([r["image"] for r in rows])
     assert not cache.complete
-    cached = VLCollator(tok.pad_token_id)([VLDataset(rows, tok, cache, max_length=128, skipped=Counter())[i]
+    cached = _collator(tok)([_dataset(rows, tok, cache, max_length=128, skipped=Counter())[i]
                                            for i in range(4)])
-    plain = VLCollator(tok.pad_token_id, model.encoder)([VLDataset(rows, tok, None, max_length=128,
-                                                                   skipped=Counter())[i] for i in range(4)])
+    plain = _collator(tok, model.encoder)([_dataset(rows, tok, None)[i] for i in range(4)])
     assert cached["features_depth"] == n_blocks - 1
     buffers = {n: b.clone() for n, b in model.encoder.named_buffers()}
     model.train()
@@ -319,10 +348,9 @@ def test_an_encoder_method_no_stage_trains_is_refused(tiny_llama, vqa_files):
 def test_component_learning_rates(tiny_llama, vqa_files, tmp_path):
     from transformers import TrainingArguments
 
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared.training import ModaltuneTrainer
 
-    model, tok, _, _ = MedVQA().build(_cfg(tiny_llama, vqa_files))
+    model, tok, _ = _build(_cfg(tiny_llama, vqa_files))
     trainer = ModaltuneTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=5e-4,
                                                                     use_cpu=True, report_to=[]),
                                component_lrs={"projector": 1e-3})
@@ -388,7 +416,7 @@ def test_closed_questions_are_balanced_by_presence_or_answer():
     import random
     from collections import Counter
 
-    from modaltune.recipes.med_vqa import _balance_closed
+    from modaltune.vision.vqa import balance_closed as _balance_closed
     from modaltune.vision.data import VQAItem
     from modaltune.vision.vqa import closed_class as _cc
 
@@ -407,11 +435,14 @@ def test_closed_questions_are_balanced_by_presence_or_answer():
     assert closed_class(item("is there a red shape?", "no"), "answer") == "no"
     items = ([item(f"is there a shape {i}?", "no") for i in range(8)] + [item(f"is there a dot {i}?", "yes") for i in
              range(2)] + [item(f"what is {i}?", "red", "open") for i in range(5)])
-    skipped = Counter()
+    from modaltune.shared.skips import Skips
+
+    skipped = Skips()
     out = _balance_closed(items, "presence", random.Random(0), skipped)
     classes = Counter(closed_class(i, "presence") for i in out)
-    assert classes == {"present": 2, "absent": 2, None: 5} and skipped == {"balance_closed=presence": 6}
-    assert _balance_closed(items, "none", random.Random(0), Counter()) == items
+    assert classes == {"present": 2, "absent": 2, None: 5} and skipped.capped == {"balance_closed=presence": 6}
+    assert not skipped  # left out on purpose: counted as capped, not as skipped
+    assert _balance_closed(items, "none", random.Random(0), Skips()) == items
 
 
 def test_balanced_closed_accuracy_exposes_the_never_look_shortcut():
@@ -430,10 +461,10 @@ def test_balanced_closed_accuracy_exposes_the_never_look_shortcut():
 
 def _margin_rows():
     # the same question on four images; the truth depends on the image only
-    return [{"id": str(i), "image": f"img{i}.png", "prompt": "[INST] <img><ImageHere></img> is there a red shape? [/INST]",
+    return [{"id": str(i), "image": f"img{i}.png", "input": f"img{i}.png", "prompt": "[INST] <img><ImageHere></img> is there a red shape? [/INST]",
              "target": "yes" if i % 2 == 0 else "no", "type": "closed", "question": "is there a red shape?"}
             for i in range(4)] + [
-            {"id": "open", "image": "img0.png", "prompt": "[INST] <img><ImageHere></img> what colour? [/INST]",
+            {"id": "open", "image": "img0.png", "input": "img0.png", "prompt": "[INST] <img><ImageHere></img> what colour? [/INST]",
              "target": "red", "type": "open", "question": "what colour?"}]
 
 
@@ -449,7 +480,7 @@ class _Looker(torch.nn.Module):
         self.prior = torch.nn.Parameter(torch.tensor(-2.0))  # the question alone says "no"
         self.device = torch.device("cpu")
 
-    def embed(self, input_ids, attention_mask, image_positions, labels, pixel_values, features, depth):
+    def embed(self, input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features, depth):
         return features.mean(dim=(1, 2)), attention_mask, None  # (B,): the image's value
 
     def llm(self, inputs_embeds, attention_mask, logits_to_keep):
@@ -467,12 +498,12 @@ def test_closed_image_margin_is_zero_for_a_model_that_never_looks(tiny_llama, lo
     from transformers import AutoTokenizer
 
     from modaltune.shared.skips import Skips
-    from modaltune.vision.vqa import VLDataset, closed_image_margin
+    from modaltune.vision.vqa import closed_image_margin
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     # image value +1 where the truth is yes, -1 where it is no
     feats = {f"img{i}.png": torch.full((3, 2), 1.0 if i % 2 == 0 else -1.0) for i in range(4)}
-    ds = VLDataset(_margin_rows(), tok, SimpleNamespace(get=feats.__getitem__, complete=True), max_length=128,
+    ds = _dataset(_margin_rows(), tok, SimpleNamespace(get=feats.__getitem__, complete=True), max_length=128,
                    skipped=Skips())
     m = closed_image_margin(_Looker(tok, looks), tok, ds, batch_size=3)
     assert m["closed_image_margin_questions"] == 1.0  # one question text with both answers; the open one is left out
@@ -480,17 +511,16 @@ def test_closed_image_margin_is_zero_for_a_model_that_never_looks(tiny_llama, lo
 
 
 def test_closed_image_margin_runs_on_a_composed_model(tiny_llama, vqa_files):
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared.skips import Skips
     from modaltune.vision import data as vdata
-    from modaltune.vision.vqa import FeatureCache, VLDataset, closed_image_margin, vqa_rows
+    from modaltune.vision.vqa import closed_image_margin, vqa_rows
 
     cfg = _cfg(tiny_llama, vqa_files, "projector.norm=rms")
-    model, tok, _, _ = MedVQA().build(cfg, log=lambda *_: None)
+    model, tok, _ = _build(cfg)
     items, _ = vdata.read_vqa_jsonl(str(vqa_files / "train.jsonl"), str(vqa_files))
-    cache = FeatureCache(model.encoder)
+    cache = _cache(model.encoder)
     cache.fill([it.image for it in items])
-    ds = VLDataset(vqa_rows(items), tok, cache, max_length=128, skipped=Skips())
+    ds = _dataset(vqa_rows(items), tok, cache, max_length=128, skipped=Skips())
     m = closed_image_margin(model, tok, ds, batch_size=4)
     assert m["closed_image_margin_questions"] == 1.0 and m["closed_image_margin"] == m["closed_image_margin"]
 
@@ -539,29 +569,27 @@ def test_caption_rows_are_flagged_for_grounding(tiny_gemma):
     from transformers import AutoTokenizer
 
     from modaltune.shared.skips import Skips
-    from modaltune.vision.vqa import VLCollator, VLDataset
 
     tok = AutoTokenizer.from_pretrained(str(tiny_gemma))
-    rows = [{"id": "c", "image": "a.png", "prompt": "[INST] <img><ImageHere></img> describe [/INST]",
+    rows = [{"id": "c", "image": "a.png", "input": "a.png", "prompt": "[INST] <img><ImageHere></img> describe [/INST]",
              "target": "a red circle", "type": "caption"},
-            {"id": "q", "image": "a.png", "prompt": "[INST] <img><ImageHere></img> red? [/INST]", "target": "yes",
+            {"id": "q", "image": "a.png", "input": "a.png", "prompt": "[INST] <img><ImageHere></img> red? [/INST]", "target": "yes",
              "type": "closed"}]
     feats = {"a.png": torch.zeros(3, 2)}
     from types import SimpleNamespace
 
-    ds = VLDataset(rows, tok, SimpleNamespace(get=feats.__getitem__, complete=True), max_length=64, skipped=Skips())
-    batch = VLCollator(tok.pad_token_id)([ds[0], ds[1]])
+    ds = _dataset(rows, tok, SimpleNamespace(get=feats.__getitem__, complete=True), max_length=64, skipped=Skips())
+    batch = _collator(tok)([ds[0], ds[1]])
     assert batch["ground_words"].tolist() == [True, False]
-    assert "ground_words" not in VLCollator(tok.pad_token_id)([ds[1]])  # VQA-only batches are unchanged
-    assert "ground_words" not in VLCollator(tok.pad_token_id, left=True, prompt_only=True)([ds[0]])
+    assert "ground_words" not in _collator(tok)([ds[1]])  # VQA-only batches are unchanged
+    assert "ground_words" not in _collator(tok, left=True, prompt_only=True)([ds[0]])
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_word_weights_are_kept_only_when_grounding_is_on(tiny_gemma, vqa_files, weight):
-    from modaltune.recipes.med_vqa import MedVQA
     from modaltune.shared.compose import word_projector
 
     cfg = _cfg(tiny_gemma, vqa_files, f"projector.word_grounding={weight}")
-    model, _, _, _ = MedVQA().build(cfg, log=lambda *_: None)
+    model, _, _ = _build(cfg)
     assert word_projector(model.projector).record is (weight > 0)
     assert model.word_grounding == weight

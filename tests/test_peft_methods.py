@@ -9,7 +9,7 @@ import torch
 
 from modaltune.shared.errors import ConfigError
 from modaltune.shared.peft import ComponentConfig
-from modaltune.text.lm import ModelConfig, build_text_model
+from modaltune.shared.lm import ModelConfig, build_text_model
 
 METHODS = ["lora", "dora", "qlora", "lora8bit", "ia3", "prompt_tuning", "prefix_tuning", "full"]
 # which parameter names each method may change (substring test)

@@ -17,7 +17,7 @@ from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.training import STATE_FILE, StagePlan, TrainConfig, run_stages
 from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
-from modaltune.text.lm import ModelConfig, build_text_model
+from modaltune.shared.lm import ModelConfig, build_text_model
 
 CFG = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, scheduler="constant", warmup_ratio=0.0, save_steps=2,
                   logging_steps=4, precision="fp32", seed=3, save_total_limit=2)
@@ -32,7 +32,7 @@ KILLER = textwrap.dedent(
     from modaltune.shared.peft import ComponentConfig
     from modaltune.shared.training import StagePlan, TrainConfig, run_stages
     from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
-    from modaltune.text.lm import ModelConfig, build_text_model
+    from modaltune.shared.lm import ModelConfig, build_text_model
 
     model_dir, data, run_dir, at, where, cfg_json = sys.argv[1:]
     original = getattr(Trainer, where)

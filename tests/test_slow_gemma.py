@@ -25,7 +25,7 @@ def test_zoo_install_is_idempotent():
 def test_a_few_lora_steps_lower_the_loss():
     from modaltune.shared.peft import ComponentConfig
     from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
-    from modaltune.text.lm import ModelConfig, build_text_model
+    from modaltune.shared.lm import ModelConfig, build_text_model
 
     torch.manual_seed(0)
     model, tok, _ = build_text_model(ModelConfig(name="gemma-3-270m"), ComponentConfig(method="lora", r=8),

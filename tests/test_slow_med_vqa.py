@@ -13,19 +13,20 @@ pytestmark = pytest.mark.slow
 def test_packaged_encoder_and_gemma_fit_a_few_questions():
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
-    from modaltune.vision.data import read_easy_vqa
-    from modaltune.vision.vqa import FeatureCache, VLCollator, VLDataset, vqa_rows
+    from modaltune.shared.compose_data import ComposedDataset
+    from modaltune.vision.data import PLACEHOLDER, read_easy_vqa
+    from modaltune.vision.vqa import image_cache, image_collator, vqa_rows
 
     torch.manual_seed(0)
     recipe = get_recipe("med-vqa")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), ["train.precision=fp32"])
-    model, tok, _, _ = recipe.build(cfg)
+    model, tok, _ = recipe.build_model(cfg)
     items, _ = read_easy_vqa("train")
     rows = vqa_rows(items[:8])
-    cache = FeatureCache(model.encoder)
+    cache = image_cache(model.encoder, depth=None, precision="fp32")
     cache.fill([r["image"] for r in rows])
-    ds = VLDataset(rows, tok, cache, max_length=128, skipped=Counter())
-    batch = VLCollator(tok.pad_token_id)([ds[i] for i in range(len(ds))])
+    ds = ComposedDataset(rows, tok, cache, placeholder=PLACEHOLDER, max_length=128, skipped=Counter())
+    batch = image_collator(tok)([ds[i] for i in range(len(ds))])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []

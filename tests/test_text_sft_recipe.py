@@ -61,12 +61,11 @@ def test_eval_and_merge_reproduce_the_trained_model(tmp_path, tiny_llama, sft_da
     assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
     plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
 
-    recipe = get_recipe("text-sft")
-    cfg = recipe.config_cls
     from modaltune.shared.config import from_dict
+    from modaltune.shared.lm import build_text_model
 
-    cfg = from_dict(recipe.config_cls, ckpt.read_meta(out / "checkpoint")["config"])
-    model, tok, _, _ = recipe.build(cfg, None)
+    cfg = from_dict(get_recipe("text-sft").config_cls, ckpt.read_meta(out / "checkpoint")["config"])
+    model, tok, _ = build_text_model(cfg.model, cfg.llm, compute_dtype=torch.float32, log_fn=lambda *_: None)
     ckpt.load_trained(model, out / "checkpoint")
     model.eval()
     ids = tok(["Expand the clinical abbreviation: BID"], return_tensors="pt")

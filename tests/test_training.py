@@ -13,7 +13,7 @@ from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.training import StagePlan, TrainConfig, run_stages
 from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
-from modaltune.text.lm import ModelConfig, build_text_model
+from modaltune.shared.lm import ModelConfig, build_text_model
 
 
 def _setup(folder, data, method="lora"):

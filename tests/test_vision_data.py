@@ -431,7 +431,6 @@ def test_easy_vqa_captions(easy_vqa):
 
 
 def test_root_only_keeps_images_inside_the_image_folder_and_names_the_rest(images, tmp_path):
-    from modaltune.shared.skips import Skips
 
     outside = tmp_path / "elsewhere.png"
     Image.new("RGB", (8, 8)).save(outside)

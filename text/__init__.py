@@ -1,1 +1,2 @@
-"""modaltune.text: causal LMs, instruction formatting, SFT data and evaluation."""
+"""modaltune.text: instruction formatting, SFT data and generation evaluation for causal LMs (loaded by
+:mod:`modaltune.shared.lm`, which every composed model shares)."""

@@ -7,10 +7,7 @@ and length-filtered. Everything dropped is counted with its reason, so the repor
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import random
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +16,7 @@ import torch
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, DataError
-from modaltune.shared.io import iter_jsonl
+from modaltune.shared.io import read_hf_rows, read_rows, seeded_split
 from modaltune.shared.skips import Skips
 from modaltune.shared.loss import IGNORE_INDEX
 
@@ -83,45 +80,12 @@ def read_records(source: str, *, hf_split: str = "train") -> list[tuple[str, dic
     if source.startswith("builtin:"):
         return read_records(str(builtin_path(source.split(":", 1)[1])))
     if source.startswith("hf:"):
-        return _read_hf(source[3:], hf_split)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise DataError(f"data file {source!r} does not exist")
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, row in iter_jsonl(path):
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"{path.name}:{lineno}", row))
-        return rows
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return [(f"{path.name}[{i}]", row) for i, row in enumerate(data)]
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            return [(f"{path.name}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(fh))]
-    raise DataError(f"data file {source!r}: unsupported extension {path.suffix!r} (use .jsonl, .json or .csv)")
-
-
-def _read_hf(spec: str, split: str) -> list[tuple[str, dict[str, Any]]]:
-    import datasets
-
-    name, _, config = spec.partition(":")
-    try:
-        if Path(name).expanduser().is_dir() and (Path(name).expanduser() / "dataset_info.json").exists():
-            ds = datasets.load_from_disk(str(Path(name).expanduser()))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as exc:  # datasets raises many types; the user needs the name and the reason
-        raise DataError(f"cannot load dataset {spec!r} split {split!r}: {str(exc).splitlines()[0][:200]}") from None
-    return [(f"{name}[{i}]", dict(row)) for i, row in enumerate(ds)]
+        return read_hf_rows(source[3:], hf_split)
+    rows = read_rows(source)
+    for rid, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{rid}: expected a JSON object, got {type(row).__name__}")
+    return rows
 
 
 def to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Example | str:
@@ -179,21 +143,16 @@ def load_splits(cfg: InstructionDataConfig) -> SplitData:
             "test": convert(cfg.test, "test") if cfg.test else [],
         }
     else:
-        order = list(range(len(main)))
-        random.Random(cfg.split_seed).shuffle(order)
-        n_train = round(cfg.split[0] * len(order))
-        n_val = round(cfg.split[1] * len(order))
-        parts = [order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]]
-        examples = {s: [main[i] for i in idx] for s, idx in zip(SPLITS, parts)}
+        sizes = [round(cfg.split[0] * len(main)), round(cfg.split[1] * len(main))]
+        examples = dict(zip(SPLITS, seeded_split(main, sizes, cfg.split_seed)))
     if not examples["train"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in skipped["train"].items()) or "the source is empty"
         raise DataError(f"no usable training examples in {cfg.source!r} ({reasons})")
     caps = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples, "test": cfg.max_eval_examples}
     for split, cap in caps.items():
         if cap is not None and len(examples[split]) > cap:
-            skipped[split].add(
-                f"over max_{'train' if split == 'train' else 'eval'}_examples={cap}", count=len(examples[split]) - cap
-            )
+            skipped[split].cap(f"max_{'train' if split == 'train' else 'eval'}_examples={cap}",
+                               len(examples[split]) - cap)
             examples[split] = examples[split][:cap]
     return SplitData(examples, skipped)
 
@@ -268,3 +227,19 @@ class PadCollator:
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tokenized_splits(cfg: InstructionDataConfig, formatter: PromptFormatter
+                     ) -> tuple[dict[str, TokenizedDataset], dict[str, dict]]:
+    """The train / validation / test splits tokenised with ``formatter``, and their data counts for the report.
+
+    Raises:
+        DataError: every training example was dropped (the reasons are named).
+    """
+    splits = load_splits(cfg)
+    sets = {name: TokenizedDataset(examples, formatter, cfg.max_length, splits.skipped[name])
+            for name, examples in splits.examples.items()}
+    counts = {name: splits.skipped[name].summary(len(sets[name])) for name in sets}
+    if len(sets["train"]) == 0:
+        raise DataError(f"every training example was dropped: {counts['train']['skip_reasons']}")
+    return sets, counts

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 from tqdm.auto import tqdm
 
 from modaltune.shared.config import doc
+from modaltune.shared.training import autocast
 from modaltune.shared.metrics import exact_match, normalize_answer, perplexity, rouge_l
 from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset
 
@@ -21,14 +21,6 @@ class GenerationEvalConfig:
     num_beams: int = doc(1, "1: greedy decoding; more: beam search")
     batch_size: int = doc(8, "prompts per generation batch")
     max_examples: int | None = doc(None, "generate for at most this many test examples (loss uses all)")
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context that matches training precision."""
-    if precision in {"bf16", "fp16"}:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -107,4 +99,19 @@ def evaluate_generation(model, tokenizer, dataset: TokenizedDataset, formatter: 
         for i in range(n)
     ]
     metrics = {"exact_match": exact_match(preds, refs), "rougeL": sum(rouge) / n}
+    return metrics, items
+
+
+def measure_text(model, tokenizer, sets: dict[str, TokenizedDataset], formatter: PromptFormatter,
+                 cfg: GenerationEvalConfig, *, batch_size: int, precision: str, label: str) -> tuple[dict, list[dict]]:
+    """Loss and perplexity on the validation and test splits, exact match and ROUGE-L of generated test responses;
+    returns ``(metrics, per-item rows)``."""
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        for key, value in evaluate_loss(model, sets[split], tokenizer.pad_token_id, batch_size=batch_size,
+                                        precision=precision).items():
+            metrics[f"{split}/{key}"] = value
+    gen_metrics, items = evaluate_generation(model, tokenizer, sets["test"], formatter, cfg, precision=precision,
+                                             desc=f"test ({label})")
+    metrics.update({f"test/{k}": v for k, v in gen_metrics.items()})
     return metrics, items

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared.errors import DataError
-from modaltune.shared.io import iter_jsonl, lines, within
+from modaltune.shared.io import iter_jsonl, lines, read_text, within
 from modaltune.shared.skips import Skips
 from modaltune.vision.images import ImageReadError, load_image
 
@@ -122,17 +122,10 @@ def _existing_dir(path: str | Path, what: str) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
-
-
 def _json_list(path: Path, text: str | None = None) -> list[Any]:
     """A file holding one JSON list (``text``: its contents when already read)."""
     try:
-        data = json.loads(_read_text(path) if text is None else text)
+        data = json.loads(read_text(path) if text is None else text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
     if not isinstance(data, list):
@@ -142,12 +135,12 @@ def _json_list(path: Path, text: str | None = None) -> list[Any]:
 
 def _jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` for each non-blank line of a JSONL file (``text``: its contents when already read)."""
-    return iter_jsonl(path, _read_text(path) if text is None else text)
+    return iter_jsonl(path, read_text(path) if text is None else text)
 
 
 def _json_rows(path: Path) -> list[tuple[int, Any]]:
     """Rows of a JSON list (numbered from 0) or of a JSONL file (numbered by line), told apart by content."""
-    text = _read_text(path)
+    text = read_text(path)
     if text.lstrip().startswith("["):
         return list(enumerate(_json_list(path, text)))
     return list(_jsonl(path, text))
@@ -343,7 +336,7 @@ def read_roco_captions(image_dir: str | Path, caption_file: str | Path) -> tuple
     folder = _existing_dir(image_dir, "caption image folder")
     pairs: list[tuple[str, str, str]] = []  # (file:line, id, caption); an empty id marks a malformed row
     if file.suffix.lower() == ".csv":
-        reader = csv.reader(io.StringIO(_read_text(file), newline=""))
+        reader = csv.reader(io.StringIO(read_text(file), newline=""))
         header = [h.strip().lower() for h in next(reader, [])]
         id_col = next((header.index(c) for c in ("id", "name", "image") if c in header), None)
         if id_col is None or "caption" not in header:
@@ -359,7 +352,7 @@ def read_roco_captions(image_dir: str | Path, caption_file: str | Path) -> tuple
             pairs.append((f"{file.name}:{reader.line_num}", row[id_col].strip() if ok else "",
                           row[cap_col].strip() if ok else ""))
     else:
-        for lineno, line in enumerate(lines(_read_text(file)), start=1):
+        for lineno, line in enumerate(lines(read_text(file)), start=1):
             if not line.strip():
                 continue
             key, tab, caption = line.partition("\t")

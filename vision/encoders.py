@@ -16,34 +16,22 @@ only the blocks above it on every step.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from modaltune.shared.config import doc
+from modaltune.shared.compose import EncoderConfig
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.model import block_input
 from modaltune.shared.registry import ENCODERS
 from modaltune.shared.zoo import load_error, resolve_model
 
 
-@dataclasses.dataclass
-class EncoderConfig:
-    """Which image encoder to build."""
-
-    kind: str = doc("efficientnet-lite0", "efficientnet-lite0 | timm | clip | siglip (or a plugin's name)")
-    name: str | None = doc(None, "timm architecture, or the CLIP/SigLIP folder or hub id")
-    weights: str | None = doc(None, "timm: local .safetensors/.pth file or folder with model.safetensors")
-    pretrained: bool = doc(False, "timm: download timm's pretrained weights (needs the hub)")
-    layer: int | None = doc(None, "take tokens from this block/hidden state instead of the last (e.g. -2)")
-    image_size: int | None = doc(None, "override the encoder's input size")
-
-
 class ImageEncoder(nn.Module):
-    """Base: ``forward(pixel_values) -> (B, N, D)``; ``preprocess(images) -> pixel_values``.
+    """Base: ``forward(pixel_values) -> (B, N, D)``; ``preprocess(images) -> pixel_values``; a
+    :class:`~modaltune.shared.features.CachedEncoder`.
 
     Subclasses with a block list may override the three depth methods so a partly trained encoder stays cacheable.
     """
@@ -78,6 +66,10 @@ class ImageEncoder(nn.Module):
         if depth != self.output_depth:
             raise ModaltuneError(f"{type(self).__name__} caches only its output (depth {self.output_depth})")
         return states
+
+    def cached_weights(self, depth: int):
+        """The frozen weights (trained ones sit above the cached depth and change; frozen ones never do)."""
+        return [(n, p) for n, p in self.named_parameters() if not p.requires_grad]
 
 
 class _Inject(nn.Module):
@@ -265,7 +257,3 @@ def _build_hf(cfg: EncoderConfig, kind: str, log) -> ImageEncoder:
 ENCODERS.register("clip", lambda cfg, log=print: _build_hf(cfg, "clip", log), owner="modaltune.vision.encoders")
 ENCODERS.register("siglip", lambda cfg, log=print: _build_hf(cfg, "siglip", log), owner="modaltune.vision.encoders")
 
-
-def build_encoder(cfg: EncoderConfig, log=print) -> ImageEncoder:
-    """The registered encoder ``cfg.kind``."""
-    return ENCODERS.get(cfg.kind)(cfg, log=log)

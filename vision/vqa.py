@@ -1,34 +1,228 @@
-"""Vision-language training data, the frozen-encoder feature cache, and VQA/caption evaluation.
+"""VQA and caption data sets for composed vision-language models, and their evaluation.
 
-Prompts carry one placeholder (``<ImageHere>``); it is tokenised as a single pad token whose position each example
-records, so the composed model can splice visual tokens there with no change to the LM's vocabulary.
+:func:`load_vqa_sets` reads a layout (easy-vqa, VQA-RAD, SLAKE, PathVQA, JSONL) and draws the seeded samples a
+config asks for; :func:`vqa_datasets` turns them into :class:`~modaltune.shared.compose_data.ComposedDataset` rows
+with the MiniGPT-Med templates; :func:`measure_vqa` generates answers and captions and scores them (accuracy per
+answer type, balanced closed accuracy, the closed image margin, caption BLEU/ROUGE-L).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_composed, to_device
+from modaltune.shared.config import ConfigError, doc
+from modaltune.shared.errors import DataError
+from modaltune.shared.features import FeatureCache
 from modaltune.shared.metrics import bleu, normalize_answer, rouge_l, token_recall
-from modaltune.shared.skips import Skips
+from modaltune.shared.skips import Skips, add_to_summary
+from modaltune.vision import data as vdata
 from modaltune.vision.data import CAPTION_INSTRUCTIONS, CAPTION_TEMPLATE, PLACEHOLDER, VQA_TEMPLATE
 from modaltune.vision.images import load_image
 
 
-def encode_prompt(tokenizer, text: str) -> tuple[list[int], int]:
-    """Token ids of a prompt with its placeholder as one pad token, and that token's position."""
-    if text.count(PLACEHOLDER) != 1:
-        raise ValueError(f"prompt needs exactly one {PLACEHOLDER}: {text[:80]!r}")
-    before, after = text.split(PLACEHOLDER)
-    head = tokenizer(before, add_special_tokens=True)["input_ids"]
-    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
-    return head + [tokenizer.pad_token_id] + tail, len(head)
+@dataclasses.dataclass
+class VQADataConfig:
+    """Caption and VQA data."""
+
+    layout: str = doc("easy-vqa", "easy-vqa | vqa-rad | slake | pathvqa | jsonl")
+    train: str | None = doc(None, "training questions file (JSON/JSONL in the layout's format)")
+    test: str | None = doc(None, "test questions file")
+    image_dir: str | None = doc(None, "folder the question files name images in")
+    captions: str | None = doc(None, "stage-1 captions: ROCO-style caption file (null: derive from the VQA data)")
+    caption_images: str | None = doc(None, "folder of the caption images")
+    max_train_images: int | None = doc(None, "draw questions and captions from at most this many training images")
+    max_test_images: int | None = doc(None, "draw test questions and captions from at most this many test images")
+    max_train_questions: int | None = doc(None, "use at most this many training questions (seeded sample)")
+    max_test_questions: int | None = doc(None, "evaluate on at most this many test questions (seeded sample)")
+    max_train_captions: int | None = doc(None, "use at most this many training captions")
+    max_test_captions: int | None = doc(None, "evaluate at most this many captions")
+    seed: int = doc(0, "seed of the samples")
+    max_length: int = doc(128, "examples longer than this many tokens (visual tokens excluded) are dropped")
+    root_only: bool = doc(False, "skip images whose paths lead outside their image folder (absolute, .., links); "
+                                 "turn on for question files from others")
+    balance_closed: str = doc(
+        "none", "balance the closed training questions (seeded downsampling of the larger class): none | answer "
+               "(as many yes as no) | presence (as many 'the asked thing is there' as 'it is not', reading "
+               "negations: 'is there not a ...? no' means present)")
+
+    def validate(self, where: str) -> None:
+        if self.layout not in {"easy-vqa", "vqa-rad", "slake", "pathvqa", "jsonl"}:
+            raise ConfigError(f"{where}.layout must be easy-vqa, vqa-rad, slake, pathvqa or jsonl")
+        if self.balance_closed not in {"none", "answer", "presence"}:
+            raise ConfigError(f"{where}.balance_closed must be none, answer or presence, got {self.balance_closed!r}")
+
+
+@dataclasses.dataclass
+class VQAEvalConfig:
+    """Generation for evaluation."""
+
+    max_new_tokens: int = doc(8, "longest answer, in tokens")
+    caption_max_new_tokens: int = doc(16, "longest caption, in tokens")
+    num_beams: int = doc(1, "1: greedy")
+    batch_size: int = doc(32, "prompts per generation batch")
+
+
+SETS = ("vqa_train", "vqa_test", "caption_train", "caption_test")
+
+
+def load_vqa_sets(d: VQADataConfig) -> tuple[dict[str, list], dict[str, dict]]:
+    """Questions and captions per set (``vqa_train``, ``vqa_test``, ``caption_train``, ``caption_test``), seeded
+    samples drawn and every image decoded once; returns ``(sets, data counts for the report)``.
+
+    Raises:
+        DataError: a question file is missing or not set, or no training question is usable.
+    """
+    skipped = {s: Skips() for s in SETS}
+    if d.layout == "easy-vqa":
+        train, s1 = vdata.read_easy_vqa("train")
+        test, s2 = vdata.read_easy_vqa("test")
+    else:
+        if not d.train or not d.test:
+            raise DataError(f"data.layout={d.layout}: set data.train and data.test (question files)")
+        reader = {"vqa-rad": vdata.read_vqa_rad, "slake": vdata.read_slake, "pathvqa": vdata.read_pathvqa,
+                  "jsonl": vdata.read_vqa_jsonl}[d.layout]
+        image_dir = d.image_dir or str(Path(d.train).parent)
+        train, s1 = reader(d.train, image_dir)
+        test, s2 = reader(d.test, image_dir)
+        if d.root_only:
+            train = vdata.keep_within(train, image_dir, s1)
+            test = vdata.keep_within(test, image_dir, s2)
+    skipped["vqa_train"].update(s1)
+    skipped["vqa_test"].update(s2)
+    rng = random.Random(d.seed)
+    train = sample_images(train, d.max_train_images, rng, skipped["vqa_train"], "max_train_images")
+    test = sample_images(test, d.max_test_images, rng, skipped["vqa_test"], "max_test_images")
+    if d.captions:
+        caption_images = d.caption_images or str(Path(d.captions).parent)
+        caps, s3 = vdata.read_roco_captions(caption_images, d.captions)
+        if d.root_only:
+            caps = vdata.keep_within(caps, caption_images, s3)
+        skipped["caption_train"].update(s3)
+        rng.shuffle(caps)
+        n_test = min(len(caps) // 10, d.max_test_captions or len(caps))
+        cap_test, cap_train = caps[:n_test], caps[n_test:]
+    else:  # derived from the VQA data (every image's facts), so stage 1 needs no extra files
+        cap_train, s4 = vdata.easy_vqa_captions(train) if d.layout == "easy-vqa" else ([], Skips())
+        cap_test, s5 = vdata.easy_vqa_captions(test) if d.layout == "easy-vqa" else ([], Skips())
+        skipped["caption_train"].update(s4)
+        skipped["caption_test"].update(s5)
+    # questions are sampled after captions were derived, so each image keeps all its facts
+    train = balance_closed(train, d.balance_closed, rng, skipped["vqa_train"])
+    train = sample(train, d.max_train_questions, rng, skipped["vqa_train"], "max_train_questions")
+    test = sample(test, d.max_test_questions, rng, skipped["vqa_test"], "max_test_questions")
+    cap_train = sample(cap_train, d.max_train_captions, rng, skipped["caption_train"], "max_train_captions")
+    cap_test = sample(cap_test, d.max_test_captions, rng, skipped["caption_test"], "max_test_captions")
+    sets = {"vqa_train": train, "vqa_test": test, "caption_train": cap_train, "caption_test": cap_test}
+    for name in sets:
+        sets[name] = vdata.validate_images(sets[name], skipped[name])
+    if not sets["vqa_train"]:
+        raise DataError(f"no usable training questions: {dict(skipped['vqa_train'])}")
+    return sets, {n: skipped[n].summary(len(v)) for n, v in sets.items()}
+
+
+def sample(items: list, cap: int | None, rng: random.Random, skipped: Skips, name: str) -> list:
+    """A seeded sample of at most ``cap`` items; what the cap leaves out is counted as capped."""
+    if cap is None or len(items) <= cap:
+        return list(items)
+    skipped.cap(f"{name}={cap}", len(items) - cap)
+    return rng.sample(list(items), cap)
+
+
+def sample_images(items: list, cap: int | None, rng: random.Random, skipped: Skips, name: str) -> list:
+    """Keep the items of at most ``cap`` distinct images (seeded); fewer images means fewer encoder passes."""
+    images = sorted({it.image for it in items})
+    if cap is None or len(images) <= cap:
+        return list(items)
+    keep = set(rng.sample(images, cap))
+    kept = [it for it in items if it.image in keep]
+    skipped.cap(f"{name}={cap}", len(items) - len(kept))
+    return kept
+
+
+def balance_closed(items: list, mode: str, rng: random.Random, skipped: Skips) -> list:
+    """Downsample the larger classes of closed questions (see :func:`closed_class`) to the smallest one's size.
+
+    Closed questions are often lopsided (most "is there a red shape?" questions are about shapes that are not
+    red), and a model can then score well by never looking: balancing takes that shortcut away.
+    """
+    if mode == "none":
+        return list(items)
+    by_class: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        label = closed_class(item.question, item.answer, item.answer_type, mode)
+        if label is not None:
+            by_class.setdefault(label, []).append(i)
+    if len(by_class) < 2:
+        return list(items)
+    size = min(len(v) for v in by_class.values())
+    drop = set()
+    for label, idx in sorted(by_class.items()):
+        drop.update(rng.sample(idx, len(idx) - size))
+    skipped.cap(f"balance_closed={mode}", len(drop))
+    return [it for i, it in enumerate(items) if i not in drop]
+
+
+def image_cache(encoder, *, depth: int | None, precision: str, directory: str | None = None) -> FeatureCache:
+    """The feature cache of an image encoder (images loaded from their paths)."""
+    from modaltune.shared.training import autocast_dtype
+
+    return FeatureCache(encoder, depth=depth, batch_size=64, autocast_dtype=autocast_dtype(precision),
+                        directory=directory, load=load_image)
+
+
+def fill_image_cache(cache: FeatureCache, sets: dict[str, list], names=SETS, desc: str = "encoding images (once)") -> None:
+    """Encode every image of ``sets[names]`` not cached yet (in path order)."""
+    cache.fill(sorted({it.image for name in names for it in sets[name]}), desc=desc)
+
+
+def vqa_datasets(sets: dict[str, list], tokenizer, cache: FeatureCache | None, *, max_length: int, seed: int,
+                 counts: dict[str, dict]) -> dict[str, ComposedDataset]:
+    """Tokenised datasets of every set (VQA template for questions, a seeded caption instruction for captions);
+    rows over ``max_length`` are skipped and added to ``counts``."""
+    rows = {"vqa_train": vqa_rows(sets["vqa_train"]), "vqa_test": vqa_rows(sets["vqa_test"]),
+            "caption_train": caption_rows(sets["caption_train"], seed),
+            "caption_test": caption_rows(sets["caption_test"], seed + 1)}
+    out = {}
+    for name, r in rows.items():
+        skipped = Skips()
+        out[name] = ComposedDataset(r, tokenizer, cache, placeholder=PLACEHOLDER, max_length=max_length,
+                                    skipped=skipped)
+        add_to_summary(counts[name], skipped, len(out[name]))
+    return out
+
+
+def image_collator(tokenizer, encoder=None, **kwargs) -> ComposedCollator:
+    """A collator for image rows: cached features, or the encoder's preprocessing of the loaded images."""
+    return ComposedCollator(tokenizer.pad_token_id, encoder, load=load_image, **kwargs)
+
+
+def measure_vqa(model, tokenizer, datasets: dict[str, ComposedDataset], cfg: VQAEvalConfig, *, encoder=None,
+                label: str, precision: str) -> tuple[dict[str, float], list[dict]]:
+    """Answers and captions generated for the test sets, scored: ``test/*`` VQA metrics (with the closed image
+    margin) and ``caption/*`` metrics; returns ``(metrics, per-question rows)``. ``encoder``: run it on the images
+    (no feature cache)."""
+    metrics, items = {}, []
+    common = {"batch_size": cfg.batch_size, "num_beams": cfg.num_beams, "encoder": encoder, "load": load_image,
+              "precision": precision}
+    if len(datasets["vqa_test"]):
+        answers = generate_composed(model, tokenizer, datasets["vqa_test"], max_new_tokens=cfg.max_new_tokens,
+                                    desc=f"VQA ({label})", **common)
+        m, items = vqa_metrics(datasets["vqa_test"].rows, answers)
+        m.update(closed_image_margin(model, tokenizer, datasets["vqa_test"], batch_size=cfg.batch_size,
+                                     encoder=encoder, precision=precision))
+        metrics.update({f"test/{k}": v for k, v in m.items()})
+    if len(datasets["caption_test"]):
+        caps = generate_composed(model, tokenizer, datasets["caption_test"],
+                                 max_new_tokens=cfg.caption_max_new_tokens, desc=f"captions ({label})", **common)
+        metrics.update({f"caption/{k}": v for k, v in caption_metrics(datasets["caption_test"].rows, caps).items()})
+    return metrics, items
 
 
 def vqa_prompt(question: str) -> str:
@@ -39,162 +233,22 @@ def caption_prompt(instruction: str) -> str:
     return CAPTION_TEMPLATE.format(instruction=instruction)
 
 
-class VLDataset(torch.utils.data.Dataset):
-    """(image, prompt, target) examples tokenised with the loss on the target only."""
-
-    def __init__(self, rows: list[dict[str, Any]], tokenizer, features: FeatureCache | None, *,
-                 max_length: int, skipped: Skips) -> None:
-        self.rows, self.items = [], []
-        for row in rows:
-            ids, pos = encode_prompt(tokenizer, row["prompt"])
-            target = tokenizer(" " + row["target"].strip(), add_special_tokens=False)["input_ids"] + [
-                tokenizer.eos_token_id]
-            if len(ids) + len(target) > max_length:
-                skipped.add(f"longer than max_length={max_length} tokens", row["id"])
-                continue
-            self.items.append({"input_ids": ids + target, "labels": [IGNORE_INDEX] * len(ids) + target,
-                               "prompt_ids": ids, "image_position": pos, "image": row["image"],
-                               "caption": row.get("type") == "caption"})
-            self.rows.append(row)
-        self.features = features
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = dict(self.items[i])
-        if self.features is not None:
-            item["features"] = self.features.get(item["image"])
-            if not self.features.complete:
-                item["features_depth"] = self.features.depth
-        return item
-
-
-class VLCollator:
-    """Pads a batch (right for training, left for generation) and shifts placeholder positions accordingly."""
-
-    def __init__(self, pad_id: int, encoder=None, *, left: bool = False, prompt_only: bool = False) -> None:
-        self.pad = pad_id
-        self.encoder = encoder
-        self.left = left
-        self.prompt_only = prompt_only
-
-    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        key = "prompt_ids" if self.prompt_only else "input_ids"
-        width = max(len(b[key]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        pos = torch.zeros(len(batch), dtype=torch.long)  # (B,)
-        for i, b in enumerate(batch):
-            n = len(b[key])
-            off = width - n if self.left else 0
-            ids[i, off : off + n] = torch.tensor(b[key])
-            mask[i, off : off + n] = 1
-            if not self.prompt_only:
-                labels[i, off : off + n] = torch.tensor(b["labels"])
-            pos[i] = b["image_position"] + off
-        out = {"input_ids": ids, "attention_mask": mask, "image_positions": pos}
-        if not self.prompt_only:
-            out["labels"] = labels
-            if any(b.get("caption") for b in batch):  # targets that describe the image (projector.word_grounding)
-                out["ground_words"] = torch.tensor([bool(b.get("caption")) for b in batch])
-        if "features" in batch[0]:
-            out["features"] = torch.stack([b["features"] for b in batch])
-            if "features_depth" in batch[0]:
-                out["features_depth"] = batch[0]["features_depth"]
-        else:
-            out["pixel_values"] = self.encoder.preprocess([load_image(b["image"]) for b in batch])
-        return out
-
-
-class FeatureCache:
-    """Frozen-encoder outputs per image and preprocessing, computed once and reused across epochs and stages.
-
-    ``depth`` (:meth:`ImageEncoder.cache_depth`; None: the output) is where the cached states are taken: below the
-    lowest trained block when the encoder's top blocks train, so only those run on every step.
-    """
-
-    def __init__(self, encoder, *, batch_size: int = 32, autocast_dtype: torch.dtype | None = None,
-                 depth: int | None = None) -> None:
-        from modaltune.shared.loss import unwrap_peft
-
-        self.encoder = encoder
-        self.base = unwrap_peft(encoder)
-        self.batch_size = batch_size
-        self.autocast_dtype = autocast_dtype
-        self.depth = self.base.output_depth if depth is None else depth
-        self.complete = self.depth == self.base.output_depth  # the states are the encoder output
-        h = hashlib.sha256(f"{encoder.preprocessing_key}|depth={self.depth}".encode())
-        for name, p in encoder.named_parameters():
-            if not p.requires_grad:  # trained weights sit above the cached depth and change; frozen ones never do
-                h.update(name.encode() + p.detach().float().sum().item().hex().encode())
-        self.fingerprint = h.hexdigest()[:16]
-        self.store: dict[str, torch.Tensor] = {}
-        self.computed = 0
-
-    def get(self, image: str) -> torch.Tensor:
-        return self.store[image]
-
-    @torch.no_grad()
-    def fill(self, images: list[str], desc: str = "encoding images") -> None:
-        """Encode every image not cached yet."""
-        todo = sorted({i for i in images if i not in self.store})
-        was = self.encoder.training
-        self.encoder.eval()
-        try:
-            for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, leave=False,
-                              disable=len(todo) <= self.batch_size):
-                chunk = todo[start : start + self.batch_size]
-                pixels = self.encoder.preprocess([load_image(p) for p in chunk])
-                with torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
-                                    dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                    feats = self.base.encode_prefix(pixels.to(next(self.encoder.parameters()).device),
-                                                    self.depth).float().cpu()
-                for path, f in zip(chunk, feats):
-                    self.store[path] = f.contiguous()  # (N, D)
-                    self.computed += 1
-        finally:
-            self.encoder.train(was)
-
-
 def caption_rows(items, seed: int) -> list[dict[str, Any]]:
     """Stage-1 rows: one of the caption instructions (picked at random, seeded) -> caption."""
     rng = random.Random(seed)
-    return [{"id": it.id, "image": it.image, "prompt": caption_prompt(rng.choice(CAPTION_INSTRUCTIONS)),
-             "target": it.caption, "type": "caption"} for it in items]
+    return [{"id": it.id, "image": it.image, "input": it.image,
+             "prompt": caption_prompt(rng.choice(CAPTION_INSTRUCTIONS)), "target": it.caption, "type": "caption"}
+            for it in items]
 
 
 def vqa_rows(items) -> list[dict[str, Any]]:
     """Stage-2 rows from VQA items."""
-    return [{"id": it.id, "image": it.image, "prompt": vqa_prompt(it.question), "target": it.answer,
-             "type": it.answer_type, "question": it.question} for it in items]
+    return [{"id": it.id, "image": it.image, "input": it.image, "prompt": vqa_prompt(it.question),
+             "target": it.answer, "type": it.answer_type, "question": it.question} for it in items]
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, dataset: VLDataset, *, batch_size: int, max_new_tokens: int, num_beams: int,
-                     encoder=None, desc: str = "answering", precision: str = "fp32") -> list[str]:
-    """Generated answers for every example of ``dataset`` (left-padded batches, greedy or beam).
-
-    Short answers after long prompts make this prefill-bound, so it runs under the training precision's autocast.
-    """
-    from modaltune.text.eval import autocast
-
-    model.eval()
-    collate = VLCollator(tokenizer.pad_token_id, encoder, left=True, prompt_only=True)
-    out: list[str] = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast(precision, model.device):
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
-    return out
-
-
-@torch.no_grad()
-def closed_image_margin(model, tokenizer, dataset: VLDataset, *, batch_size: int, encoder=None,
+def closed_image_margin(model, tokenizer, dataset: ComposedDataset, *, batch_size: int, encoder=None,
                         precision: str = "fp32") -> dict[str, float]:
     """How much the image moves the yes-versus-no decision when the question is held fixed.
 
@@ -204,7 +258,7 @@ def closed_image_margin(model, tokenizer, dataset: VLDataset, *, batch_size: int
     (in logits): about 0 when the model answers from the question alone and never looks, large and positive when
     the image decides. ``closed_image_margin_questions`` counts the groups. One prefill per question; no sampling.
     """
-    from modaltune.text.eval import autocast
+    from modaltune.shared.training import autocast
 
     yes = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
     no = tokenizer(" no", add_special_tokens=False)["input_ids"][0]
@@ -213,14 +267,13 @@ def closed_image_margin(model, tokenizer, dataset: VLDataset, *, batch_size: int
     if not idx:
         return {}
     model.eval()
-    collate = VLCollator(tokenizer.pad_token_id, encoder, left=True, prompt_only=True)
+    collate = image_collator(tokenizer, encoder, left=True, prompt_only=True)
     margins: list[float] = []
     for start in range(0, len(idx), batch_size):
-        batch = collate([dataset[i] for i in idx[start : start + batch_size]])
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(collate([dataset[i] for i in idx[start : start + batch_size]]), model.device)
         with autocast(precision, model.device):
-            embeds, mask, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["image_positions"],
-                                          None, batch.get("pixel_values"), batch.get("features"),
+            embeds, mask, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["placeholder_positions"],
+                                          None, batch.get("encoder_inputs"), batch.get("features"),
                                           batch.get("features_depth"))
             logits = model.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
         margins += (logits[:, yes] - logits[:, no]).tolist()  # left padding: the last position is the prompt's end
@@ -302,3 +355,32 @@ def closed_confusion(per_item: list[dict]) -> dict[str, dict[str, int]]:
         pred = normalize_answer(r["prediction"])
         table[normalize_answer(r["reference"])][pred if pred in labels else "other"] += 1
     return table
+
+
+def confusion_plot(run_dir: Path, items: list[dict]) -> list[dict]:
+    """The closed-question confusion chart of per-question rows (none when there are no closed questions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = closed_confusion(items)
+    if not table:
+        return []
+    refs = list(table)
+    preds = list(next(iter(table.values())))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(preds), 1.0 + 0.7 * len(refs)))
+    data = [[table[r][p] for p in preds] for r in refs]
+    ax.imshow(data, cmap="Blues")
+    for i, r in enumerate(refs):
+        for j, p in enumerate(preds):
+            ax.text(j, i, str(table[r][p]), ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(preds)), preds)
+    ax.set_yticks(range(len(refs)), refs)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title("Closed questions")
+    path = run_dir / "closed_confusion.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [{"title": "Closed-question confusion (final model)", "path": str(path)}]

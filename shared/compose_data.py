@@ -1,0 +1,145 @@
+"""Data for composed models, any modality: prompts with one placeholder, the dataset, the collator, generation.
+
+A prompt carries one placeholder string (``<ImageHere>``, ``<AudioHere>``); it is tokenised as a single pad token
+whose position each example records, so :class:`~modaltune.shared.compose.ComposedLM` can splice the projected
+encoder tokens there with no change to the LM's vocabulary. Rows name their input (an image path, a clip id)
+under ``input``; a ``load`` function turns it into what the encoder's ``preprocess`` takes, and a
+:class:`~modaltune.shared.features.FeatureCache` holds the frozen part's states when there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from modaltune.shared.errors import DataError
+from modaltune.shared.features import FeatureCache
+from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.skips import Skips
+
+
+def encode_prompt(tokenizer, text: str, placeholder: str) -> tuple[list[int], int]:
+    """Token ids of a prompt with its placeholder as one pad token, and that token's position."""
+    if text.count(placeholder) != 1:
+        raise DataError(f"a prompt needs exactly one {placeholder}: {text[:80]!r}")
+    before, after = text.split(placeholder)
+    head = tokenizer(before, add_special_tokens=True)["input_ids"]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return head + [tokenizer.pad_token_id] + tail, len(head)
+
+
+class ComposedDataset(torch.utils.data.Dataset):
+    """``(input, prompt, target)`` rows tokenised with the loss on the target only.
+
+    Args:
+        rows: dicts with ``id``, ``input``, ``prompt`` (holding ``placeholder`` once) and ``target``; a row whose
+            ``type`` is ``caption`` describes its input (``projector.word_grounding`` uses it).
+        tokenizer: the LLM's tokenizer.
+        features: the cache holding every row's input (None: the collator runs the encoder).
+        placeholder: the placeholder string in the prompts.
+        max_length: longer rows (encoder tokens excluded) are skipped and counted in ``skipped``.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, features: FeatureCache | None, *, placeholder: str,
+                 max_length: int, skipped: Skips) -> None:
+        self.rows, self.items = [], []
+        for row in rows:
+            ids, pos = encode_prompt(tokenizer, row["prompt"], placeholder)
+            target = tokenizer(" " + row["target"].strip(), add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id]
+            if len(ids) + len(target) > max_length:
+                skipped.add(f"longer than max_length={max_length} tokens", row["id"])
+                continue
+            self.items.append({"input_ids": ids + target, "labels": [IGNORE_INDEX] * len(ids) + target,
+                               "prompt_ids": ids, "placeholder_position": pos, "input": row["input"],
+                               "caption": row.get("type") == "caption"})
+            self.rows.append(row)
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.items[i])
+        if self.features is not None:
+            item["features"] = self.features.get(item["input"])
+            if not self.features.complete:
+                item["features_depth"] = self.features.depth
+        return item
+
+
+class ComposedCollator:
+    """Pads a batch (right for training, left for generation) and shifts placeholder positions accordingly.
+
+    Without cached ``features`` it loads each row's input with ``load`` and runs ``encoder.preprocess``.
+    """
+
+    def __init__(self, pad_id: int, encoder=None, *, load: Callable[[Any], Any] | None = None, left: bool = False,
+                 prompt_only: bool = False) -> None:
+        self.pad = pad_id
+        self.encoder = encoder
+        self.load = load
+        self.left = left
+        self.prompt_only = prompt_only
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        key = "prompt_ids" if self.prompt_only else "input_ids"
+        width = max(len(b[key]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        pos = torch.zeros(len(batch), dtype=torch.long)  # (B,)
+        for i, b in enumerate(batch):
+            n = len(b[key])
+            off = width - n if self.left else 0
+            ids[i, off : off + n] = torch.tensor(b[key])
+            mask[i, off : off + n] = 1
+            if not self.prompt_only:
+                labels[i, off : off + n] = torch.tensor(b["labels"])
+            pos[i] = b["placeholder_position"] + off
+        out = {"input_ids": ids, "attention_mask": mask, "placeholder_positions": pos}
+        if not self.prompt_only:
+            out["labels"] = labels
+            if any(b.get("caption") for b in batch):  # targets that describe the input (projector.word_grounding)
+                out["ground_words"] = torch.tensor([bool(b.get("caption")) for b in batch])
+        if "features" in batch[0]:
+            out["features"] = torch.stack([b["features"] for b in batch])
+            if "features_depth" in batch[0]:
+                out["features_depth"] = batch[0]["features_depth"]
+        else:
+            if self.encoder is None:
+                raise DataError("these rows have no cached features: give the collator the encoder (and load)")
+            inputs = [self.load(b["input"]) if self.load else b["input"] for b in batch]
+            out["encoder_inputs"] = self.encoder.preprocess(inputs)
+        return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a batch on ``device``; other values as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size: int, max_new_tokens: int,
+                      num_beams: int = 1, encoder=None, load: Callable[[Any], Any] | None = None,
+                      desc: str = "generating", precision: str = "fp32") -> list[str]:
+    """Generated text for every row of ``dataset`` (left-padded batches, greedy or beam).
+
+    Short answers after long prompts make this prefill-bound, so it runs under the training precision's autocast.
+    """
+    from modaltune.shared.training import autocast
+
+    model.eval()
+    collate = ComposedCollator(tokenizer.pad_token_id, encoder, load=load, left=True, prompt_only=True)
+    out: list[str] = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
+        batch = to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
+                          model.device)
+        with autocast(precision, model.device):
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
+    return out
