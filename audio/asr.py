@@ -21,7 +21,7 @@ from modaltune.audio.io import SAMPLE_RATE
 from modaltune.audio.whisper import label_ids
 from modaltune.shared.config import ConfigError, doc
 from modaltune.shared.errors import DataError
-from modaltune.shared.features import FeatureCache
+from modaltune.shared.features import CacheConfig, FeatureCache
 from modaltune.shared.harness import grouped_bars
 from modaltune.shared.io import seeded_split
 from modaltune.shared.skips import Skips
@@ -61,18 +61,6 @@ class ASRDataConfig:
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ConfigError(f"{where}.validation_fraction must be in [0, 0.5)")
         check_columns(self.columns, where)
-
-
-@dataclasses.dataclass
-class CacheConfig:
-    """The frozen-encoder cache."""
-
-    mode: str = doc("auto", "auto: on whenever the encoder is frozen and SpecAugment is off | off")
-    dir: str | None = doc(None, "also keep encoder states on disk here (keyed by audio content and encoder weights)")
-
-    def validate(self, where: str) -> None:
-        if self.mode not in {"auto", "off"}:
-            raise ConfigError(f"{where}.mode must be auto or off")
 
 
 def builtin_manifests(d: ASRDataConfig, log=print) -> dict[str, Path]:

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from modaltune.audio.asr import (ASRDataConfig, CacheConfig, asr_cache, asr_train_set, cache_depth, evaluate_asr,
+from modaltune.audio.asr import (ASRDataConfig, asr_cache, asr_train_set, cache_depth, evaluate_asr,
                                  load_asr_sets, normalizer_for, read_terms, wer_plots)
 from modaltune.audio.augment import AugmentConfig
 from modaltune.audio.eval import ASREvalConfig, prompt_ids
@@ -19,6 +19,7 @@ from modaltune.audio.features import ASRCollator
 from modaltune.audio.whisper import WhisperModelConfig, build_whisper, whisper_components
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.config import ConfigError, doc, to_dict
+from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, merged, metric_line, pair_items, timed
 from modaltune.shared.peft import LORA_FAMILY, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe

@@ -15,6 +15,7 @@ from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_
                                       composed_report, save_composed)
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, metric_line, pair_items, timed
 from modaltune.shared.lm import ModelConfig
 from modaltune.shared.loss import unwrap_peft
@@ -44,6 +45,7 @@ class MedVQAConfig:
     stages: list[StageConfig] = doc(help="training stages in order", factory=_default_stages)
     train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
     eval: VQAEvalConfig = doc(VQAEvalConfig, "generation for evaluation")
+    cache: CacheConfig = doc(CacheConfig, "encoder-feature cache")
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
     def validate(self, where: str) -> None:
@@ -82,11 +84,11 @@ class MedVQA(Recipe):
             texts += [t for it in raw["vqa_train"] for t in (it.question, it.answer)]
             anchors = anchor_on_text(model, tok, texts, cfg.projector.anchor_words, log)
             report["model"]["anchor_words"] = [tok.decode([t]) for t in dict.fromkeys(anchors)]
-        depth = unwrap_peft(model.encoder).cache_depth()
+        depth = unwrap_peft(model.encoder).cache_depth() if cfg.cache.mode == "auto" else None
         cache = None
         with timed(report, "feature_cache_seconds"):
             if depth is not None:
-                cache = image_cache(model.encoder, depth=depth, precision=precision)
+                cache = image_cache(model.encoder, depth=depth, precision=precision, directory=cfg.cache.dir)
                 fill_image_cache(cache, raw, names=SETS if training else ("vqa_test", "caption_test"))
         sets = vqa_datasets(raw, tok, cache, max_length=cfg.data.max_length, seed=cfg.data.seed,
                             counts=report["data"])
@@ -98,7 +100,7 @@ class MedVQA(Recipe):
         precision = resolve_precision(cfg.train.precision)
         with timed(report, "setup_seconds"):
             model, tok, source = self.build_model(cfg, log)
-            report["model"] = {**source, **composed_report(model, cfg.encoder.kind, cfg.projector),
+            report["model"] = {**source, **composed_report(model, cfg.encoder.kind, cfg.projector, cache=cfg.cache.mode == "auto"),
                                "precision": precision, "llm_method": cfg.llm.method}
             report["parameters"] = model.parameter_report()
         sets, encoder = self.prepare(cfg, model, tok, report, log, training=True)
@@ -142,7 +144,7 @@ class MedVQA(Recipe):
         report, log = ctx.report, ctx.log
         precision = resolve_precision(cfg.train.precision)
         model, tok, source = self.build_model(cfg, log)
-        report["model"] = {**source, **composed_report(model, cfg.encoder.kind, cfg.projector), "precision": precision}
+        report["model"] = {**source, **composed_report(model, cfg.encoder.kind, cfg.projector, cache=cfg.cache.mode == "auto"), "precision": precision}
         sets, encoder = self.prepare(cfg, model, tok, report, log, training=False)
         columns, items = {}, {}
         with timed(report, "eval_seconds"):

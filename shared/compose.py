@@ -467,9 +467,10 @@ def anchor_on_text(model: ComposedLM, tokenizer, texts: Iterable[str], k: int,
     return ids
 
 
-def composed_report(model: ComposedLM, encoder: Any, projector: ProjectorConfig) -> dict[str, Any]:
-    """The model section fields every composed recipe reports."""
-    depth = unwrap_peft(model.encoder).cache_depth()
+def composed_report(model: ComposedLM, encoder: Any, projector: ProjectorConfig, *,
+                    cache: bool = True) -> dict[str, Any]:
+    """The model section fields every composed recipe reports (``cache``: the recipe's feature cache is on)."""
+    depth = unwrap_peft(model.encoder).cache_depth() if cache else None
     return {"encoder": encoder, "projector": projector.kind, "group": projector.group,
             "feature_cache": depth is not None, "feature_cache_depth": depth}
 

@@ -150,6 +150,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean: `cache.mode=off` means "off"
+            return "on" if value else "off"
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     raise ConfigError(f"{path}: unsupported schema type {tp!r}")  # a schema bug, not a user error
 

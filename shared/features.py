@@ -19,9 +19,27 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import dataclasses
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from modaltune.shared.config import ConfigError, doc
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    """The encoder-feature cache of a recipe."""
+
+    mode: str = doc("auto", "auto: on whenever the encoder's lower part is frozen (and, for Whisper, SpecAugment is "
+                            "off) | off: the encoder runs on every step")
+    dir: str | None = doc(None, "also keep encoder states on disk here (keyed by input content, encoder weights, "
+                                "preprocessing and depth), so later runs load them")
+
+    def validate(self, where: str) -> None:
+        if self.mode not in {"auto", "off"}:
+            raise ConfigError(f"{where}.mode must be auto or off")
 
 
 @runtime_checkable
@@ -134,11 +152,13 @@ class FeatureCache:
         return self.directory / f"{key}.safetensors" if self.directory else None
 
     def key(self, item: Any) -> str:
-        """The content key of ``item``; a name (a path) is hashed once and remembered."""
+        """The content key of ``item``: a file's bytes, else what ``load`` makes of a name (a clip id's waveform),
+        else the item itself; a name is hashed once and remembered."""
         if isinstance(item, (str, Path)):
             name = str(item)
             if name not in self.names:
-                self.names[name] = content_key(item)
+                is_file = Path(name).is_file()
+                self.names[name] = content_key(item if is_file or self.load is None else self.load(item))
             return self.names[name]
         return content_key(item)
 

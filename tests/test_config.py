@@ -113,3 +113,14 @@ def test_list_items_can_be_overridden():
     assert data["stages"][1]["steps"] == 2  # the input is not modified
     with pytest.raises(ConfigError, match="has no item 5"):
         apply_dotted(data, {"stages[5].steps": 1}, "cli")
+
+
+def test_a_bare_off_is_the_word_not_a_boolean():
+    """YAML 1.1 reads `off` as false; a string field takes the word the user typed."""
+    from modaltune.shared.recipe import get_recipe
+
+    recipe = get_recipe("domain-asr")
+    cfg = load_config(recipe.config_cls, recipe.default_config_path(), ["cache.mode=off"])
+    assert cfg.cache.mode == "off"
+    with pytest.raises(ConfigError, match="cache.mode must be auto or off"):
+        load_config(recipe.config_cls, recipe.default_config_path(), ["cache.mode=yes"])

@@ -184,3 +184,15 @@ def test_caps_are_reported_apart_from_skips():
     summary = s.summary(10)
     assert (summary["skipped"], summary["capped"]) == (1, 90)
     assert data_line({"train": summary}) == "data: train 10 kept / 1 skipped (90 left out by size caps)"
+
+
+def test_named_inputs_are_keyed_by_what_they_load():
+    """Two ids whose loader gives the same waveform share one entry: keys follow content, not names."""
+    torch.manual_seed(0)
+    enc = _ToyEncoder()
+    clips = _clips(2)
+    store = {"a": clips[0], "b": clips[1], "a-again": clips[0].copy()}
+    cache = FeatureCache(enc, load=store.__getitem__)
+    keys = cache.fill(["a", "b", "a-again"])
+    assert keys[0] == keys[2] != keys[1] and cache.computed == 2
+    assert torch.equal(cache.get("a-again"), cache.get("a"))

@@ -396,6 +396,23 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     assert json.loads((merged / "composition.json").read_text())["projector"]["group"] == 4
 
 
+def test_feature_cache_can_be_turned_off_or_kept_on_disk(tiny_llama, vqa_files, tmp_path):
+    from modaltune.shared.cli import main
+
+    common = ["encoder.kind=timm", "encoder.name=test_efficientnet", f"model.name={tiny_llama}", "data.layout=jsonl",
+              f"data.train={vqa_files / 'train.jsonl'}", f"data.test={vqa_files / 'test.jsonl'}",
+              "stages[0].max_steps=1", "stages[1].max_steps=2", "train.batch_size=4", "train.precision=fp32",
+              "llm.r=4", "eval.max_new_tokens=2"]
+    assert main(["run", "med-vqa", "--out", str(tmp_path / "off"), "cache.mode=off", *common]) == 0
+    report = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert report["status"] == "ok", report.get("error")
+    assert report["model"]["feature_cache"] is False  # the encoder ran on every step and pass
+    disk = tmp_path / "states"
+    assert main(["run", "med-vqa", "--out", str(tmp_path / "disk"), f"cache.dir={disk}", *common]) == 0
+    files = list(disk.glob("*/*.safetensors"))
+    assert len(files) == 6  # one per distinct image of the question files, under the encoder's fingerprint
+
+
 def test_missing_images_are_counted_skips(tiny_llama, vqa_files, tmp_path):
     from modaltune.shared.cli import main
 
