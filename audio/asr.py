@@ -74,9 +74,11 @@ def builtin_manifests(d: ASRDataConfig, log=print) -> dict[str, Path]:
                                seed=d.synth_seed)
 
 
-def load_asr_sets(d: ASRDataConfig, log=print) -> tuple[dict[str, list[Clip]], dict[str, dict]]:
+def load_asr_sets(d: ASRDataConfig, log=print, *, need_text: bool = True
+                  ) -> tuple[dict[str, list[Clip]], dict[str, dict]]:
     """Validated clips per set (``train``, ``validation``: a seeded share of the training clips, ``test``,
-    ``general``) and the report's data counts (with audio minutes).
+    ``general``) and the report's data counts (with audio minutes). ``need_text=False`` keeps clips that have no
+    transcript but another task's answer (audio-llm).
 
     Raises:
         DataError: a source is missing or unknown, or no training or test clip is usable.
@@ -93,8 +95,10 @@ def load_asr_sets(d: ASRDataConfig, log=print) -> tuple[dict[str, list[Clip]], d
         if test_src is None:
             raise DataError("data.test is not set: give a held-out test manifest (WER on training clips "
                             "measures memorisation)")
-    train = validate(read_manifest(train_src, columns=d.columns, hf_split=d.hf_split), limits, skipped["train"])
-    test = validate(read_manifest(test_src, columns=d.columns, hf_split="test"), limits, skipped["test"])
+    train = validate(read_manifest(train_src, columns=d.columns, hf_split=d.hf_split), limits, skipped["train"],
+                     need_text=need_text)
+    test = validate(read_manifest(test_src, columns=d.columns, hf_split="test"), limits, skipped["test"],
+                    need_text=need_text)
     general: list[Clip] = []
     if d.general == "builtin:librivox":
         rows = builtin_general_set()

@@ -29,10 +29,18 @@ class Clip:
     speaker: str = ""
     path: str = ""
     replay: bool = False  # general speech replayed against forgetting (see ``replay.kl_weight`` of domain-asr)
+    meta: dict = dataclasses.field(default_factory=dict)  # the row's task columns (:data:`META_COLUMNS`), if any
 
     @property
     def seconds(self) -> float:
         return len(self.wave) / SAMPLE_RATE
+
+
+META_COLUMNS = ("task", "prompt", "answer", "slots")  # other tasks on a clip (audio-llm), kept as the row gives them
+
+
+def _meta(row: dict, columns: dict[str, str]) -> dict:
+    return {k: row[columns.get(k, k)] for k in META_COLUMNS if row.get(columns.get(k, k)) not in (None, "")}
 
 
 @dataclasses.dataclass
@@ -51,7 +59,7 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
     columns = columns or {}
     audio_col, text_col = columns.get("audio", "audio"), columns.get("text", "text")
     if source.startswith("hf:"):
-        return _read_hf(source[3:], hf_split, audio_col, text_col)
+        return _read_hf(source[3:], hf_split, audio_col, text_col, columns)
     if Path(source).expanduser().suffix == ".json":
         raise DataError(f"manifest {source!r}: use .jsonl or .csv (or an audiofolder, or hf:NAME)")
     path = Path(source).expanduser()
@@ -65,7 +73,8 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
             name = row.get("file_name") or row.get(audio_col)
             text = row.get("transcription", row.get(text_col))
             out.append({"id": rid, "audio": str(path / name) if name else None, "text": text, "root": str(path),
-                        "speaker": row.get("speaker", ""), "replay": _flag(row.get("replay"), f"{rid}: replay")})
+                        "speaker": row.get("speaker", ""), "replay": _flag(row.get("replay"), f"{rid}: replay"),
+                        "meta": _meta(row, columns)})
         return out
     if path.is_file() and path.suffix not in {".jsonl", ".csv"}:
         raise DataError(f"manifest {source!r}: use .jsonl or .csv (or an audiofolder, or hf:NAME)")
@@ -80,7 +89,7 @@ def read_manifest(source: str, *, columns: dict[str, str] | None = None, hf_spli
             audio = str(path.parent / audio)  # manifests name files relative to themselves
         out.append({"id": str(row.get("id", rid)), "audio": audio, "text": row.get(text_col), "root": str(path.parent),
                     "speaker": str(row.get("speaker", "") or ""), "segments": row.get("segments"),
-                    "replay": _flag(row.get("replay"), f"{rid}: replay")})
+                    "replay": _flag(row.get("replay"), f"{rid}: replay"), "meta": _meta(row, columns)})
     return out
 
 
@@ -96,7 +105,7 @@ def _flag(value, where: str) -> bool:
     raise DataError(f"{where}: {value!r} is not a boolean; use true or false (or leave it empty)")
 
 
-def _read_hf(name: str, split: str, audio_col: str, text_col: str) -> list[dict]:
+def _read_hf(name: str, split: str, audio_col: str, text_col: str, columns: dict[str, str]) -> list[dict]:
     import datasets
 
     def decode(ds):
@@ -107,16 +116,19 @@ def _read_hf(name: str, split: str, audio_col: str, text_col: str) -> list[dict]
         audio = row[audio_col]
         array = audio["array"] if isinstance(audio, dict) else audio.get_all_samples().data.mean(0).numpy()
         out.append({"id": f"{name}[{i}]", "audio": np.asarray(array, dtype=np.float32), "text": row.get(text_col),
-                    "speaker": str(row.get("speaker", "") or "")})
+                    "speaker": str(row.get("speaker", "") or ""), "meta": _meta(row, columns)})
     return out
 
 
-def validate(rows: list[dict], limits: ClipFilter, skipped: Skips) -> list[Clip]:
-    """Decode and check every row; returns the usable clips and counts each skip reason in ``skipped``."""
+def validate(rows: list[dict], limits: ClipFilter, skipped: Skips, *, need_text: bool = True) -> list[Clip]:
+    """Decode and check every row; returns the usable clips and counts each skip reason in ``skipped``.
+
+    With ``need_text=False`` a row without a transcript is kept when it has another task's ``answer``."""
     clips = []
     for row in rows:
         text = row.get("text")
-        if text is None or not str(text).strip():
+        meta = row.get("meta") or {}
+        if (text is None or not str(text).strip()) and (need_text or "answer" not in meta):
             skipped.add("empty transcript", row["id"])
             continue
         audio = row.get("audio")
@@ -140,8 +152,8 @@ def validate(rows: list[dict], limits: ClipFilter, skipped: Skips) -> list[Clip]
         if rms(wave) < limits.silence_rms:
             skipped.add("silence", row["id"])
             continue
-        clip = Clip(row["id"], wave, " ".join(str(text).split()), row.get("speaker", ""),
-                    audio if isinstance(audio, str) else "", bool(row.get("replay", False)))
+        clip = Clip(row["id"], wave, " ".join(str(text or "").split()), row.get("speaker", ""),
+                    audio if isinstance(audio, str) else "", bool(row.get("replay", False)), dict(meta))
         if clip.seconds > limits.max_seconds:
             segments = row.get("segments")
             if limits.long_clips == "split" and segments:

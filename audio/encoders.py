@@ -1,6 +1,8 @@
 """Whisper's speech encoder as a token encoder for composed models (``encoder.kind: whisper``).
 
-It yields ``(B, 1500, D)`` frames (50 per second of a 30 s window) and implements the feature cache's encoder
+It yields ``(B, 1500, D)`` frames (50 per second of a 30 s window), of which a clip's own are the first
+``ceil(samples / 320)`` (:meth:`WhisperEncoder.token_count`): the feature cache keeps only those, and a composed
+model projects only those into the prompt, so a 4 s clip costs 200 frames, not 1500. It implements the feature cache's encoder
 protocol (:class:`modaltune.shared.features.CachedEncoder`), so a frozen encoder is run once per clip and, with
 top-block tuning (``encoder_tuning.layers``), only the blocks above the cached depth run each step. The ASR model
 (:class:`modaltune.audio.whisper.WhisperASR`) shares the block logic below.
@@ -24,8 +26,9 @@ from modaltune.shared.zoo import load_error, resolve_model
 class WhisperEncoder(nn.Module):
     """A Whisper encoder and its log-mel feature extractor; ``forward(input_features) -> (B, 1500, D)``."""
 
-    def __init__(self, encoder: nn.Module, feature_extractor, *, layer: int | None = None) -> None:
+    def __init__(self, encoder: nn.Module, feature_extractor, *, layer: int | None = None, trim: bool = True) -> None:
         super().__init__()
+        self.trim = trim
         self.encoder = encoder
         self.feature_extractor = feature_extractor
         self.layer = layer
@@ -35,7 +38,23 @@ class WhisperEncoder(nn.Module):
 
     @property
     def preprocessing_key(self) -> str:
-        return whisper_preprocessing_key(self.feature_extractor)
+        return whisper_preprocessing_key(self.feature_extractor) + (":trim" if self.trim else "")
+
+    def token_count(self, wave: np.ndarray) -> int | None:
+        """Output frames that hold ``wave`` (two mel hops each, at most the window's); None without trimming.
+
+        Example:
+            >>> from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+            >>> enc = WhisperEncoder(WhisperModel(WhisperConfig(d_model=8, encoder_layers=1, decoder_layers=1,
+            ...     encoder_attention_heads=2, decoder_attention_heads=2)).get_encoder(), WhisperFeatureExtractor())
+            >>> enc.token_count(np.zeros(16_000)), enc.token_count(np.zeros(40 * 16_000))
+            (50, 1500)
+        """
+        if not self.trim:
+            return None
+        fe = getattr(self.feature_extractor, "feature_extractor", self.feature_extractor)
+        hop = 2 * int(getattr(fe, "hop_length", 160))  # the conv stem halves the mel frame rate
+        return max(1, min(int(self.encoder.config.max_source_positions), -(-len(wave) // hop)))
 
     @property
     def output_depth(self) -> int:

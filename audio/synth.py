@@ -55,7 +55,7 @@ from modaltune.shared.errors import DataError, ModaltuneError
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0  # Whisper's input window: every clip must fit in it
-BUILD_FORMAT = 4  # bump when the folder layout or sentence sampling changes, so old builds are rebuilt
+BUILD_FORMAT = 5  # bump when the folder layout or sentence sampling changes, so old builds are rebuilt
 
 # Spelled out so the reference text and Whisper's normalised output agree.
 DOSES: tuple[str, ...] = (
@@ -236,6 +236,7 @@ class _Job:
     lead_in: float = 0.0
     tail: float = 0.0
     replay: bool = False
+    slots: tuple[tuple[str, str], ...] = ()  # the template's fill-ins: gold for extraction tasks
 
 
 class _Deck:
@@ -307,6 +308,7 @@ def plan_sentences(
             split=split, id=f"{split}-{i:04d}", text=_fill(templates[t], values), template=f"{split}-{t:02d}",
             voice=decks["voice"].draw(), speed=int(rng.choice(list(speeds))), pitch=int(rng.choice(list(pitches))),
             lead_in=round(pauses.uniform(lo, hi), 2), tail=round(pauses.uniform(lo, hi), 2),
+            slots=tuple((k, values[k]) for k in _SLOTS if k in values and k in used),
         ))
     return jobs
 
@@ -360,6 +362,8 @@ def _synthesise(job: _Job, root: Path) -> dict[str, Any]:
            "duration": round(duration, 4), "template": job.template}
     if job.replay:
         row["replay"] = True
+    if job.slots:
+        row["slots"] = dict(job.slots)
     return row
 
 

@@ -44,7 +44,7 @@ def build_encoder(cfg: EncoderConfig, log: Callable[[str], None] = print) -> nn.
 class ProjectorConfig:
     """The trainable bridge from encoder tokens to LLM embeddings."""
 
-    kind: str = doc("linear", "linear | mlp2x_gelu (or a plugin's name)")
+    kind: str = doc("linear", "linear | mlp2x_gelu | swiglu (or a plugin's name)")
     group: int = doc(4, "concatenate this many consecutive encoder tokens into one")
     group_mode: str = doc("pad", "when the token count is not divisible by group: pad | trim")
     lr: float | None = doc(None, "learning rate of the projector (null: train.lr)")
@@ -57,6 +57,9 @@ class ProjectorConfig:
                                      "word tokens the words of its caption (0: off)")
     words: str = doc("soft", "norm=words/both: soft (each word token a softmax mixture of anchors) | hard (exactly "
                              "one anchor word each, trained straight-through)")
+    grounding: str = doc("bag", "word_grounding's target: bag (an input's word tokens as a whole are its caption's "
+                                "words, in any order) | ctc (they spell its transcript in order, with blanks between: "
+                                "speech)")
 
     def validate(self, where: str) -> None:
         if self.norm not in {"none", "rms", "words", "both"}:
@@ -65,6 +68,8 @@ class ProjectorConfig:
             raise ConfigError(f"{where}.word_grounding must be 0 (off) or positive")
         if self.words not in {"soft", "hard"}:
             raise ConfigError(f"{where}.words must be soft or hard, got {self.words!r}")
+        if self.grounding not in {"bag", "ctc"}:
+            raise ConfigError(f"{where}.grounding must be bag or ctc, got {self.grounding!r}")
         if self.anchor_words < 2:
             raise ConfigError(f"{where}.anchor_words must be at least 2")
         if self.group < 1:
@@ -114,6 +119,28 @@ def build_mlp2x_gelu(*, in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+class SwiGLUProjector(nn.Module):
+    """RMSNorm -> Linear -> SwiGLU -> Linear -> RMSNorm (Ultravox style): gated, with normalised input and output."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or out_dim
+        self.norm_in = nn.RMSNorm(in_dim, eps=1e-6)
+        self.up = nn.Linear(in_dim, 2 * hidden)
+        self.down = nn.Linear(hidden, out_dim)
+        self.norm_out = nn.RMSNorm(out_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.up(self.norm_in(x)).chunk(2, dim=-1)
+        return self.norm_out(self.down(nn.functional.silu(gate) * value))
+
+
+@PROJECTORS.register("swiglu")
+def build_swiglu(*, in_dim: int, out_dim: int) -> nn.Module:
+    """:class:`SwiGLUProjector` (Ultravox style)."""
+    return SwiGLUProjector(in_dim, out_dim)
+
+
 class NormedProjector(nn.Module):
     """A projector whose every output token is RMS-normalised, then scaled per channel (the scale trains).
 
@@ -146,10 +173,12 @@ class WordAnchoredProjector(nn.Module):
     that comparison to 0.95 test accuracy in 300 LoRA steps.
     """
 
-    def __init__(self, inner: nn.Module, words: torch.Tensor, hard: bool = False) -> None:
+    def __init__(self, inner: nn.Module, words: torch.Tensor, hard: bool = False, blank: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.hard = hard
+        # ctc grounding: one more choice, "no word here" (a zero vector), so frames between words can stay silent
+        self.blank = nn.Linear(words.size(1), 1) if blank else None
         self.register_buffer("words", words.detach().float().clone())  # (K, D); saved with the projector
         # the anchors' token ids: only the grounding loss needs them, so a checkpoint does not carry them
         self.register_buffer("word_ids", torch.full((words.size(0),), -1, dtype=torch.long), persistent=False)
@@ -167,12 +196,14 @@ class WordAnchoredProjector(nn.Module):
         h = self.inner(x).float()  # (B, M, D)
         words = self.words  # (K, D)
         logits = h @ torch.nn.functional.normalize(words, dim=-1).T  # (B, M, K)
+        if self.blank is not None:
+            logits = torch.cat([logits, self.blank(h)], dim=-1)  # (B, M, K+1): the last is "no word"
         weights = torch.softmax(logits, dim=-1)
         self.last_weights = weights if self.training and self.record else None
         if self.hard:  # exactly one word each; gradients as if soft (straight-through)
             one_hot = torch.nn.functional.one_hot(weights.argmax(-1), weights.size(-1)).to(weights.dtype)
             weights = one_hot + weights - weights.detach()
-        return weights @ words  # (B, M, D)
+        return weights[..., : words.size(0)] @ words  # (B, M, D); a blank adds nothing
 
 
 class WordAndFeatureProjector(nn.Module):
@@ -186,9 +217,9 @@ class WordAndFeatureProjector(nn.Module):
     """
 
     def __init__(self, words_inner: nn.Module, features_inner: nn.Module, dim: int, scale: float,
-                 words: torch.Tensor, hard: bool = False) -> None:
+                 words: torch.Tensor, hard: bool = False, blank: bool = False) -> None:
         super().__init__()
-        self.words = WordAnchoredProjector(words_inner, words, hard)
+        self.words = WordAnchoredProjector(words_inner, words, hard, blank)
         self.features = NormedProjector(features_inner, dim, scale)
 
     def set_words(self, words: torch.Tensor, ids: list[int] | None = None) -> None:
@@ -206,7 +237,8 @@ def word_projector(projector: nn.Module) -> WordAnchoredProjector | None:
     return inner if isinstance(inner, WordAnchoredProjector) else None
 
 
-def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.Tensor,
+                        real: torch.Tensor | None = None) -> torch.Tensor | None:
     """Cross-entropy between each flagged row's target words and its image's bag of word tokens.
 
     For a row whose labelled tokens describe its image (a caption), the target is uniform over those tokens that
@@ -218,7 +250,8 @@ def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.
         projector: a :class:`WordAnchoredProjector` (or one holding it as ``.words``) after a training forward
             with ``record`` on; the kept weights are released here.
         labels: ``(B, T)`` with ``-100`` off the target.
-        rows: ``(B,)`` bool, the rows to ground (captions).
+        rows: ``(B,)`` bool, the rows to ground (captions, transcripts).
+        real: ``(B, M)`` bool, which word tokens hold the input (clips of different lengths); None: all.
 
     Returns:
         The mean loss over flagged rows with at least one anchor word in their target; None when there is none.
@@ -232,9 +265,17 @@ def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.
     ids = words.word_ids  # (K,)
     if bool((ids < 0).all()):
         raise ModaltuneError("word grounding needs the anchor token ids: set_words(embeddings, ids)")
+    if words.blank is not None:
+        return _ctc_grounding(weights, ids, labels, rows, real)
+    weights = weights[..., : ids.numel()]
     distinct, column = torch.unique(ids, return_inverse=True)  # (V',), (K,)
     bag = torch.zeros(weights.size(0), distinct.numel(), device=weights.device)  # (B, V')
-    bag.index_add_(1, column.to(weights.device), weights.mean(dim=1))
+    if real is None:
+        mean = weights.mean(dim=1)  # (B, K)
+    else:
+        keep = real[:, : weights.size(1)].to(weights.device, weights.dtype).unsqueeze(-1)  # (B, M, 1)
+        mean = (weights * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+    bag.index_add_(1, column.to(weights.device), mean)
     hit = (labels.unsqueeze(-1) == distinct.to(labels.device)).any(dim=1) & rows.unsqueeze(-1)  # (B, V')
     keep = hit.any(dim=1)
     if not bool(keep.any()):
@@ -242,6 +283,30 @@ def word_grounding_loss(projector: nn.Module, labels: torch.Tensor, rows: torch.
     target = hit[keep].float()
     target = target / target.sum(dim=1, keepdim=True)
     return -(target * bag[keep].clamp_min(1e-8).log()).sum(dim=1).mean()
+
+
+def _ctc_grounding(weights: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                   real: torch.Tensor | None) -> torch.Tensor | None:
+    """CTC between each flagged row's word tokens (``(B, M, K+1)`` choices, the last a blank) and its target's anchor
+    tokens in order (targets that are not anchors are left out)."""
+    k = ids.numel()
+    first = {}
+    for j, t in enumerate(ids.tolist()):
+        first.setdefault(t, j)  # anchors cycle when the text has fewer distinct tokens than anchor_words
+    targets, target_lengths, keep = [], [], []
+    for i in range(labels.size(0)):
+        seq = [first[t] for t in labels[i][labels[i] >= 0].tolist() if t in first] if bool(rows[i]) else []
+        if seq:
+            keep.append(i)
+            targets += seq
+            target_lengths.append(len(seq))
+    if not keep:
+        return None
+    m = weights.size(1)
+    lengths = real[:, :m].sum(1) if real is not None else torch.full((weights.size(0),), m)
+    log_probs = weights[keep].clamp_min(1e-8).log().transpose(0, 1)  # (M, B', K+1)
+    return nn.functional.ctc_loss(log_probs, torch.tensor(targets), lengths[keep].cpu(), torch.tensor(target_lengths),
+                                  blank=k, reduction="mean", zero_infinity=True)
 
 
 def anchor_embeddings(lm: nn.Module, token_ids: list[int]) -> torch.Tensor:
@@ -263,7 +328,7 @@ def embedding_rms(lm: nn.Module, samples: int = 4096) -> float:
 
 def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, norm: str = "none",
                     scale: float | None = None, words: torch.Tensor | None = None,
-                    hard_words: bool = False) -> nn.Module:
+                    hard_words: bool = False, blank: bool = False) -> nn.Module:
     """A registered projector taking ``group`` concatenated encoder tokens of width ``in_dim``.
 
     ``norm="rms"`` wraps it in :class:`NormedProjector` with its output scale starting at ``scale`` (typically
@@ -283,14 +348,15 @@ def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, nor
     if norm in {"rms", "both"} and (scale is None or not scale > 0):
         raise ConfigError(f"projector norm={norm} needs a positive output scale (the LLM's embedding RMS)")
     if norm == "words":
-        return WordAnchoredProjector(make(), words, hard_words)
+        return WordAnchoredProjector(make(), words, hard_words, blank)
     if norm == "rms":
         return NormedProjector(make(), out_dim, scale)
-    return WordAndFeatureProjector(make(), make(), out_dim, scale, words, hard_words)
+    return WordAndFeatureProjector(make(), make(), out_dim, scale, words, hard_words, blank)
 
 
 def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor,
-           inserted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+           inserted: torch.Tensor, inserted_mask: torch.Tensor | None = None, *,
+           left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Replace the placeholder token at ``positions[b]`` of each row with that row's ``inserted`` tokens.
 
     Args:
@@ -299,23 +365,48 @@ def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None
         labels: labels or ``None``, ``(B, T)``; inserted positions get ``-100``.
         positions: placeholder index per row, ``(B,)``.
         inserted: tokens to insert, ``(B, M, D)``.
+        inserted_mask: ``(B, M)`` bool, which of a row's tokens are real (clips of different lengths); None: all.
+        left: rows that come out shorter than the longest are padded on the left (generation), else on the right.
 
     Returns:
-        ``(embeds, mask, labels)`` of length ``T + M - 1``; padding stays where it was (left or right).
+        ``(embeds, mask, labels)``; every row holds ``T - 1`` prompt positions plus its real inserted tokens,
+        padding stays where it was and rows shorter than the longest get more of it.
+
+    Example:
+        >>> e, m, _ = splice(torch.zeros(2, 3, 1), torch.ones(2, 3, dtype=torch.long), None, torch.tensor([1, 1]),
+        ...                  torch.ones(2, 2, 1), torch.tensor([[True, True], [True, False]]), left=True)
+        >>> m.tolist()
+        [[1, 1, 1, 1], [0, 1, 1, 1]]
     """
     b, t, _ = embeds.shape
-    m = inserted.size(1)
     if positions.shape != (b,) or bool(((positions < 0) | (positions >= t)).any()):
         raise ModaltuneError("every prompt needs exactly one placeholder (image, audio) inside it")
     rows_e, rows_m, rows_l = [], [], []
-    ones = mask.new_ones(m)
     for i in range(b):
         p = int(positions[i])
-        rows_e.append(torch.cat([embeds[i, :p], inserted[i].to(embeds.dtype), embeds[i, p + 1 :]]))
-        rows_m.append(torch.cat([mask[i, :p], ones, mask[i, p + 1 :]]))
+        tokens = inserted[i] if inserted_mask is None else inserted[i][inserted_mask[i]]  # (M_i, D)
+        n = tokens.size(0)
+        rows_e.append(torch.cat([embeds[i, :p], tokens.to(embeds.dtype), embeds[i, p + 1 :]]))
+        rows_m.append(torch.cat([mask[i, :p], mask.new_ones(n), mask[i, p + 1 :]]))
         if labels is not None:
-            rows_l.append(torch.cat([labels[i, :p], labels.new_full((m,), IGNORE_INDEX), labels[i, p + 1 :]]))
-    return (torch.stack(rows_e), torch.stack(rows_m), torch.stack(rows_l) if labels is not None else None)
+            rows_l.append(torch.cat([labels[i, :p], labels.new_full((n,), IGNORE_INDEX), labels[i, p + 1 :]]))
+    if inserted_mask is None:
+        return (torch.stack(rows_e), torch.stack(rows_m), torch.stack(rows_l) if labels is not None else None)
+    width = max(r.size(0) for r in rows_e)
+
+    def pad(rows: list[torch.Tensor], value) -> torch.Tensor:
+        out = []
+        for r in rows:
+            fill = r.new_full((width - r.size(0), *r.shape[1:]), value)
+            out.append(torch.cat([fill, r] if left else [r, fill]))
+        return torch.stack(out)
+
+    return pad(rows_e, 0.0), pad(rows_m, 0), pad(rows_l, IGNORE_INDEX) if labels is not None else None
+
+
+def token_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, n)`` bool: the first ``lengths[b]`` tokens of each row are real."""
+    return torch.arange(n, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
 class ComposedLM(ModaltuneModel):
@@ -356,47 +447,76 @@ class ComposedLM(ModaltuneModel):
 
     def prefix_tokens(self, encoder_inputs: torch.Tensor | None = None, features: torch.Tensor | None = None,
                       features_depth: int | None = None) -> torch.Tensor:
-        """Projected encoder tokens ``(B, M, D_llm)``; ``features`` cached at ``features_depth`` (None: the
-        encoder output) go through the encoder's remaining blocks first."""
+        """Projected encoder tokens ``(B, M, D_llm)`` of inputs whose every encoder token is real (see :meth:`project`)."""
+        return self.project(encoder_inputs, features, features_depth)[0]
+
+    def project(self, encoder_inputs: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                features_depth: int | None = None, features_lengths: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected encoder tokens ``(B, M, D_llm)`` and which are real (``(B, M)`` bool; None: all).
+
+        ``features`` cached at ``features_depth`` (None: the encoder output) go through the encoder's remaining
+        blocks first. ``features_lengths`` (``(B,)``) says how many encoder tokens of each row hold its input (clips
+        of different lengths); the rest are padding and are not projected into the prompt.
+        """
         if features is None:
             if encoder_inputs is None:
                 raise ModaltuneError("ComposedLM needs encoder_inputs or cached features")
             features = self.encoder(encoder_inputs)  # (B, N, D_enc)
         elif features_depth is not None:
-            features = unwrap_peft(self.encoder).encode_rest(features, int(features_depth))  # (B, N, D_enc)
-        grouped = group_tokens(features, self.group, self.group_mode)  # (B, N/k, k*D_enc)
+            rest = unwrap_peft(self.encoder).encode_rest
+            if features_lengths is None:
+                features = rest(features, int(features_depth))  # (B, N, D_enc)
+            else:  # each row on its own real tokens: the blocks above see no padding
+                features = torch.cat([nn.functional.pad(
+                    rest(features[i : i + 1, : int(n)], int(features_depth)), (0, 0, 0, features.size(1) - int(n)))
+                    for i, n in enumerate(features_lengths)])
         proj_dtype = next(self.projector.parameters()).dtype
-        return self.projector(grouped.to(proj_dtype))  # (B, M, D_llm)
+        if features_lengths is None:
+            grouped = group_tokens(features, self.group, self.group_mode)  # (B, N/k, k*D_enc)
+            return self.projector(grouped.to(proj_dtype)), None  # (B, M, D_llm)
+        lengths = features_lengths.to(features.device).clamp(max=features.size(1))
+        features = features * token_mask(lengths, features.size(1)).unsqueeze(-1).to(features.dtype)  # zero padding
+        grouped = group_tokens(features, self.group, self.group_mode)  # (B, M, k*D_enc)
+        counts = lengths // self.group if self.group_mode == "trim" else -(-lengths // self.group)  # ceil
+        out = self.projector(grouped.to(proj_dtype))  # (B, r*M, D_llm): r blocks of M tokens (norm=both: r=2)
+        blocks = out.size(1) // grouped.size(1)
+        return out, token_mask(counts.clamp(min=1), grouped.size(1)).repeat(1, blocks)
 
     def embed(self, input_ids, attention_mask, placeholder_positions, labels=None, encoder_inputs=None, features=None,
-              features_depth=None):
-        """Prompt embeddings with the projected tokens spliced in."""
+              features_depth=None, features_lengths=None, left: bool = False):
+        """Prompt embeddings with the projected tokens spliced in (shorter rows padded on the ``left`` or right)."""
+        return self._embed(input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features,
+                           features_depth, features_lengths, left)[:3]
+
+    def _embed(self, input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features,
+               features_depth, features_lengths, left):
         lm = unwrap_peft(self.llm)
         embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
-        prefix = self.prefix_tokens(encoder_inputs, features, features_depth)  # (B, M, D)
-        return splice(embeds, attention_mask, labels, placeholder_positions, prefix)
+        prefix, real = self.project(encoder_inputs, features, features_depth, features_lengths)  # (B, M, D)
+        return (*splice(embeds, attention_mask, labels, placeholder_positions, prefix, real, left=left), real)
 
     def forward(self, input_ids, attention_mask, placeholder_positions, labels=None, encoder_inputs=None, features=None,
-                features_depth=None, ground_words=None, **kwargs):
+                features_depth=None, features_lengths=None, ground_words=None, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
-        embeds, mask, labels = self.embed(input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features,
-                                          features_depth)
+        embeds, mask, labels, real = self._embed(input_ids, attention_mask, placeholder_positions, labels,
+                                                 encoder_inputs, features, features_depth, features_lengths, False)
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=mask)
         loss = causal_lm_loss(self.llm, labels=labels, label_logits_only=self.label_logits_only,
                               num_items_in_batch=num_items, inputs_embeds=embeds, attention_mask=mask)
         if self.word_grounding and ground_words is not None and self.training:
-            extra = word_grounding_loss(self.projector, labels, ground_words)
+            extra = word_grounding_loss(self.projector, labels, ground_words, real)
             if extra is not None:
                 loss = loss + self.word_grounding * extra
         return {"loss": loss}
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, placeholder_positions, encoder_inputs=None, features=None,
-                 features_depth=None, **gen_kwargs):
+                 features_depth=None, features_lengths=None, **gen_kwargs):
         """Generated token ids (new tokens only) for left-padded prompts."""
         embeds, mask, _ = self.embed(input_ids, attention_mask, placeholder_positions, None, encoder_inputs, features,
-                                     features_depth)
+                                     features_depth, features_lengths, left=True)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
 
 
@@ -437,7 +557,8 @@ def build_composed_lm(*, encoder: nn.Module, encoder_tuning, model, llm, project
     scale = embedding_rms(lm) if projector.norm in {"rms", "both"} else None
     words = torch.zeros(projector.anchor_words, hidden) if projector.uses_words else None
     proj = build_projector(projector.kind, in_dim=unwrap_peft(encoder).out_dim, out_dim=hidden, group=projector.group,
-                           norm=projector.norm, scale=scale, words=words, hard_words=projector.words == "hard")
+                           norm=projector.norm, scale=scale, words=words, hard_words=projector.words == "hard",
+                           blank=projector.uses_words and projector.grounding == "ctc")
     composed = ComposedLM(encoder, proj, lm, group=projector.group, group_mode=projector.group_mode,
                           label_logits_only=label_logits_only, encoder_train_mode=encoder_tuning.method == "full",
                           word_grounding=projector.word_grounding if projector.uses_words else 0.0)
@@ -477,8 +598,9 @@ def composed_report(model: ComposedLM, encoder: Any, projector: ProjectorConfig,
 
 def save_composed(model: ComposedLM, tokenizer, out, composition: dict[str, Any]) -> Any:
     """Save a composed model whose checkpoint is loaded: the LLM with its adapters merged (``out/llm``, a plain
-    transformers folder), the projector (``out/projector.safetensors``) and ``out/composition.json`` (how the parts
-    fit: encoder, projector, template). Returns the LLM folder."""
+    transformers folder), the projector (``out/projector.safetensors``), a tuned encoder with its adapters merged
+    (``out/encoder.safetensors``; a frozen one is rebuilt from its own weights) and ``out/composition.json`` (how the
+    parts fit: encoder, projector, template). :func:`load_composed` reads it back. Returns the LLM folder."""
     import json
     from pathlib import Path
 
@@ -489,5 +611,41 @@ def save_composed(model: ComposedLM, tokenizer, out, composition: dict[str, Any]
     lm.save_pretrained(str(out / "llm"))
     tokenizer.save_pretrained(str(out / "llm"))
     save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, str(out / "projector.safetensors"))
+    if any(model.component_of(n) == "encoder" for n in model.trained_names):
+        encoder = model.encoder.merge_and_unload() if hasattr(model.encoder, "merge_and_unload") else model.encoder
+        save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
+                  str(out / "encoder.safetensors"))
     (out / "composition.json").write_text(json.dumps(composition, indent=2) + "\n", encoding="utf-8")
     return out / "llm"
+
+
+def load_composed(folder, *, log: Callable[[str], None] = print) -> tuple[ComposedLM, Any, dict[str, Any]]:
+    """A composed model saved by :func:`save_composed` (``modaltune merge``), ready to generate: the encoder named in
+    ``composition.json`` (with the tuned weights of ``encoder.safetensors`` if there are any), the projector's
+    weights and the merged LLM. Returns ``(model, tokenizer, composition)``; only data files are read, no code runs.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from modaltune.shared.config import from_dict
+    from modaltune.shared.lm import ModelConfig
+    from modaltune.shared.peft import ComponentConfig
+
+    folder = Path(folder).expanduser()
+    path = folder / "composition.json"
+    if not path.is_file():
+        raise ModaltuneError(f"{folder}: no composition.json; give a folder written by `modaltune merge` of a composed "
+                             "recipe (med-vqa, audio-llm)")
+    composition = json.loads(path.read_text(encoding="utf-8"))
+    encoder_cfg = from_dict(EncoderConfig, composition["encoder"], where="composition.encoder")
+    projector_cfg = from_dict(ProjectorConfig, composition["projector"], where="composition.projector")
+    frozen = ComponentConfig(method="frozen")
+    model, tok, _ = build_composed_lm(encoder=build_encoder(encoder_cfg, log=log), encoder_tuning=frozen,
+                                      model=ModelConfig(name=str(folder / "llm")), llm=frozen, projector=projector_cfg,
+                                      log=log)
+    model.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
+    if (folder / "encoder.safetensors").is_file():
+        model.encoder.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    return model.eval(), tok, composition

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modaltune.shared.errors import DataError
-from modaltune.shared.features import FeatureCache
+from modaltune.shared.features import FeatureCache, token_count
 from modaltune.shared.loss import IGNORE_INDEX
 from modaltune.shared.skips import Skips
 
@@ -106,7 +106,13 @@ class ComposedCollator:
             if any(b.get("caption") for b in batch):  # targets that describe the input (projector.word_grounding)
                 out["ground_words"] = torch.tensor([bool(b.get("caption")) for b in batch])
         if "features" in batch[0]:
-            out["features"] = torch.stack([b["features"] for b in batch])
+            feats = [b["features"] for b in batch]
+            lengths = [f.size(0) for f in feats]
+            if len(set(lengths)) == 1:
+                out["features"] = torch.stack(feats)  # (B, N, D)
+            else:  # clips of different lengths: zero-padded, with each row's real length
+                out["features"] = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+                out["features_lengths"] = torch.tensor(lengths)
             if "features_depth" in batch[0]:
                 out["features_depth"] = batch[0]["features_depth"]
         else:
@@ -114,6 +120,9 @@ class ComposedCollator:
                 raise DataError("these rows have no cached features: give the collator the encoder (and load)")
             inputs = [self.load(b["input"]) if self.load else b["input"] for b in batch]
             out["encoder_inputs"] = self.encoder.preprocess(inputs)
+            counts = [token_count(self.encoder, x) for x in inputs]
+            if counts[0] is not None:
+                out["features_lengths"] = torch.tensor(counts)
         return out
 
 

@@ -48,6 +48,9 @@ class CachedEncoder(Protocol):
 
     Image encoders (:class:`modaltune.vision.encoders.ImageEncoder`) and Whisper's encoder
     (:class:`modaltune.audio.whisper.WhisperASR`, :class:`modaltune.audio.encoders.WhisperEncoder`) implement it.
+    An encoder whose inputs fill only part of its output (a clip in Whisper's 30 s window) may also define
+    ``token_count(loaded_input) -> int``: the cache then keeps only those tokens, and the composed model projects
+    only those (:func:`token_count`).
     """
 
     @property
@@ -77,6 +80,13 @@ class CachedEncoder(Protocol):
 
     def cached_weights(self, depth: int) -> Iterable[tuple[str, torch.Tensor]]:
         """The weights the states at ``depth`` depend on (they go into the cache's fingerprint)."""
+
+
+def token_count(encoder: Any, item: Any) -> int | None:
+    """How many of an encoder's output tokens hold a loaded input (a clip's real frames; Whisper pads every clip to
+    30 s), from the encoder's optional ``token_count(item)``; None: all of them (images)."""
+    count = getattr(encoder, "token_count", None)
+    return None if count is None else int(count(item))
 
 
 def content_key(item: Any) -> str:
@@ -197,8 +207,9 @@ class FeatureCache:
                                     enabled=self.autocast_dtype is not None):
                     states = self.base.encode_prefix(inputs, self.depth).float().cpu()  # (B, N, D)
                 per_item = (time.perf_counter() - began) / len(chunk)
-                for (key, _), state in zip(chunk, states):
-                    state = state.contiguous()
+                for (key, _), state, wave in zip(chunk, states, loaded):
+                    count = token_count(self.base, wave)  # only the tokens that hold the input are kept
+                    state = (state if count is None else state[:count]).contiguous()
                     self.states[key] = state
                     self.seconds[key] = per_item
                     self.computed += 1
@@ -217,7 +228,7 @@ class FeatureCache:
         return self.states[self.key(item_or_key)]
 
     def encoder_output(self, keys: list[str]) -> torch.Tensor:
-        """Encoder output ``(B, N, D)`` of cached inputs (runs the blocks above the cached depth)."""
+        """Encoder output ``(B, N, D)`` of cached inputs of one length (runs the blocks above the cached depth)."""
         states = torch.stack([self.states[k] for k in keys]).to(_device(self.encoder))
         if self.complete:
             return states

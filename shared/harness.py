@@ -32,11 +32,12 @@ def timed(report: dict[str, Any], name: str) -> Iterator[None]:
         report.setdefault("timing", {})[name] = round(time.time() - started, 2)
 
 
-def measure_before(run_dir: Path, resume: bool, measure: Callable[[], tuple[dict, list[dict]]]
-                   ) -> tuple[dict, list[dict]]:
-    """The "before" column: measured now and saved in ``run_dir``, or, on a resumed run, read back from there (the
-    untrained model it describes cannot be rebuilt once training has moved the weights on disk)."""
-    path = Path(run_dir) / BEFORE_FILE
+def measure_before(run_dir: Path, resume: bool, measure: Callable[[], tuple[dict, list[dict]]], *,
+                   name: str = BEFORE_FILE) -> tuple[dict, list[dict]]:
+    """The "before" column: measured now and saved in ``run_dir`` (as ``name``), or, on a resumed run, read back
+    from there (the untrained model it describes cannot be rebuilt once training has moved the weights on disk;
+    a baseline that trains a model of its own is not worth training twice)."""
+    path = Path(run_dir) / name
     if resume and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         return saved["metrics"], saved["items"]

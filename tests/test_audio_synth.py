@@ -122,7 +122,10 @@ def test_tiny_build_is_valid_and_idempotent(tmp_path):
         assert len(rows) == n
         voices = synth.DEFAULT_TRAIN_VOICES if split == "train" else synth.DEFAULT_TEST_VOICES
         for row in rows:
-            assert set(row) == {"id", "audio", "text", "speaker", "duration", "template"}
+            assert set(row) - {"slots"} == {"id", "audio", "text", "speaker", "duration", "template"}
+            for slot, value in row.get("slots", {}).items():  # the template's fill-ins, spoken in the sentence
+                assert slot in {"drug", "drug2", "condition", "procedure", "dose", "frequency"}
+                assert value.lower() in row["text"].lower(), (slot, value, row["text"])
             assert row["speaker"] in voices and row["template"].startswith(f"{split}-")
             wav = out / row["audio"]
             assert wav.is_file() and Path(row["audio"]).parts[:2] == ("wav", split)

@@ -1,0 +1,203 @@
+"""audio-llm: a speech LLM composed from Whisper's encoder, a projector and a LoRA LLM, trained in two stages.
+
+Build the speech encoder (frozen, cached, frames trimmed to each clip), the projector and the LLM; build task rows
+(transcription, medication orders as JSON, a manifest's own tasks); measure the cascade baseline and the untrained
+model; train the projector alone on transcription, then projector and LoRA on the task mix; evaluate after each
+stage, the last time also with the audio shuffled across the test set; report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
+from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, AudioLLMEvalConfig, AudioTasksConfig,
+                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, task_plots, task_rows)
+from modaltune.shared import checkpoint as ckpt
+from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
+                                      composed_report, save_composed)
+from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_composed
+from modaltune.shared.config import ConfigError, doc, to_dict
+from modaltune.shared.features import CacheConfig, FeatureCache
+from modaltune.shared.harness import data_line, measure_before, metric_line, timed
+from modaltune.shared.lm import ModelConfig
+from modaltune.shared.loss import unwrap_peft
+from modaltune.shared.peft import ComponentConfig
+from modaltune.shared.recipe import Recipe, RunContext, register_recipe
+from modaltune.shared.skips import Skips
+from modaltune.shared.training import (StageConfig, StagePlan, TrainConfig, autocast_dtype, compute_dtype,
+                                       resolve_precision, run_stages)
+
+
+@dataclasses.dataclass
+class AudioLLMConfig:
+    """Schema of ``recipes/configs/audio-llm.yaml``."""
+
+    encoder: EncoderConfig = doc(help="the speech encoder", factory=lambda: EncoderConfig(kind="whisper",
+                                                                                           name="whisper-tiny.en"))
+    encoder_tuning: ComponentConfig = doc(help="how the encoder is tuned (frozen: states cached once)",
+                                          factory=lambda: ComponentConfig(method="frozen", targets=["q_proj", "v_proj"]))
+    projector: ProjectorConfig = doc(help="projector and frame stacking",
+                                     factory=lambda: ProjectorConfig(kind="swiglu", group=8, norm="both",
+                                                                     anchor_words=1024, word_grounding=1.0,
+                                                                     grounding="ctc"))
+    model: ModelConfig = doc(ModelConfig, "the causal LLM")
+    llm: ComponentConfig = doc(help="how the LLM is tuned", factory=lambda: ComponentConfig(method="lora"))
+    data: ASRDataConfig = doc(ASRDataConfig, "speech data (the domain-asr builder and checks)")
+    tasks: AudioTasksConfig = doc(AudioTasksConfig, "tasks and prompt phrasings")
+    stages: list[StageConfig] = doc(help="training stages in order", factory=lambda: [
+        StageConfig(name="projector", data="transcribe", components=["projector"]),
+        StageConfig(name="tasks", data="all", components=["projector", "llm"])])
+    train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
+    eval: AudioLLMEvalConfig = doc(AudioLLMEvalConfig, "generation for evaluation")
+    cascade: CascadeConfig = doc(CascadeConfig, "the cascade baseline (Whisper transcript -> tuned LLM)")
+    cache: CacheConfig = doc(CacheConfig, "encoder-feature cache")
+    max_length: int = doc(192, "longer rows (audio tokens excluded) are skipped and counted")
+    quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
+
+    def validate(self, where: str) -> None:
+        if self.encoder.kind != "whisper":
+            raise ConfigError(f"{where}.encoder.kind must be whisper (a speech encoder), got {self.encoder.kind!r}")
+        for i, stage in enumerate(self.stages):
+            if stage.data not in {"transcribe", "all"}:
+                raise ConfigError(f"stages[{i}].data must be transcribe or all, got {stage.data!r}")
+        if self.llm.trains and not any(s.components is None or "llm" in s.components for s in self.stages):
+            raise ConfigError("llm.method trains, but no stage trains the llm: add llm to a stage's components")
+
+
+class AudioLLM(Recipe):
+    """Frozen Whisper encoder -> stacked frames -> projector -> LoRA LLM; transcription, then a task mix."""
+
+    name = "audio-llm"
+    description = "speech LLM from parts (Whisper encoder + projector + LoRA LLM): transcripts, spoken orders -> JSON"
+    config_cls = AudioLLMConfig
+    config_file = "audio-llm.yaml"
+
+    def build_model(self, cfg: AudioLLMConfig, log=print):
+        return build_composed_lm(
+            encoder=build_encoder(cfg.encoder, log=log), encoder_tuning=cfg.encoder_tuning, model=cfg.model,
+            llm=cfg.llm, projector=cfg.projector, compute_dtype=compute_dtype(resolve_precision(cfg.train.precision)),
+            label_logits_only=cfg.train.label_logits_only, gradient_checkpointing=cfg.train.gradient_checkpointing,
+            log=log)
+
+    def prepare(self, cfg: AudioLLMConfig, model, tok, report: dict, log, *, training: bool):
+        """Clips, task rows, anchor words (a training run), the encoder cache and the tokenised sets."""
+        precision = resolve_precision(cfg.train.precision)
+        sets, report["data"] = load_asr_sets(cfg.data, log, need_text=False)
+        clips = {c.id: c for name in ("train", "test") for c in sets[name]}
+        rows = {"transcribe": task_rows(sets["train"], cfg.tasks, train=True, tasks=("transcribe",)),
+                "all": task_rows(sets["train"], cfg.tasks, train=True),
+                "test": task_rows(sets["test"], cfg.tasks, train=False)}
+        if cfg.projector.uses_words and training:
+            anchors = anchor_on_text(model, tok, [r["target"] for r in rows["all"]], cfg.projector.anchor_words, log)
+            report["model"]["anchor_words"] = [tok.decode([t]) for t in dict.fromkeys(anchors)]
+        depth = unwrap_peft(model.encoder).cache_depth() if cfg.cache.mode == "auto" else None
+        load = lambda clip_id: clips[clip_id].wave  # noqa: E731
+        cache = None
+        with timed(report, "feature_cache_seconds"):
+            if depth is not None:
+                cache = FeatureCache(model.encoder, depth=depth, batch_size=cfg.train.eval_batch_size,
+                                     autocast_dtype=autocast_dtype(precision), directory=cfg.cache.dir, load=load)
+                cache.fill(list(clips) if training else [c.id for c in sets["test"]], desc="encoding speech (once)")
+
+        def dataset(rows_: list[dict], name: str = "test") -> ComposedDataset:
+            skipped = Skips()
+            made = ComposedDataset(rows_, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=cfg.max_length,
+                                   skipped=skipped)
+            report["data"][f"{name} rows"] = skipped.summary(len(made))
+            return made
+
+        for name in ("transcribe", "all", "test"):
+            report["data"][f"{name} rows"] = Skips().summary(len(rows[name]))
+        log(data_line(report["data"]))
+        encoder = model.encoder if cache is None else None
+        return rows, dataset, clips, encoder, load
+
+    def measurer(self, cfg: AudioLLMConfig, model, tok, rows, dataset, clips, encoder, load, source):
+        precision = resolve_precision(cfg.train.precision)
+        _, normalizer = normalizer_for("auto", {"multilingual": False}, None)
+        seconds = {i: c.seconds for i, c in clips.items()}
+
+        def generate(ds, label):
+            return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load,
+                                     max_new_tokens=cfg.eval.max_new_tokens, desc=label, precision=precision)
+
+        def measure(shuffle: bool = False):
+            return measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate, shuffle=shuffle,
+                                     normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed)
+        return measure, normalizer
+
+    def run(self, cfg: AudioLLMConfig, ctx: RunContext) -> None:
+        report, log = ctx.report, ctx.log
+        precision = resolve_precision(cfg.train.precision)
+        with timed(report, "setup_seconds"):
+            model, tok, source = self.build_model(cfg, log)
+            report["model"] = {**source, **composed_report(model, cfg.encoder.name, cfg.projector,
+                                                           cache=cfg.cache.mode == "auto"),
+                               "precision": precision, "llm_method": cfg.llm.method}
+            report["parameters"] = model.parameter_report()
+        rows, dataset, clips, encoder, load = self.prepare(cfg, model, tok, report, log, training=True)
+        measure, normalizer = self.measurer(cfg, model, tok, rows, dataset, clips, encoder, load, source)
+        columns, items = {}, {}
+        if cfg.cascade.enabled:
+            with timed(report, "cascade_seconds"):
+                columns["cascade"], items["cascade"] = measure_before(ctx.run_dir, cfg.train.resume, lambda: cascade(
+                    model_cfg=cfg.model, llm_cfg=cfg.llm, train_cfg=cfg.train, cfg=cfg.cascade, train_rows=rows["all"],
+                    test_rows=rows["test"], clips=clips, whisper_name=cfg.encoder.name or "whisper-tiny.en",
+                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log), name="cascade.json")
+            log("cascade: " + _line(columns["cascade"]))
+        with timed(report, "eval_before_seconds"):
+            columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)
+        log("before: " + _line(columns["before"]))
+        plans = [StagePlan(s.name, dataset(rows[s.data], s.name), None, s.components, s.max_steps, s.lr)
+                 for s in cfg.stages]
+
+        def after(stage: StagePlan) -> None:
+            last = stage is plans[-1]
+            label = "after" if last else f"after_{stage.name}"
+            with timed(report, f"eval_{label}_seconds"):
+                columns[label], items[label] = measure(shuffle=last)
+            log(f"{label}: " + _line(columns[label]))
+
+        lrs = {n: lr for n, lr in (("projector", cfg.projector.lr), ("llm", cfg.llm.lr),
+                                    ("encoder", cfg.encoder_tuning.lr)) if lr}
+        with timed(report, "train_and_stage_eval_seconds"):
+            result = run_stages(model, plans, cfg.train, run_dir=ctx.run_dir, tokenizer=tok, after_stage=after,
+                                collator=ComposedCollator(tok.pad_token_id, encoder, load=load), component_lrs=lrs,
+                                checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source},
+                                log=log)
+        report.update(checkpoint=str(result.checkpoint), metrics=columns, items=pair_task_items(items),
+                      training={"stages": result.stages, "curve": result.rows}, plots=task_plots(ctx.run_dir, columns),
+                      notes=["before = untrained projector and fresh LoRA; after_<stage> = after that stage; "
+                             "*_shuffled = the same test rows with every clip's audio swapped for another clip's.",
+                             "cascade = zero-shot Whisper transcript (its WER is test/wer) read by the same LLM "
+                             "tuned with LoRA on gold transcripts for the same tasks.",
+                             "WER/CER use Whisper's English normaliser, as domain-asr does; orders/*_accuracy is "
+                             "exact match per slot over the test orders that have it."])
+
+    def evaluate(self, cfg: AudioLLMConfig, checkpoint: Path, ctx: RunContext) -> None:
+        report, log = ctx.report, ctx.log
+        model, tok, source = self.build_model(cfg, log)
+        report["model"] = {**source, "precision": resolve_precision(cfg.train.precision)}
+        rows, dataset, clips, encoder, load = self.prepare(cfg, model, tok, report, log, training=False)
+        measure, _ = self.measurer(cfg, model, tok, rows, dataset, clips, encoder, load, source)
+        with timed(report, "eval_seconds"):
+            ckpt.load_trained(model, checkpoint)
+            after, items = measure(shuffle=True)
+        report.update(metrics={"after": after}, items=pair_task_items({"after": items}),
+                      plots=task_plots(ctx.run_dir, {"after": after}))
+        log("checkpoint: " + _line(after))
+
+    def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log) -> Path:
+        return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
+                                               "template": AUDIO_TEMPLATE, "placeholder": AUDIO_PLACEHOLDER})
+
+
+def _line(metrics: dict) -> str:
+    return metric_line(metrics, keys=lambda k: k in {"test/wer", "test/wer_shuffled", "orders/drug_accuracy",
+                                                     "orders/drug_accuracy_shuffled", "orders/valid_json"})
+
+
+register_recipe(AudioLLM())
