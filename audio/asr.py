@@ -69,9 +69,13 @@ def builtin_manifests(d: ASRDataConfig, log=print) -> dict[str, Path]:
 
     name = f"medical-dictation-{d.synth_train}-{d.synth_test}-{d.synth_seed}"
     folder = home() / "data" / (name + (f"-g{d.synth_general}" if d.synth_general else ""))
-    log(f"building the synthetic dictation set in {folder} (once)")
-    return build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test, n_general=d.synth_general,
-                               seed=d.synth_seed)
+    from modaltune.shared import dist
+
+    built = (folder / "BUILD.json").is_file()
+    log(f"the synthetic dictation set in {folder}" if built else f"building the synthetic dictation set in {folder} (once)")
+    with dist.local_main_first("building the synthetic dictation set"):  # once per node under a launcher
+        return build_dictation_set(folder, n_train=d.synth_train, n_test=d.synth_test, n_general=d.synth_general,
+                                   seed=d.synth_seed)
 
 
 def load_asr_sets(d: ASRDataConfig, log=print, *, need_text: bool = True

@@ -268,10 +268,15 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
             clips: dict[str, Clip], whisper_name: str, normalizer, run_dir: Path, precision: str,
             log: Callable[[str], None] = print) -> tuple[dict[str, float], list[dict]]:
     """Zero-shot Whisper transcripts of the test clips (``test/wer``), then the LLM with a fresh LoRA tuned on the
-    gold transcripts of ``train_rows`` for their tasks, reading those transcripts (``orders/*``, ...)."""
+    gold transcripts of ``train_rows`` for their tasks, reading those transcripts (``orders/*``, ...).
+
+    Under a launcher every rank calls this: the tuning is data-parallel, the transcription and generation run on
+    rank 0 (:func:`modaltune.shared.dist.on_main`)."""
     import dataclasses as dc
 
     import torch
+
+    from modaltune.shared import dist
 
     from modaltune.audio.eval import ASREvalConfig, score, transcribe
     from modaltune.audio.whisper import WhisperASR, WhisperModelConfig, load_whisper
@@ -289,13 +294,13 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
                          decoder_start_token_id=hf.config.decoder_start_token_id)
     test_ids = list(dict.fromkeys(r["input"] for r in test_rows))
     spoken = cfg.language if source["multilingual"] else None
-    texts, _ = transcribe(whisper, processor, [clips[i].wave for i in test_ids],
-                          ASREvalConfig(num_beams=cfg.num_beams, batch_size=16,
-                                        max_new_tokens=min(128, hf.config.max_target_positions - 8)), language=spoken,
-                          task="transcribe" if spoken else None, cache=None, prompt=None,
-                          desc="cascade: zero-shot Whisper")
+    decode = ASREvalConfig(num_beams=cfg.num_beams, batch_size=16,
+                           max_new_tokens=min(128, hf.config.max_target_positions - 8))
+    texts, _ = dist.on_main(lambda: transcribe(
+        whisper, processor, [clips[i].wave for i in test_ids], decode, language=spoken,
+        task="transcribe" if spoken else None, cache=None, prompt=None, desc="cascade: zero-shot Whisper"))
     heard = dict(zip(test_ids, texts))
-    del whisper, hf
+    whisper = hf = None  # freed before the LLM loads
     refs = [r for r in test_rows if r["task"] == "transcribe"]
     metrics: dict[str, float] = {}
     if refs:
@@ -321,11 +326,11 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
                run_dir=run_dir / "cascade", collator=PadCollator(tok.pad_token_id), component_lrs={},
                checkpoint_meta={"recipe": "audio-llm cascade baseline"}, log=log)
     prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in tests]
-    answers = generate(model, tok, prompts, GenerationEvalConfig(max_new_tokens=48, batch_size=16),
-                       precision=precision, desc="cascade: extraction")
+    answers = dist.on_main(lambda: generate(model, tok, prompts, GenerationEvalConfig(max_new_tokens=48, batch_size=16),
+                                            precision=precision, desc="cascade: extraction"))
     more, rows = score_rows(tests, answers, normalizer=normalizer, seconds={})
     metrics.update({k: v for k, v in more.items() if not k.startswith("test/")})
-    del model
+    model = None
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return metrics, items + rows
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import summary, table, timed_steps
+    from timing import count_flops, matmul_peak, summary, table, timed_steps, utilisation, utilisation_table
 
     from modaltune.audio.asr import ASRDataConfig, load_asr_sets
     from modaltune.audio.llm import AUDIO_PLACEHOLDER, AudioTasksConfig, task_rows
@@ -76,17 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     cached_batches = batches(cached_ds, ComposedCollator(tok.pad_token_id))
     bf16 = precision == "bf16"
 
-    def timed(m, data) -> list[float]:
+    flops: dict[str, int] = {}
+
+    def timed(m, data, name) -> list[float]:
         m.train()
         opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
 
-        def step(batch):
+        def forward_backward(batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = m(**batch)["loss"]
             loss.backward()
+
+        def step(batch):
+            forward_backward(batch)
             opt.step()
             opt.zero_grad()
 
+        if name not in flops:  # once: what one step computes (the encoder included where it runs)
+            flops[name] = count_flops(lambda: forward_backward(data[args.warmup]))
+            opt.zero_grad()
         return timed_steps(step, data, args.warmup)
 
     vqa = None
@@ -107,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds = []
     for k in range(args.rounds):
-        got = {"encoder every step": timed(model, plain_batches), "modaltune": timed(model, cached_batches)}
+        got = {"encoder every step": timed(model, plain_batches, "encoder every step"),
+               "modaltune": timed(model, cached_batches, "modaltune")}
         if vqa is not None:
-            got["med-vqa (cached)"] = timed(*vqa)
+            got["med-vqa (cached)"] = timed(*vqa, "med-vqa (cached)")
         rounds.append(got)
         print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{name} {sorted(t)[len(t) // 2]:.2f} s/step"
                                                           for name, t in got.items()), flush=True)
@@ -117,7 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 "encoder every step", label="x encoder every step"))
     print(f"(feature cache fill: {fill:.3f} s per clip, once; {frames:.0f} frames kept per clip on average, "
           "of Whisper's 1500)")
+    import statistics
+
+    peak = matmul_peak(precision)
+    use = {name: utilisation(flops[name], statistics.median([t for r in rounds for t in r[name]]), peak)
+           for name in rounds[0]}
+    print("\n" + utilisation_table(use, {name: precision for name in use}))
     results = summary(rounds, "encoder every step")
+    for name in use:
+        results[name]["utilisation"] = use[name]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

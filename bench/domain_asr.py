@@ -12,7 +12,9 @@ dictation set). Ratios are against baselines measured in the same run:
 
 Each round runs every training step variant, interleaved, on the same batches (``--warmup`` untimed steps, then
 ``--steps`` timed ones), then both decoders on the same clips. The tables give median times and the median and
-range over rounds of each ratio (``bench/timing.py``).
+range over rounds of each ratio (``bench/timing.py``). The training steps also get their FLOPs a step (counted by
+torch's FlopCounterMode), the FLOP/s at the median step time and this machine's matmul peak for their precision,
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from modaltune.shared.training import autocast_dtype, resolve_precision
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import summary, table, timed_steps
+    from timing import count_flops, matmul_peak, summary, table, timed_steps, utilisation, utilisation_table
 
     recipe = get_recipe("domain-asr")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"model.name={args.model}"])
@@ -96,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     cached_batches = chunks(cached_ds)  # encoder states: computed once, here
     fill = time.perf_counter() - t
 
-    def steps(forward, params, batches):
+    flops: dict[str, int] = {}
+
+    def steps(forward, params, batches, name):
         opt = torch.optim.AdamW(params, lr=1e-4)
+        if name not in flops:  # once: what one step computes
+            flops[name] = count_flops(lambda: forward(batches[args.warmup]).backward())
+            opt.zero_grad()
 
         def step(batch):
             forward(batch).backward()
@@ -132,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         rounds.append({
             "plain": steps(lambda b: plain(input_features=b["input_features"], labels=b["labels"]).loss,
-                           plain_params, plain_batches),
-            "modaltune-uncached": steps(ours, trainable, plain_batches),
-            "modaltune-cached": steps(ours, trainable, cached_batches),
+                           plain_params, plain_batches, "plain"),
+            "modaltune-uncached": steps(ours, trainable, plain_batches, "modaltune-uncached"),
+            "modaltune-cached": steps(ours, trainable, cached_batches, "modaltune-cached"),
         })
         rtf.append({"plain generate": [plain_decode()], "modaltune transcribe": [our_decode()]})
         print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{n} {sorted(t)[len(t) // 2]:.3f} s/step"
@@ -148,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(f"\nevaluation on {len(eval_waves)} clips ({secs:.0f} s of audio), beam {cfg.eval.num_beams} on both "
                 "sides; real-time factor (log-mel, encoder and decoding counted)", rtf, "plain generate", unit="RTF",
                 label="x plain", what="pass over the clips per variant"))
+    import statistics
+
+    precisions = {"plain": "fp32", "modaltune-uncached": precision, "modaltune-cached": precision}
+    ceiling = {p: matmul_peak(p) for p in set(precisions.values())}
+    use = {name: utilisation(flops[name], statistics.median([t for r in rounds for t in r[name]]),
+                             ceiling[precisions[name]]) for name in precisions}
+    print("\ntraining steps against this machine's ceiling\n" + utilisation_table(use, precisions))
     results = {"training": summary(rounds, "plain"), "eval_rtf": summary(rtf, "plain generate"),
-               "cache_fill_seconds_per_clip": fill / need}
+               "cache_fill_seconds_per_clip": fill / need, "utilisation": use}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

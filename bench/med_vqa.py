@@ -10,7 +10,9 @@ the same easy-vqa batches. Ratios are against the baseline measured in the same 
     python bench/med_vqa.py [--batch-size 8] [--rounds 3] [--steps 6] [--warmup 2]
 
 Each round runs both steps, interleaved, on the same batches: ``--warmup`` untimed steps, then ``--steps`` timed
-ones. The table gives median step times and the median and range over rounds of the ratio (``bench/timing.py``).
+ones. The table gives median step times and the median and range over rounds of the ratio (``bench/timing.py``),
+then each variant's FLOPs a step (counted by torch's FlopCounterMode), the FLOP/s at its median step time and this
+machine's matmul peak for its precision, measured in the same run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import summary, table, timed_steps
+    from timing import count_flops, matmul_peak, summary, table, timed_steps, utilisation, utilisation_table
 
     from modaltune.shared.compose_data import ComposedDataset
     from modaltune.shared.config import load_config
@@ -71,30 +73,47 @@ def main(argv: list[str] | None = None) -> int:
     plain_batches = batches(plain_ds, image_collator(tok, model.encoder))
     cached_batches = batches(cached_ds, image_collator(tok))
 
-    def timed(data, *, label_only: bool, bf16: bool) -> list[float]:
+    def timed(data, *, label_only: bool, bf16: bool, flops: list | None = None) -> list[float]:
         model.label_logits_only = label_only
         model.train()
         opt = torch.optim.AdamW(trainable, lr=1e-4)
 
-        def step(batch):
+        def forward_backward(batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch)["loss"]
             loss.backward()
+
+        def step(batch):
+            forward_backward(batch)
             opt.step()
             opt.zero_grad()
 
+        if flops is not None:  # once: what one step computes (encoder included where it runs)
+            flops.append(count_flops(lambda: forward_backward(data[args.warmup])))
+            opt.zero_grad()
         return timed_steps(step, data, args.warmup)
 
-    rounds = []
+    rounds, flops = [], {"llava-style": [], "modaltune": []}
     for k in range(args.rounds):
-        rounds.append({"llava-style": timed(plain_batches, label_only=False, bf16=False),
-                       "modaltune": timed(cached_batches, label_only=True, bf16=precision == "bf16")})
+        rounds.append({"llava-style": timed(plain_batches, label_only=False, bf16=False,
+                                            flops=flops["llava-style"] if k == 0 else None),
+                       "modaltune": timed(cached_batches, label_only=True, bf16=precision == "bf16",
+                                          flops=flops["modaltune"] if k == 0 else None)})
         print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{n} {sorted(t)[len(t) // 2]:.2f} s/step"
                                                           for n, t in rounds[-1].items()), flush=True)
     print(table(f"\nmed-vqa step benchmark: batch {args.batch_size}, precision {precision}", rounds, "llava-style",
                 label="x llava"))
     print(f"(feature cache fill: {fill:.3f} s per image, once, reused by every epoch, stage and evaluation)")
+    import statistics
+
+    precisions = {"llava-style": "fp32", "modaltune": precision}
+    ceiling = {p: matmul_peak(p) for p in set(precisions.values())}
+    use = {name: utilisation(flops[name][0], statistics.median([t for r in rounds for t in r[name]]),
+                             ceiling[precisions[name]]) for name in precisions}
+    print("\n" + utilisation_table(use, precisions))
     results = summary(rounds, "llava-style")
+    for name in use:
+        results[name]["utilisation"] = use[name]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

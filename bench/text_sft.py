@@ -9,7 +9,9 @@ fp32 loop measured in the same run.
 
 Every round runs each variant in a fresh process: ``--warmup`` untimed steps, then ``--steps`` timed ones on the same
 batches. The table gives each variant's median step time and the median and range over rounds of its ratio to the
-plain fp32 loop in the same round (``bench/timing.py``).
+plain fp32 loop in the same round (``bench/timing.py``). A second table puts each speed beside its ceiling: the
+FLOPs one step executes (counted by torch's FlopCounterMode), the FLOP/s that makes at the median step time, and
+this machine's matmul peak for the variant's precision, measured in the same process.
 
 Variants:
     plain       model(**batch).loss (full logits), fp32: what a straightforward loop does
@@ -75,6 +77,9 @@ def _batches(args, tok, cfg):
 def run_variant(args) -> dict:
     import torch
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import count_flops, matmul_peak
+
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
 
@@ -110,6 +115,11 @@ def run_variant(args) -> dict:
                 opt.zero_grad()
                 times.append(time.perf_counter() - t)
         precision = "bf16" if bf16 else "fp32"
+
+        def one_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batches[args.warmup]).loss
+            loss.backward()
     else:
         from transformers import TrainerCallback, TrainingArguments
 
@@ -145,12 +155,19 @@ def run_variant(args) -> dict:
         )
         with PeakRSS() as mem:
             trainer.train()
+
+        def one_step():  # the recipe's forward and backward (answer-position logits) on the first timed batch
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(**batches[args.warmup])["loss"]
+            loss.backward()
+    flops = count_flops(one_step)
+    peak = matmul_peak(precision)
     timed = batches[args.warmup:]
     tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)
     padded = sum(b["input_ids"].numel() for b in timed)
     return {"variant": args.variant, "precision": precision, "times": times[args.warmup:],
-            "peak_rss_mb": mem.peak_mb, "tokens": tokens, "labelled_tokens": labelled, "padded_positions": padded}
+            "peak_rss_mb": mem.peak_mb, "flops": flops, "matmul_peak": peak, "tokens": tokens, "labelled_tokens": labelled, "padded_positions": padded}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return 0
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import summary, table
+    from timing import summary, table, utilisation, utilisation_table
 
     rounds: list[dict[str, list[float]]] = []
     peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    ceilings: dict[str, list[float]] = {v: [] for v in VARIANTS}
     info: dict[str, dict] = {}
     for k in range(args.rounds):
         rounds.append({})
@@ -187,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(line[7:])
             rounds[k][variant] = r["times"]
             peaks[variant].append(r["peak_rss_mb"])
+            ceilings[variant].append(r["matmul_peak"])
             info[variant] = r
             print(f"round {k + 1}/{args.rounds} {variant}: median {sorted(r['times'])[len(r['times']) // 2]:.2f} s/step",
                   file=sys.stderr, flush=True)
@@ -198,10 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'variant':22s} {'precision':9s} {'peak RSS MB':>12s} {'x plain':>8s}")
     for name in VARIANTS:
         print(f"{name:22s} {info[name]['precision']:9s} {min(peaks[name]):12.0f} {min(peaks[name]) / base_peak:8.2f}")
+    import statistics
+
+    use = {name: utilisation(info[name]["flops"], statistics.median([t for r in rounds for t in r[name]]),
+                             max(ceilings[name])) for name in VARIANTS}
+    print("\n" + utilisation_table(use, {name: info[name]["precision"] for name in VARIANTS}))
     if args.json:
         result = summary(rounds, "plain")
         for name in VARIANTS:
-            result[name].update(precision=info[name]["precision"], peak_rss_mb=peaks[name])
+            result[name].update(precision=info[name]["precision"], peak_rss_mb=peaks[name], utilisation=use[name])
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -80,3 +80,63 @@ def summary(rounds: list[dict[str, list[float]]], base: str) -> dict:
     rs = ratios(rounds, base)
     return {name: {"step_seconds": describe([t for r in rounds for t in r[name]]), "ratio": rs[name],
                    "steps": [r[name] for r in rounds]} for name in rounds[0]}
+
+
+def count_flops(run: Callable[[], object]) -> int:
+    """Floating-point operations one call of ``run`` executes (matrix products, convolutions and attention, forward
+    and backward), as PyTorch's ``FlopCounterMode`` counts them from the operations actually run: a step that
+    computes the output layer only at answer positions is counted as doing that."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(dtype: str, *, size: int = 2048, reps: int = 8) -> float:
+    """This machine's measured ceiling for ``dtype`` (``fp32``, ``bf16``, ``fp16``): FLOP/s of the fastest of ``reps``
+    square products of side ``size`` (after 2 untimed ones), on the device and thread count the benchmark uses."""
+    import time
+
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device).to(dt)
+    b = torch.randn(size, size, device=device).to(dt)
+    best = float("inf")
+    for i in range(reps + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best
+
+
+def utilisation(flops: int, step_seconds: float, peak: float) -> dict[str, float]:
+    """FLOPs per step, achieved FLOP/s at ``step_seconds`` a step, the measured ``peak`` and their ratio.
+
+    Example:
+        >>> utilisation(4 * 10**9, 2.0, 1e11)["utilisation"]
+        0.02
+    """
+    achieved = flops / step_seconds
+    return {"gflop_per_step": flops / 1e9, "achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9,
+            "utilisation": achieved / peak}
+
+
+def utilisation_table(rows: dict[str, dict[str, float]], precisions: dict[str, str]) -> str:
+    """Per variant: counted GFLOP a step, achieved GFLOP/s at its median step time, this machine's measured matmul
+    peak for the variant's precision, and the utilisation (achieved / peak): the ceiling beside each speed."""
+    lines = [f"{'variant':22s} {'precision':9s} {'GFLOP/step':>11s} {'GFLOP/s':>9s} {'peak GFLOP/s':>13s} "
+             f"{'utilisation':>12s}"]
+    for name, u in rows.items():
+        lines.append(f"{name:22s} {precisions[name]:9s} {u['gflop_per_step']:11.1f} {u['achieved_gflops']:9.1f} "
+                     f"{u['peak_gflops']:13.1f} {100 * u['utilisation']:11.1f}%")
+    lines.append("(FLOPs counted by torch's FlopCounterMode on one step, forward and backward; peak = the fastest "
+                 "square matmul of that precision measured in this run, same threads)")
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
 from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, AudioLLMEvalConfig, AudioTasksConfig,
                                  CascadeConfig, cascade, measure_audio_llm, pair_task_items, task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
+from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
                                       composed_report, save_composed)
 from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_composed
@@ -124,9 +125,9 @@ class AudioLLM(Recipe):
             return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load,
                                      max_new_tokens=cfg.eval.max_new_tokens, desc=label, precision=precision)
 
-        def measure(shuffle: bool = False):
-            return measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate, shuffle=shuffle,
-                                     normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed)
+        def measure(shuffle: bool = False):  # rank 0 evaluates under a launcher; every rank gets the result
+            return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate,
+                                shuffle=shuffle, normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed))
         return measure, normalizer
 
     def run(self, cfg: AudioLLMConfig, ctx: RunContext) -> None:
@@ -146,7 +147,7 @@ class AudioLLM(Recipe):
                 columns["cascade"], items["cascade"] = measure_before(ctx.run_dir, cfg.train.resume, lambda: cascade(
                     model_cfg=cfg.model, llm_cfg=cfg.llm, train_cfg=cfg.train, cfg=cfg.cascade, train_rows=rows["all"],
                     test_rows=rows["test"], clips=clips, whisper_name=cfg.encoder.name or "whisper-tiny.en",
-                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log), name="cascade.json")
+                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log), name="cascade.json", collective=True)
             log("cascade: " + _line(columns["cascade"]))
         with timed(report, "eval_before_seconds"):
             columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)

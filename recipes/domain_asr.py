@@ -18,6 +18,7 @@ from modaltune.audio.eval import ASREvalConfig, prompt_ids
 from modaltune.audio.features import ASRCollator
 from modaltune.audio.whisper import WhisperModelConfig, build_whisper, whisper_components
 from modaltune.shared import checkpoint as ckpt
+from modaltune.shared import dist
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, merged, metric_line, pair_items, timed
@@ -86,9 +87,10 @@ class DomainASR(Recipe):
         def measure(columns):
             cache = asr_cache(model, cfg.cache, spec_augment=cfg.model.spec_augment, batch_size=cfg.eval.batch_size,
                               precision=resolve_precision(cfg.train.precision), caches=caches)
-            return evaluate_asr(model, processor, sets, columns=columns, eval_cfg=cfg.eval, normalizer=norm,
-                                language=cfg.model.language if multilingual else None, terms=terms, cache=cache,
-                                task=cfg.model.task if multilingual else None)
+            return dist.on_main(lambda: evaluate_asr(  # rank 0 evaluates under a launcher; every rank gets it
+                model, processor, sets, columns=columns, eval_cfg=cfg.eval, normalizer=norm,
+                language=cfg.model.language if multilingual else None, terms=terms, cache=cache,
+                task=cfg.model.task if multilingual else None))
         return measure, norm_name
 
     def run(self, cfg: DomainASRConfig, ctx: RunContext) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared import checkpoint as ckpt
+from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
                                       composed_report, save_composed)
 from modaltune.shared.config import ConfigError, doc, to_dict
@@ -105,8 +106,9 @@ class MedVQA(Recipe):
             report["parameters"] = model.parameter_report()
         sets, encoder = self.prepare(cfg, model, tok, report, log, training=True)
 
-        def measure(label: str):
-            return measure_vqa(model, tok, sets, cfg.eval, encoder=encoder, label=label, precision=precision)
+        def measure(label: str):  # rank 0 evaluates under a launcher; every rank gets the result
+            return dist.on_main(lambda: measure_vqa(model, tok, sets, cfg.eval, encoder=encoder, label=label,
+                                                    precision=precision))
 
         columns, items = {}, {}
         with timed(report, "eval_before_seconds"):
@@ -148,11 +150,11 @@ class MedVQA(Recipe):
         sets, encoder = self.prepare(cfg, model, tok, report, log, training=False)
         columns, items = {}, {}
         with timed(report, "eval_seconds"):
-            columns["before"], items["before"] = measure_vqa(model, tok, sets, cfg.eval, encoder=encoder,
-                                                             label="untrained", precision=precision)
+            columns["before"], items["before"] = dist.on_main(lambda: measure_vqa(
+                model, tok, sets, cfg.eval, encoder=encoder, label="untrained", precision=precision))
             ckpt.load_trained(model, checkpoint)
-            columns["after"], items["after"] = measure_vqa(model, tok, sets, cfg.eval, encoder=encoder,
-                                                           label="checkpoint", precision=precision)
+            columns["after"], items["after"] = dist.on_main(lambda: measure_vqa(
+                model, tok, sets, cfg.eval, encoder=encoder, label="checkpoint", precision=precision))
         report.update(metrics=columns, items=_pair(items), plots=confusion_plot(ctx.run_dir, items["after"]))
         log("checkpoint: " + metric_line(columns["after"]))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared import checkpoint as ckpt
+from modaltune.shared import dist
 from modaltune.shared.config import doc, to_dict
 from modaltune.shared.harness import data_line, measure_before, merged, metric_line, pair_items, timed
 from modaltune.shared.lm import ModelConfig, build_text_model
@@ -57,9 +58,10 @@ class TextSFT(Recipe):
         sets, ctx.report["data"] = tokenized_splits(cfg.data, formatter)
         ctx.log(data_line(ctx.report["data"]))
 
-        def measure(label: str):
-            return measure_text(model, tok, sets, formatter, cfg.eval, batch_size=cfg.train.eval_batch_size,
-                                precision=precision, label=label)
+        def measure(label: str):  # rank 0 evaluates under a launcher; every rank gets the result
+            return dist.on_main(lambda: measure_text(model, tok, sets, formatter, cfg.eval,
+                                                     batch_size=cfg.train.eval_batch_size, precision=precision,
+                                                     label=label))
         return model, tok, source, sets, measure
 
     def run(self, cfg: TextSFTConfig, ctx: RunContext) -> None:

@@ -105,7 +105,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "seeds", None):
         summary, code = execute_seeds(args.recipe, args.seeds, config=args.config, out=args.out, quick=args.quick,
                                       overrides=args.overrides)
-        _print_spread(summary)
+        from modaltune.shared import dist
+
+        if dist.is_main():
+            _print_spread(summary)
         return code
     report, code = execute(
         args.recipe,
@@ -116,6 +119,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         checkpoint=getattr(args, "checkpoint", None),
     )
+    from modaltune.shared import dist
+
+    if not dist.is_main():  # rank 0 prints the run's summary; the others printed their own errors
+        return code
     if report.get("status") != "ok":
         print(f"modaltune: {report.get('status')}: {report.get('error')} (see {report['run_dir']}/report.md)",
               file=sys.stderr)

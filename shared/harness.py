@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from modaltune.shared import dist
 from modaltune.shared.errors import ModaltuneError
 
 BEFORE_FILE = "before.json"
@@ -33,18 +34,24 @@ def timed(report: dict[str, Any], name: str) -> Iterator[None]:
 
 
 def measure_before(run_dir: Path, resume: bool, measure: Callable[[], tuple[dict, list[dict]]], *,
-                   name: str = BEFORE_FILE) -> tuple[dict, list[dict]]:
+                   name: str = BEFORE_FILE, collective: bool = False) -> tuple[dict, list[dict]]:
     """The "before" column: measured now and saved in ``run_dir`` (as ``name``), or, on a resumed run, read back
     from there (the untrained model it describes cannot be rebuilt once training has moved the weights on disk;
-    a baseline that trains a model of its own is not worth training twice)."""
+    a baseline that trains a model of its own is not worth training twice).
+
+    Under a launcher ``measure`` runs on rank 0 (:func:`modaltune.shared.dist.on_main`) and every rank gets its
+    result; ``collective=True`` runs it on every rank instead, for a baseline that trains (its own evaluation then
+    goes through ``on_main``). Only rank 0 writes the file.
+    """
     path = Path(run_dir) / name
     if resume and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         return saved["metrics"], saved["items"]
-    metrics, items = measure()
-    from modaltune.shared.io import atomic_write_json
+    metrics, items = measure() if collective else dist.on_main(measure, "measuring the untrained model")
+    if dist.is_main():
+        from modaltune.shared.io import atomic_write_json
 
-    atomic_write_json(path, {"metrics": metrics, "items": items})
+        atomic_write_json(path, {"metrics": metrics, "items": items})
     return metrics, items
 
 
@@ -106,7 +113,8 @@ def grouped_bars(path: Path, metrics: dict[str, dict[str, float]], keys: list[st
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    if dist.is_main():  # one writer per run under a launcher
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

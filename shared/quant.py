@@ -55,12 +55,15 @@ def bnb_config(method: str, *, compute_dtype: torch.dtype, skip_modules: list[st
 def quantized_load_kwargs(method: str, *, compute_dtype: torch.dtype, skip_modules: list[str]) -> dict:
     """``from_pretrained`` keyword arguments that load a model quantised for ``qlora``/``lora8bit``.
 
-    On a GPU the quantised weights are placed on the current device (bitsandbytes needs them there at load time).
+    On a GPU the quantised weights are placed on this rank's device (bitsandbytes needs them there at load time;
+    under torchrun / accelerate launch each rank holds its own copy on its own GPU).
     """
+    from modaltune.shared import dist
+
     kwargs = {
         "quantization_config": bnb_config(method, compute_dtype=compute_dtype, skip_modules=skip_modules),
         "dtype": compute_dtype,
     }
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = {"": dist.device_index()}
     return kwargs

@@ -128,6 +128,15 @@ def seed_everything(seed: int) -> None:
 
 
 def _logger(run_dir: Path) -> Callable[[str], None]:
+    from modaltune.shared import dist
+
+    if not dist.is_main():  # one log per run: rank 0's (the others print only their own errors)
+        def quiet(msg: str) -> None:
+            if msg.startswith("error:") or msg.startswith("interrupted:"):
+                print(f"[modaltune rank {dist.rank()}] {msg}", file=sys.stderr, flush=True)
+
+        quiet.close = lambda: None  # type: ignore[attr-defined]
+        return quiet
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log = logging.getLogger(f"modaltune.run.{run_dir}")
@@ -163,6 +172,7 @@ def execute(
     recorded in its report (``status: failed``) and returned as exit 1.
     """
     from modaltune.shared import checkpoint as ckpt
+    from modaltune.shared import dist
     from modaltune.shared.report import write_report
 
     recipe = get_recipe(recipe_name)
@@ -188,9 +198,13 @@ def execute(
         raise ModaltuneError(
             f"{str(run_dir)!r} already holds a finished run; choose another --out, or pass train.resume=true"
         )
+    distributed = dist.init()  # under torchrun / accelerate launch: one run, rank 0 writes it (see shared.dist)
+    if distributed:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(run_dir)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    if dist.is_main():
+        dump_yaml(cfg, run_dir / "config.yaml")
     command = "modaltune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     report: dict[str, Any] = {
         "recipe": recipe.name,
@@ -205,6 +219,8 @@ def execute(
     if checkpoint:
         report["checkpoint"] = str(checkpoint)
     report["environment"] = environment()
+    if distributed:
+        report["environment"]["processes"] = dist.world_size()
     ctx = RunContext(run_dir=run_dir, quick=quick, report=report, log=log)
     seed_everything(getattr(train_cfg, "seed", 0))
     started = time.time()
@@ -222,11 +238,15 @@ def execute(
         report["status"], report["error"], code = "interrupted", "interrupted by the user", 130
         log("interrupted: resume with train.resume=true --out " + str(run_dir))
     except Exception as exc:  # a bug or a library failure: keep the traceback in the run folder
-        (run_dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        name = "traceback.txt" if dist.is_main() else f"traceback-rank{dist.rank()}.txt"
+        (run_dir / name).write_text(traceback.format_exc(), encoding="utf-8")
         report["status"], code = "failed", 1
         report["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
-                          f"(full traceback in {run_dir / 'traceback.txt'})"
+                          f"(full traceback in {run_dir / name})"
         log(f"error: {report['error']}")
+    if not dist.is_main():
+        log.close()
+        return report, code
     named = write_skipped(run_dir, report.get("data") or {})
     if named:
         log(f"{named} skipped input items are named in {run_dir / SKIPPED_FILE} (the first few per reason in the "
@@ -279,8 +299,10 @@ def execute_seeds(
     Returns:
         ``(summary report, exit code)``: 0 when every seed succeeded, else the first failing seed's code.
     """
+    from modaltune.shared import dist
     from modaltune.shared.report import seed_metrics, write_report
 
+    say = (lambda msg: print(msg, flush=True)) if dist.is_main() else (lambda msg: None)
     recipe = get_recipe(recipe_name)
     cfg = load_config(recipe.config_cls, config or recipe.default_config_path(), overrides, quick=quick)
     train_cfg = getattr(cfg, "train", None)
@@ -300,9 +322,9 @@ def execute_seeds(
         if resume and earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("status") == "ok":
             report, seed_code = json.loads(earlier.read_text(encoding="utf-8")), 0
             _check_same_config(report.get("config") or {}, to_dict(cfg), seed, seed_dir)
-            print(f"[modaltune] seed {seed}: finished earlier, its report is reused", flush=True)
+            say(f"[modaltune] seed {seed}: finished earlier, its report is reused")
         else:
-            print(f"[modaltune] seed {seed} ({i + 1} of {len(seed_list)}) -> {seed_dir}", flush=True)
+            say(f"[modaltune] seed {seed} ({i + 1} of {len(seed_list)}) -> {seed_dir}")
             report, seed_code = execute(recipe.name, mode="run", config=config, out=str(seed_dir), quick=quick,
                                         overrides=[*(overrides or []), f"train.seed={seed}"])
         code = code or seed_code
@@ -328,7 +350,8 @@ def execute_seeds(
     if len(ok) < len(reports):
         failed = [r["seed"] for r in runs if r["status"] != "ok"]
         summary["error"] = f"seeds {failed} did not finish; the spread covers the {len(ok)} that did"
-    write_report(out_dir, summary)
+    if dist.is_main():
+        write_report(out_dir, summary)
     return summary, code
 
 

@@ -25,6 +25,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modaltune.shared import checkpoint as ckpt
+from modaltune.shared import dist
 from modaltune.shared.config import doc
 from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
@@ -285,9 +286,10 @@ def run_stages(
     run_dir = Path(run_dir)
     log_path = run_dir / "metrics.jsonl"
     rows: list[dict] = []
+    main = dist.is_main()  # under a launcher rank 0 writes the run's files; the Trainer shards the data
     if cfg.resume and log_path.exists():
         rows = [row for _, row in iter_jsonl(log_path)]
-    elif log_path.exists():
+    elif log_path.exists() and main:
         log_path.unlink()
     precision = resolve_precision(cfg.precision)
     summaries = []
@@ -306,7 +308,8 @@ def run_stages(
         if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
             done = int(resume_from.name.split("-")[1]) if resume_from else 0
             rows[:] = [r for r in rows if r.get("stage") != stage.name or r.get("step", 0) <= done]
-            atomic_write_text(log_path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+            if main:
+                atomic_write_text(log_path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
         max_steps = stage.max_steps if stage.max_steps is not None else cfg.max_steps
         steps_for_warmup = max_steps if max_steps > 0 else 0
         evaluate = stage.eval_dataset is not None
@@ -371,13 +374,18 @@ def run_stages(
         if evaluate:
             summary["eval_loss"] = trainer.evaluate().get("eval_loss")
         summaries.append(summary)
-        ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})
+        if main:
+            ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})
+        dist.barrier()
         if after_stage is not None:
             after_stage(stage)
     model.set_stage_trainable(None)
-    final_dir = ckpt.save_checkpoint(model, run_dir / "checkpoint", meta=checkpoint_meta, tokenizer=tokenizer)
-    write_metrics_csv(rows, run_dir / "metrics.csv")
-    atomic_write_json(run_dir / "stages.json", summaries)
+    final_dir = run_dir / "checkpoint"
+    if main:
+        ckpt.save_checkpoint(model, final_dir, meta=checkpoint_meta, tokenizer=tokenizer)
+        write_metrics_csv(rows, run_dir / "metrics.csv")
+        atomic_write_json(run_dir / "stages.json", summaries)
+    dist.barrier()
     return TrainResult(rows=rows, stages=summaries, checkpoint=final_dir)
 
 

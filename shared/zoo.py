@@ -85,7 +85,17 @@ def ensure_packages(requirements: tuple[str, ...], *, log: Callable[[str], None]
 
 
 def install(name: str, *, force: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Make zoo model ``name`` available as a local transformers folder and return that folder (idempotent)."""
+    """Make zoo model ``name`` available as a local transformers folder and return that folder (idempotent).
+
+    Under a launcher each node's local rank 0 builds it while the node's other ranks wait (every rank calls this).
+    """
+    from modaltune.shared import dist
+
+    with dist.local_main_first(f"installing {name}"):
+        return _install(name, force=force and dist.is_local_main(), log=log)
+
+
+def _install(name: str, *, force: bool, log: Callable[[str], None]) -> Path:
     entry = ZOO.get(name)
     target = model_dir(name)
     if is_installed(name) and not force:

@@ -381,6 +381,9 @@ def confusion_plot(run_dir: Path, items: list[dict]) -> list[dict]:
     ax.set_ylabel("reference")
     ax.set_title("Closed questions")
     path = run_dir / "closed_confusion.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    from modaltune.shared import dist
+
+    if dist.is_main():  # one writer per run under a launcher
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [{"title": "Closed-question confusion (final model)", "path": str(path)}]

@@ -1,0 +1,160 @@
+"""One run as several processes: what a rank does when ``torchrun`` or ``accelerate launch`` started it.
+
+modaltune launches nothing. A launcher starts N copies of ``modaltune run ...`` and sets ``RANK``, ``WORLD_SIZE``
+and ``LOCAL_RANK``; the transformers Trainer then trains data-parallel. Everything around training follows one
+design, the same in every recipe:
+
+- **data preparation** (building a built-in data set, installing a packaged model) runs on each node's local rank 0
+  first while the node's other ranks wait, then on them (they find it built): :func:`local_main_first`;
+- **evaluation and generation** run on global rank 0 only; the other ranks wait and receive its results, so every
+  rank assembles the same report: :func:`on_main` (a generation loop is not sharded, by design: it is short next
+  to training and its outputs stay in one order);
+- **files**: only rank 0 writes the run folder (report, logs, plots, the resolved config, checkpoints outside the
+  Trainer's own) and only rank 0 prints: :func:`is_main`.
+
+A failure on one rank reaches the others as an error naming the rank, instead of a hang until the timeout.
+With one process every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from modaltune.shared.errors import ModaltuneError
+
+T = TypeVar("T")
+TIMEOUT_ENV = "MODALTUNE_DIST_TIMEOUT"  # seconds a rank waits for the others (evaluation on rank 0 included)
+DEFAULT_TIMEOUT = 4 * 3600
+_state = threading.local()
+
+
+def world_size() -> int:
+    """Processes in the run (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    """This process's rank on its node."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def is_main() -> bool:
+    """Global rank 0: the process that evaluates, writes and prints."""
+    return rank() == 0
+
+
+def is_local_main() -> bool:
+    """Rank 0 of its node: the process that prepares the node's data."""
+    return local_rank() == 0
+
+
+def timeout_seconds() -> int:
+    """How long a rank waits for the others (``MODALTUNE_DIST_TIMEOUT``, default 4 hours: rank 0's evaluations
+    run while the others wait)."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return int(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise ModaltuneError(f"{TIMEOUT_ENV}={raw!r}: give whole seconds, e.g. {DEFAULT_TIMEOUT}") from None
+
+
+def init() -> bool:
+    """Join the launcher's process group (gloo on CPU, NCCL on CUDA, this rank's GPU selected); the Trainer reuses
+    it. Returns whether the run is distributed."""
+    if world_size() <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_seconds()))
+    return True
+
+
+def device_index() -> int:
+    """This rank's CUDA device (where a quantised model is placed)."""
+    import torch
+
+    return local_rank() % max(torch.cuda.device_count(), 1)
+
+
+def _gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _raise_if_failed(statuses: list[Any], what: str) -> None:
+    for r, status in enumerate(statuses):
+        if status is not None and r != rank():
+            raise ModaltuneError(f"rank {r} failed while {what}: {status} (its own output has the details)")
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op with one process)."""
+    if init():
+        _gather(None)
+
+
+@contextlib.contextmanager
+def local_main_first(what: str = "preparing data") -> Iterator[None]:
+    """Run the block on each node's local rank 0 first, then on the node's other ranks (which find the data it
+    built). A failure on a preparing rank is raised on every rank."""
+    if getattr(_state, "inside", False) or not init():  # inside on_main only rank 0 runs: nothing to wait for
+        yield
+        return
+    error = None
+    if is_local_main():
+        try:
+            yield
+        except BaseException as exc:  # tell the waiting ranks, then fail here too
+            error = exc
+        statuses = _gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        _raise_if_failed(statuses, what)
+    else:
+        _raise_if_failed(_gather(None), what)
+        yield
+
+
+def on_main(fn: Callable[[], T], what: str = "evaluating") -> T:
+    """``fn()`` on rank 0; every rank returns its result (picklable). Nested calls run directly, so a helper built
+    on this can call another. A failure on rank 0 is raised on every rank."""
+    if getattr(_state, "inside", False) or not init():
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if is_main():
+        _state.inside = True
+        try:
+            box[0] = ("ok", fn())
+        except BaseException as exc:
+            error = exc
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            _state.inside = False
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status != "ok":
+        raise ModaltuneError(f"rank 0 failed while {what}: {value} (its log has the details)")
+    return value
