@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import count_flops, matmul_peak, summary, table, timed_steps, utilisation, utilisation_table
+    from timing import count_flops, summary, table, timed_steps, utilisation_table, utilisations
 
     from modaltune.audio.asr import ASRDataConfig, load_asr_sets
     from modaltune.audio.llm import AUDIO_PLACEHOLDER, AudioTasksConfig, task_rows
@@ -126,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 "encoder every step", label="x encoder every step"))
     print(f"(feature cache fill: {fill:.3f} s per clip, once; {frames:.0f} frames kept per clip on average, "
           "of Whisper's 1500)")
-    import statistics
-
-    peak = matmul_peak(precision)
-    use = {name: utilisation(flops[name], statistics.median([t for r in rounds for t in r[name]]), peak)
-           for name in rounds[0]}
-    print("\n" + utilisation_table(use, {name: precision for name in use}))
+    precisions = {name: precision for name in rounds[0]}
+    use = utilisations(rounds, flops, precisions)
+    print("\n" + utilisation_table(use, precisions))
     results = summary(rounds, "encoder every step")
     for name in use:
         results[name]["utilisation"] = use[name]

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from modaltune.shared.training import autocast_dtype, resolve_precision
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import count_flops, matmul_peak, summary, table, timed_steps, utilisation, utilisation_table
+    from timing import count_flops, summary, table, timed_steps, utilisation_table, utilisations
 
     recipe = get_recipe("domain-asr")
     cfg = load_config(recipe.config_cls, recipe.default_config_path(), [f"model.name={args.model}"])
@@ -155,12 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(f"\nevaluation on {len(eval_waves)} clips ({secs:.0f} s of audio), beam {cfg.eval.num_beams} on both "
                 "sides; real-time factor (log-mel, encoder and decoding counted)", rtf, "plain generate", unit="RTF",
                 label="x plain", what="pass over the clips per variant"))
-    import statistics
-
     precisions = {"plain": "fp32", "modaltune-uncached": precision, "modaltune-cached": precision}
-    ceiling = {p: matmul_peak(p) for p in set(precisions.values())}
-    use = {name: utilisation(flops[name], statistics.median([t for r in rounds for t in r[name]]),
-                             ceiling[precisions[name]]) for name in precisions}
+    use = utilisations(rounds, flops, precisions)
     print("\ntraining steps against this machine's ceiling\n" + utilisation_table(use, precisions))
     results = {"training": summary(rounds, "plain"), "eval_rtf": summary(rtf, "plain generate"),
                "cache_fill_seconds_per_clip": fill / need, "utilisation": use}

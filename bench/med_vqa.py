@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import count_flops, matmul_peak, summary, table, timed_steps, utilisation, utilisation_table
+    from timing import count_flops, summary, table, timed_steps, utilisation_table, utilisations
 
     from modaltune.shared.compose_data import ComposedDataset
     from modaltune.shared.config import load_config
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     plain_batches = batches(plain_ds, image_collator(tok, model.encoder))
     cached_batches = batches(cached_ds, image_collator(tok))
 
-    def timed(data, *, label_only: bool, bf16: bool, flops: list | None = None) -> list[float]:
+    flops: dict[str, int] = {}
+
+    def timed(data, name: str, *, label_only: bool, bf16: bool) -> list[float]:
         model.label_logits_only = label_only
         model.train()
         opt = torch.optim.AdamW(trainable, lr=1e-4)
@@ -88,28 +90,22 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             opt.zero_grad()
 
-        if flops is not None:  # once: what one step computes (encoder included where it runs)
-            flops.append(count_flops(lambda: forward_backward(data[args.warmup])))
+        if name not in flops:  # once: what one step computes (encoder included where it runs)
+            flops[name] = count_flops(lambda: forward_backward(data[args.warmup]))
             opt.zero_grad()
         return timed_steps(step, data, args.warmup)
 
-    rounds, flops = [], {"llava-style": [], "modaltune": []}
+    rounds = []
     for k in range(args.rounds):
-        rounds.append({"llava-style": timed(plain_batches, label_only=False, bf16=False,
-                                            flops=flops["llava-style"] if k == 0 else None),
-                       "modaltune": timed(cached_batches, label_only=True, bf16=precision == "bf16",
-                                          flops=flops["modaltune"] if k == 0 else None)})
+        rounds.append({"llava-style": timed(plain_batches, "llava-style", label_only=False, bf16=False),
+                       "modaltune": timed(cached_batches, "modaltune", label_only=True, bf16=precision == "bf16")})
         print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{n} {sorted(t)[len(t) // 2]:.2f} s/step"
                                                           for n, t in rounds[-1].items()), flush=True)
     print(table(f"\nmed-vqa step benchmark: batch {args.batch_size}, precision {precision}", rounds, "llava-style",
                 label="x llava"))
     print(f"(feature cache fill: {fill:.3f} s per image, once, reused by every epoch, stage and evaluation)")
-    import statistics
-
     precisions = {"llava-style": "fp32", "modaltune": precision}
-    ceiling = {p: matmul_peak(p) for p in set(precisions.values())}
-    use = {name: utilisation(flops[name][0], statistics.median([t for r in rounds for t in r[name]]),
-                             ceiling[precisions[name]]) for name in precisions}
+    use = utilisations(rounds, flops, precisions)
     print("\n" + utilisation_table(use, precisions))
     results = summary(rounds, "llava-style")
     for name in use:

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return 0
     sys.path.insert(0, str(Path(__file__).parent))
-    from timing import summary, table, utilisation, utilisation_table
+    from timing import summary, table, utilisation_table, utilisations
 
     rounds: list[dict[str, list[float]]] = []
     peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -217,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'variant':22s} {'precision':9s} {'peak RSS MB':>12s} {'x plain':>8s}")
     for name in VARIANTS:
         print(f"{name:22s} {info[name]['precision']:9s} {min(peaks[name]):12.0f} {min(peaks[name]) / base_peak:8.2f}")
-    import statistics
-
-    use = {name: utilisation(info[name]["flops"], statistics.median([t for r in rounds for t in r[name]]),
-                             max(ceilings[name])) for name in VARIANTS}
-    print("\n" + utilisation_table(use, {name: info[name]["precision"] for name in VARIANTS}))
+    precisions = {name: info[name]["precision"] for name in VARIANTS}
+    ceiling: dict[str, float] = {}  # per precision: the best peak any variant's process measured
+    for name in VARIANTS:
+        ceiling[precisions[name]] = max(ceiling.get(precisions[name], 0.0), *ceilings[name])
+    use = utilisations(rounds, {name: info[name]["flops"] for name in VARIANTS}, precisions, ceiling)
+    print("\n" + utilisation_table(use, precisions))
     if args.json:
         result = summary(rounds, "plain")
         for name in VARIANTS:

@@ -129,6 +129,15 @@ def utilisation(flops: int, step_seconds: float, peak: float) -> dict[str, float
             "utilisation": achieved / peak}
 
 
+def utilisations(rounds: list[dict[str, list[float]]], flops: dict[str, int], precisions: dict[str, str],
+                 peaks: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """:func:`utilisation` per variant of ``precisions``, at its median step time over every round; ``peaks`` per
+    precision (default: :func:`matmul_peak` measured now)."""
+    peaks = peaks or {p: matmul_peak(p) for p in set(precisions.values())}
+    return {name: utilisation(flops[name], statistics.median([t for r in rounds for t in r[name]]),
+                              peaks[precisions[name]]) for name in precisions}
+
+
 def utilisation_table(rows: dict[str, dict[str, float]], precisions: dict[str, str]) -> str:
     """Per variant: counted GFLOP a step, achieved GFLOP/s at its median step time, this machine's measured matmul
     peak for the variant's precision, and the utilisation (achieved / peak): the ceiling beside each speed."""
