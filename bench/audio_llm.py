@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from modaltune.audio.asr import ASRDataConfig, load_asr_sets
     from modaltune.audio.llm import AUDIO_PLACEHOLDER, AudioTasksConfig, task_rows
+    from modaltune.shared.compose import anchor_on_text
     from modaltune.shared.compose_data import ComposedCollator, ComposedDataset
     from modaltune.shared.config import load_config
     from modaltune.shared.features import FeatureCache
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tok, _ = recipe.build_model(cfg)
     precision = resolve_precision(cfg.train.precision)
     sets, _ = load_asr_sets(ASRDataConfig(general=None, validation_fraction=0.0), log=lambda _: None)
-    rows = task_rows(sets["train"], AudioTasksConfig(), train=True)[:n]
+    all_rows = task_rows(sets["train"], AudioTasksConfig(), train=True)
+    if cfg.projector.uses_words:  # word tokens anchored on the training text, as the recipe does
+        anchor_on_text(model, tok, [r["target"] for r in all_rows], cfg.projector.anchor_words, log=lambda _: None)
+    rows = all_rows[:n]
     waves = {c.id: c.wave for c in sets["train"]}
     plain_ds = ComposedDataset(rows, tok, None, placeholder=AUDIO_PLACEHOLDER, max_length=192, skipped=Skips())
     t = time.perf_counter()
