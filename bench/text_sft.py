@@ -67,8 +67,8 @@ def _batches(args, tok, cfg):
     from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset, load_splits
 
     splits = load_splits(cfg.data)
-    ds = TokenizedDataset(splits.examples["train"], PromptFormatter(tok, cfg.model.template), cfg.data.max_length,
-                          splits.skipped["train"])
+    formatter = PromptFormatter(tok, cfg.model.template, cfg.data.train_on)
+    ds = TokenizedDataset(splits.examples["train"], formatter, cfg.data.max_length, splits.skipped["train"])
     collate = PadCollator(tok.pad_token_id)
     n = args.batch_size
     return [collate([ds[i] for i in range(k * n, (k + 1) * n)]) for k in range(args.warmup + args.steps)], ds

@@ -191,9 +191,9 @@ class AudioLLM(Recipe):
                       plots=task_plots(ctx.run_dir, {"after": after}))
         log("checkpoint: " + _line(after))
 
-    def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log) -> Path:
+    def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
-                                               "template": AUDIO_TEMPLATE, "placeholder": AUDIO_PLACEHOLDER})
+                                               "template": AUDIO_TEMPLATE, "placeholder": AUDIO_PLACEHOLDER}, dtype)
 
 
 def _line(metrics: dict) -> str:

@@ -74,7 +74,7 @@ class DomainASR(Recipe):
             compute_dtype=compute_dtype(resolve_precision(cfg.train.precision)), log_fn=log)
         model.replay_kl_weight = cfg.replay.kl_weight
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         return model, processor, source
 
     def evaluator(self, cfg: DomainASRConfig, model, processor, sets, source):
@@ -163,8 +163,8 @@ class DomainASR(Recipe):
         report["plots"] = wer_plots(ctx.run_dir, report["metrics"])
         log("fine-tuned: " + _line(after["fine_tuned"]))
 
-    def save_merged(self, cfg: DomainASRConfig, model, processor, out: Path, log) -> Path:
-        merged(model.whisper).save_pretrained(str(out))
+    def save_merged(self, cfg: DomainASRConfig, model, processor, out: Path, log, dtype=None, meta=None) -> Path:
+        merged(model.whisper, dtype).save_pretrained(str(out))
         processor.save_pretrained(str(out))
         return out
 

@@ -23,7 +23,10 @@ from modaltune.shared.loss import unwrap_peft
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
-from modaltune.vision.data import VQA_TEMPLATE
+from modaltune.shared.compose_data import ComposedDataset, generate_composed
+from modaltune.shared.skips import Skips
+from modaltune.vision.data import PLACEHOLDER, VQA_TEMPLATE
+from modaltune.vision.images import load_image
 from modaltune.vision.vqa import (SETS, VQADataConfig, VQAEvalConfig, confusion_plot, fill_image_cache, image_cache,
                                   image_collator, load_vqa_sets, measure_vqa, vqa_datasets)
 
@@ -158,9 +161,25 @@ class MedVQA(Recipe):
         report.update(metrics=columns, items=_pair(items), plots=confusion_plot(ctx.run_dir, items["after"]))
         log("checkpoint: " + metric_line(columns["after"]))
 
-    def save_merged(self, cfg: MedVQAConfig, model, tok, out: Path, log) -> Path:
+    def generate(self, cfg: MedVQAConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
+        if input_file is None:
+            raise ModaltuneError("med-vqa answers questions about an image: give it with --input IMAGE")
+        model, tok, _ = self.build_model(cfg, log)
+        ckpt.load_trained(model, checkpoint)
+        rows = [{"id": f"prompt{i}", "input": input_file, "prompt": VQA_TEMPLATE.format(question=q), "target": ""}
+                for i, q in enumerate(prompts)]
+        skipped = Skips()
+        data = ComposedDataset(rows, tok, None, placeholder=PLACEHOLDER, max_length=cfg.data.max_length, skipped=skipped)
+        if skipped:
+            raise ModaltuneError(f"a prompt is longer than data.max_length={cfg.data.max_length} tokens; shorten it "
+                                 "or pass --set data.max_length=N")
+        return generate_composed(model, tok, data, batch_size=cfg.eval.batch_size, encoder=model.encoder,
+                                 load=load_image, max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
+                                 precision=resolve_precision(cfg.train.precision), desc="answering")
+
+    def save_merged(self, cfg: MedVQAConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
-                                               "template": VQA_TEMPLATE})
+                                               "template": VQA_TEMPLATE}, dtype)
 
 
 def _pair(items: dict[str, list[dict]]) -> list[dict]:

@@ -12,13 +12,16 @@ from typing import Any
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.config import doc, to_dict
-from modaltune.shared.harness import data_line, measure_before, merged, metric_line, pair_items, timed
+from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.harness import (data_line, deploy_generation_config, measure_before, merged, metric_line,
+                                      pair_items, timed)
 from modaltune.shared.lm import ModelConfig, build_text_model
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
-from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, tokenized_splits
-from modaltune.text.eval import GenerationEvalConfig, measure_text
+from modaltune.text.data import (Example, InstructionDataConfig, PadCollator, PromptFormatter, plain_chat_template,
+                                 prompt_style, tokenized_splits)
+from modaltune.text.eval import GenerationEvalConfig, generate, measure_text
 
 
 @dataclasses.dataclass
@@ -46,16 +49,17 @@ class TextSFT(Recipe):
             cfg.model, cfg.llm, compute_dtype=compute_dtype(resolve_precision(cfg.train.precision)),
             label_logits_only=cfg.train.label_logits_only, log_fn=log)
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         return model, tok, source
 
     def prepare(self, cfg: TextSFTConfig, ctx: RunContext):
         precision = resolve_precision(cfg.train.precision)
         model, tok, source = self.build_model(cfg, ctx.log)
-        formatter = PromptFormatter(tok, cfg.model.template)
+        formatter = PromptFormatter(tok, cfg.model.template, cfg.data.train_on)
         ctx.report["model"] = {**source, "template": formatter.name, "precision": precision, "method": cfg.llm.method}
         ctx.report["parameters"] = model.parameter_report()
         sets, ctx.report["data"] = tokenized_splits(cfg.data, formatter)
+        ctx.report["model"]["prompt_style"] = prompt_style(sets["train"].examples)
         ctx.log(data_line(ctx.report["data"]))
 
         def measure(label: str):  # rank 0 evaluates under a launcher; every rank gets the result
@@ -78,7 +82,8 @@ class TextSFT(Recipe):
                 model, [StagePlan("sft", sets["train"], sets["validation"] if len(sets["validation"]) else None)],
                 cfg.train, run_dir=ctx.run_dir, collator=PadCollator(tok.pad_token_id),
                 component_lrs={"llm": cfg.llm.lr} if cfg.llm.lr else {}, tokenizer=tok, log=ctx.log,
-                checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source})
+                checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source,
+                                 "prompt_style": report["model"]["prompt_style"]})
         report["training"] = {"stages": result.stages, "curve": result.rows}
         report["checkpoint"] = str(result.checkpoint)
         with timed(report, "eval_after_seconds"):
@@ -98,8 +103,28 @@ class TextSFT(Recipe):
         ctx.log("base:       " + metric_line(before, digits=4))
         ctx.log("checkpoint: " + metric_line(after, digits=4))
 
-    def save_merged(self, cfg: TextSFTConfig, model, tok, out: Path, log) -> Path:
-        merged(model.llm).save_pretrained(str(out))
+    def generate(self, cfg: TextSFTConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
+        if input_file is not None:
+            raise ModaltuneError("text-sft reads no input file; give the text as the prompt")
+        model, tok, _ = self.build_model(cfg, log)
+        ckpt.load_trained(model, checkpoint)
+        formatter = PromptFormatter(tok, cfg.model.template)
+        ids = [formatter.encode(Example("prompt", [{"role": "user", "content": p}], "", instruction=p))[0]
+               for p in prompts]
+        return generate(model, tok, ids, cfg.eval, precision=resolve_precision(cfg.train.precision))
+
+    def save_merged(self, cfg: TextSFTConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
+        """The merged LM with what it needs to be used as trained: the prompt format as the tokenizer's chat
+        template (when training used the plain template) and greedy decoding that stops at EOS."""
+        lm = merged(model.llm, dtype)
+        formatter = PromptFormatter(tok, cfg.model.template)
+        if not formatter.use_chat:
+            starts_with_bos = tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+            tok.chat_template = plain_chat_template((meta or {}).get("prompt_style", "instruction"),
+                                                    tok.bos_token if starts_with_bos else None)
+            log("wrote the training prompt format as the tokenizer's chat template")
+        lm.generation_config = deploy_generation_config(lm.generation_config, tok, cfg.eval.max_new_tokens)
+        lm.save_pretrained(str(out))
         tok.save_pretrained(str(out))
         return out
 

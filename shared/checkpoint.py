@@ -78,7 +78,7 @@ def save_checkpoint(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(path / META, record)
-    _export_adapters(model, path / "adapter")
+    _export_adapters(model, path / "adapter", meta.get("model_source"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path / "tokenizer"))
     if mark_complete:
@@ -153,11 +153,19 @@ def is_complete(path: str | Path) -> bool:
     return problem(path, hashes=False) is None
 
 
-def _export_adapters(model: Any, folder: Path) -> None:
+def _export_adapters(model: Any, folder: Path, source: dict | None = None) -> None:
+    """Each component's adapters as a PEFT folder. The base model is named as the user named it (hub id, zoo name or
+    folder), not by the cache path it was loaded from, so the folder means the same on another machine."""
     for comp, root in model.components.items():
         module = model.get_submodule(root)
         if hasattr(module, "peft_config") and hasattr(module, "save_pretrained"):
             module.save_pretrained(str(folder / comp))
+            config = folder / comp / "adapter_config.json"
+            if source and source.get("name") and config.is_file():
+                data = json.loads(config.read_text(encoding="utf-8"))
+                if data.get("base_model_name_or_path") == str(source.get("path")):
+                    data["base_model_name_or_path"] = str(source["name"])
+                    atomic_write_json(config, data)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

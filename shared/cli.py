@@ -17,8 +17,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train a recipe and write a report", description="Train a recipe, evaluate "
-                         "before and after, and write report.json/md/html into the run folder.")
-    run.add_argument("recipe", help="recipe name (see `modaltune recipes`)")
+                         "before and after, and write report.json/md/html into the run folder. `modaltune run RECIPE "
+                         "--help` also lists every config key.", add_help=False)
+    run.add_argument("-h", "--help", action="store_true", help="show this help and, after RECIPE, its config keys")
+    run.add_argument("recipe", nargs="?", help="recipe name (see `modaltune recipes`)")
     run.add_argument("--config", help="YAML config (default: the recipe's shipped config)")
     run.add_argument("--out", help="run folder (default: runs/RECIPE-run-TIMESTAMP)")
     run.add_argument("--quick", action="store_true", help="same pipeline on a small slice of data and steps")
@@ -39,9 +41,28 @@ def _parser() -> argparse.ArgumentParser:
                            "plain transformers.")
     merge.add_argument("--checkpoint", required=True, help="a run's checkpoint folder")
     merge.add_argument("--out", required=True, help="new folder for the merged model")
+    merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                       help="precision of the saved weights (default: the precision the run trained in)")
     merge.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides, e.g. model.name=DIR (the base model's folder on this machine) or "
                             "model.trust_remote_code=true (never taken from the checkpoint)")
+
+    conf = sub.add_parser("config", help="print a recipe's resolved config as YAML",
+                          description="Print the config a run would use: the shipped YAML, a --config file laid "
+                          "over it, then --quick and key=value overrides.")
+    conf.add_argument("recipe", help="recipe name")
+    conf.add_argument("--config", help="your YAML, laid over the shipped one")
+    conf.add_argument("--quick", action="store_true", help="apply the recipe's --quick overrides")
+    conf.add_argument("--keys", action="store_true", help="list every key with its type, value and meaning instead")
+    conf.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    gen = sub.add_parser("generate", help="answer prompts with a checkpoint (a quick look, no Python)",
+                         description="Answer each prompt with a run's checkpoint, formatted as in training.")
+    gen.add_argument("--checkpoint", required=True, help="a run's checkpoint folder")
+    gen.add_argument("--input", help="the image or audio file the prompt is about (med-vqa, audio-llm)")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                     help="config override, e.g. --set eval.max_new_tokens=64 (repeatable)")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
 
     zoo = sub.add_parser("zoo", help="list or install catalogued models", description="Model catalogue.")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
@@ -54,8 +75,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _DropMessage:
+    """A logging filter that drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        self.prefixes = prefixes
+
+    def filter(self, record) -> bool:  # noqa: D102
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Silence third-party messages that say nothing to a modaltune user, on every command (not in tests, which
+    see them): bitsandbytes' note that an optional CPU kernel package is absent (its own fallback is used), and
+    peft's use of a transformers property renamed in v5."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessage("Failed to load CPU gemm_4bit_forward"))
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    quiet_third_party()
     parser = _parser()
     # key=value overrides may come before or after options (`run text-sft --quick a=1 --out d b=2`)
     args, extra = parser.parse_known_args(argv)
@@ -94,10 +138,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         path = zoo.install(args.name, force=args.force, log=lambda m: print(m, file=sys.stderr))
         print(path)
         return 0
+    if args.command == "run" and (args.help or not args.recipe):
+        print(_run_help(args.recipe))
+        return 0 if args.help else 2
+    if args.command == "config":
+        from modaltune.shared.config import to_dict
+        from modaltune.shared.recipe import get_recipe, recipe_config
+
+        cfg = recipe_config(get_recipe(args.recipe), args.config, args.overrides, quick=args.quick)
+        if args.keys:
+            print(_keys(cfg))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.command == "generate":
+        from modaltune.shared.recipe import generate
+
+        answers = generate(args.checkpoint, args.prompts, args.input, overrides=args.overrides,
+                           log=lambda m: print(m, file=sys.stderr))
+        for prompt, answer in zip(args.prompts, answers):
+            print(answer if len(args.prompts) == 1 else f"> {prompt}\n{answer}\n")
+        return 0
     if args.command == "merge":
         from modaltune.shared.recipe import merge
 
-        path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr), overrides=args.overrides)
+        path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr), overrides=args.overrides,
+                     dtype=args.dtype)
         print(path)
         return 0
     from modaltune.shared.recipe import execute, execute_seeds
@@ -129,6 +197,36 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         _print_summary(report)
     return code
+
+
+def _run_help(recipe_name: str | None) -> str:
+    """``modaltune run`` usage, and with a recipe every config key it takes (type, shipped value, meaning)."""
+    sub = _parser()._subparsers._group_actions[0].choices["run"]  # noqa: SLF001 - argparse keeps them there
+    text = sub.format_help()
+    if not recipe_name:
+        return text + "\nGive a recipe (`modaltune recipes` lists them) to see its config keys."
+    from modaltune.shared.recipe import get_recipe, recipe_config
+
+    recipe = get_recipe(recipe_name)
+    cfg = recipe_config(recipe, None)
+    return (f"{text}\nConfig keys of {recipe.name} (set any with key=value; shipped values from "
+            f"{recipe.default_config_path()}):\n\n{_keys(cfg)}")
+
+
+def _keys(cfg) -> str:
+    import json
+
+    from modaltune.shared.config import config_reference
+
+    lines = []
+    for key, type_name, value, help_text in config_reference(type(cfg), cfg):
+        if type_name == "section":
+            lines.append(f"{key}:  {help_text}")
+            continue
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        lines.append(f"  {key} = {shown}   [{type_name}]\n      {help_text}")
+    return "\n".join(lines)
 
 
 def _print_summary(report: dict) -> None:

@@ -565,7 +565,7 @@ def build_composed_lm(*, encoder: nn.Module, encoder_tuning, model, llm, project
     full = ["projector"] + [n for n, c in (("encoder", encoder_tuning), ("llm", llm)) if c.method == "full"]
     composed.record_trained(full_components=full)
     if gradient_checkpointing:
-        composed.gradient_checkpointing_enable()
+        composed.activation_checkpointing_enable()
     return composed, tok, source
 
 
@@ -596,25 +596,29 @@ def composed_report(model: ComposedLM, encoder: Any, projector: ProjectorConfig,
             "feature_cache": depth is not None, "feature_cache_depth": depth}
 
 
-def save_composed(model: ComposedLM, tokenizer, out, composition: dict[str, Any]) -> Any:
+def save_composed(model: ComposedLM, tokenizer, out, composition: dict[str, Any], dtype: Any = None) -> Any:
     """Save a composed model whose checkpoint is loaded: the LLM with its adapters merged (``out/llm``, a plain
     transformers folder), the projector (``out/projector.safetensors``), a tuned encoder with its adapters merged
     (``out/encoder.safetensors``; a frozen one is rebuilt from its own weights) and ``out/composition.json`` (how the
-    parts fit: encoder, projector, template). :func:`load_composed` reads it back. Returns the LLM folder."""
+    parts fit: encoder, projector, template). :func:`load_composed` reads it back. Every part is saved in ``dtype``
+    (a ``torch.dtype``; default as built). Returns the LLM folder."""
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     out = Path(out)
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        return (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+
     lm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
-    lm.save_pretrained(str(out / "llm"))
+    (lm.to(dtype) if dtype is not None else lm).save_pretrained(str(out / "llm"))
     tokenizer.save_pretrained(str(out / "llm"))
-    save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, str(out / "projector.safetensors"))
+    save_file({k: cast(v) for k, v in model.projector.state_dict().items()}, str(out / "projector.safetensors"))
     if any(model.component_of(n) == "encoder" for n in model.trained_names):
         encoder = model.encoder.merge_and_unload() if hasattr(model.encoder, "merge_and_unload") else model.encoder
-        save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
-                  str(out / "encoder.safetensors"))
+        save_file({k: cast(v) for k, v in encoder.state_dict().items()}, str(out / "encoder.safetensors"))
     (out / "composition.json").write_text(json.dumps(composition, indent=2) + "\n", encoding="utf-8")
     return out / "llm"
 

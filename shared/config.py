@@ -276,6 +276,52 @@ def load_config(
     return from_dict(cls, data)
 
 
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` laid over ``base``: mappings merge key by key, anything else (lists included) is replaced.
+
+    Example:
+        >>> overlay({"train": {"lr": 5e-4, "max_steps": 90}, "tags": [1]}, {"train": {"lr": 1e-4}, "tags": [2]})
+        {'train': {'lr': 0.0001, 'max_steps': 90}, 'tags': [2]}
+    """
+    out = _deep_copy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = overlay(out[key], value)
+        else:
+            out[key] = _deep_copy(value)
+    return out
+
+
+def config_reference(cls: type, values: Any, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every key of schema ``cls`` as ``(dotted key, type, value, help)``, values taken from ``values`` (a resolved
+    config of that schema); nested sections are walked, so the list is what ``key=value`` accepts."""
+    hints = get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, value, tp = prefix + f.name, getattr(values, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            rows.append((key, "section", None, f.metadata.get("help", "")))
+            rows += config_reference(tp, value, key + ".")
+        else:
+            rows.append((key, _type_name(tp), to_dict(value), f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    if dataclasses.is_dataclass(tp):
+        return tp.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     from modaltune.shared.io import atomic_write_text

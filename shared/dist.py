@@ -84,6 +84,44 @@ def init() -> bool:
     return True
 
 
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+def _deepspeed_stage() -> int | None:
+    """The ZeRO stage ``accelerate launch`` asked for (its flag or its DeepSpeed JSON), or None."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+    if stage.isdigit():
+        return int(stage)
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    if path:
+        import json
+
+        try:
+            data = json.loads(open(path, encoding="utf-8").read())
+        except (OSError, ValueError) as exc:
+            raise ModaltuneError(f"DeepSpeed config {path!r} could not be read: {exc}") from None
+        stage = (data.get("zero_optimization") or {}).get("stage")
+        return int(stage) if isinstance(stage, int) else None
+    return None
+
+
+def refuse_sharded_parameters() -> None:
+    """Fail at the start, with the fix, when the launcher asks for parameter sharding (FSDP, DeepSpeed ZeRO-3).
+
+    modaltune's checkpoints hold whole tensors read from the model (every trained weight, projectors included) and
+    resume loads them back the same way; sharded parameters would be saved as empty shards. Accelerate also turns
+    an FSDP request into plain DDP on CPU without a word. Data parallelism (DDP) and ZeRO-1/2 keep whole parameters
+    on every rank and work.
+    """
+    fix = ("launch with plain data parallelism (torchrun, or accelerate launch without FSDP) or DeepSpeed ZeRO-2 "
+           "(recipes/accelerate/); for a model too large for one GPU, train it quantised (llm.method=qlora)")
+    if _truthy("ACCELERATE_USE_FSDP"):
+        raise ModaltuneError(f"FSDP shards parameters, which modaltune checkpoints cannot hold yet: {fix}")
+    if _truthy("ACCELERATE_USE_DEEPSPEED") and _deepspeed_stage() == 3:
+        raise ModaltuneError(f"DeepSpeed ZeRO-3 shards parameters, which modaltune checkpoints cannot hold yet: {fix}")
+
+
 def device_index() -> int:
     """This rank's CUDA device (where a quantised model is placed)."""
     import torch

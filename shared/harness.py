@@ -158,6 +158,21 @@ def merge_config(cfg: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-def merged(module: Any) -> Any:
-    """``module`` with its PEFT adapters merged into its weights (itself when it has none)."""
-    return module.merge_and_unload() if hasattr(module, "merge_and_unload") else module
+def deploy_generation_config(base: Any, tokenizer: Any, max_new_tokens: int) -> Any:
+    """The generation settings a merged model is evaluated with, for its ``generation_config.json``: greedy decoding
+    (the base's sampling settings dropped) that stops at the tokenizer's EOS, as the model was trained to."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    eos = [tokenizer.eos_token_id] + [e for e in eos if e is not None and e != tokenizer.eos_token_id]
+    cfg.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    return cfg
+
+
+def merged(module: Any, dtype: Any = None) -> Any:
+    """``module`` with its PEFT adapters merged into its weights (itself when it has none), then cast to ``dtype``
+    (a ``torch.dtype``; the merge itself runs in the precision the module was rebuilt in, fp32)."""
+    out = module.merge_and_unload() if hasattr(module, "merge_and_unload") else module
+    return out.to(dtype) if dtype is not None else out

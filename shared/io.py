@@ -123,8 +123,8 @@ def read_text(path: str | Path) -> str:
 
 
 def read_rows(path: str | Path, *, what: str = "data file") -> list[tuple[str, Any]]:
-    """Rows of a JSONL, JSON (a list) or CSV file as ``(id, row)`` pairs; ids point back at the item
-    (``file:line`` for JSONL and CSV, ``file[i]`` for a JSON list), so errors and skip reports can name it. A
+    """Rows of a JSONL, JSON (a list), CSV, Parquet or Arrow file as ``(id, row)`` pairs; ids point back at the
+    item (``file:line`` for JSONL and CSV, ``file[i]`` otherwise), so errors and skip reports can name it. A
     ``.json`` file that holds one object per line is read as JSONL. Rows are returned as parsed: callers decide
     what a row that is not an object means.
 
@@ -146,8 +146,11 @@ def read_rows(path: str | Path, *, what: str = "data file") -> list[tuple[str, A
     if not path.is_file():
         raise DataError(f"{what} {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    if suffix not in {".jsonl", ".json", ".csv"}:
-        raise DataError(f"{what} {str(path)!r}: unsupported extension {path.suffix!r} (use .jsonl, .json or .csv)")
+    if suffix not in {".jsonl", ".json", ".csv", ".parquet", ".arrow"}:
+        raise DataError(f"{what} {str(path)!r}: unsupported extension {path.suffix!r} "
+                        "(use .jsonl, .json, .csv, .parquet or .arrow)")
+    if suffix in {".parquet", ".arrow"}:
+        return [(f"{path.name}[{i}]", row) for i, row in enumerate(_read_table(path, what))]
     text = read_text(path)
     if suffix == ".csv":
         import io
@@ -161,6 +164,26 @@ def read_rows(path: str | Path, *, what: str = "data file") -> list[tuple[str, A
             raise DataError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the file") from None
         return [(f"{path.name}[{i}]", row) for i, row in enumerate(data)]
     return [(f"{path.name}:{lineno}", row) for lineno, row in iter_jsonl(path, text)]
+
+
+def _read_table(path: Path, what: str) -> list[Any]:
+    """The rows of a Parquet file or an Arrow IPC file/stream (what ``datasets`` writes) as dicts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modaltune.shared.errors import DataError
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pq.read_table(path).to_pylist()
+        with pa.memory_map(str(path)) as source:
+            try:
+                return pa.ipc.open_file(source).read_all().to_pylist()
+            except pa.ArrowInvalid:  # datasets' cache files are IPC streams
+                source.seek(0)
+                return pa.ipc.open_stream(source).read_all().to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{what} {str(path)!r} is not a readable {path.suffix[1:]} file: {exc}") from None
 
 
 def read_hf_rows(spec: str, split: str, prepare: Callable[[Any], Any] | None = None) -> list[tuple[str, dict]]:

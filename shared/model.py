@@ -106,12 +106,12 @@ class ModaltuneModel(nn.Module):
         report["total"] = {"trainable": trainable, "total": total}
         return report
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Turn on activation checkpointing in every transformers model inside."""
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on activation checkpointing in the transformers model inside."""
+        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
         for module in self.modules():
-            if module is not self and hasattr(module, "gradient_checkpointing_enable") and hasattr(module, "config"):
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if module is not self and hasattr(module, "activation_checkpointing_enable") and hasattr(module, "config"):
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
                 if hasattr(module, "enable_input_require_grads"):
                     module.enable_input_require_grads()
                 return

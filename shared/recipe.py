@@ -27,6 +27,7 @@ from modaltune.shared.environment import environment
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.registry import RECIPES
 from modaltune.shared.skips import SKIPPED_FILE, write_skipped
+from modaltune.shared.tracking import log_results
 
 
 @dataclasses.dataclass
@@ -37,6 +38,9 @@ class RunContext:
     quick: bool
     report: dict[str, Any]  # sections filled as the run goes, so a failure still reports what was done
     log: Callable[[str], None]
+
+
+MERGE_DTYPES = ("bf16", "fp16", "fp32")
 
 
 class Recipe:
@@ -60,23 +64,39 @@ class Recipe:
         """``(model, tokenizer or processor, source)`` as the config describes (used by :meth:`merge`)."""
         raise NotImplementedError
 
-    def save_merged(self, cfg: Any, model: Any, tokenizer: Any, out: Path, log: Callable[[str], None]) -> Path:
-        """Save a model whose checkpoint is loaded, adapters merged, into ``out``; returns the folder holding the
-        base model's weights (``out`` itself, or a part of it such as ``out/llm``)."""
+    def save_merged(self, cfg: Any, model: Any, tokenizer: Any, out: Path, log: Callable[[str], None],
+                    dtype: Any = None, meta: dict | None = None) -> Path:
+        """Save a model whose checkpoint is loaded, adapters merged and then cast to ``dtype``, into ``out``
+        (``meta``: the checkpoint's record, e.g. the prompt format it trained on); returns the folder holding the base model's weights (``out`` itself, or a part of it such as ``out/llm``)."""
         raise NotImplementedError
 
-    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None]) -> list[tuple[str, Path]]:
+    def generate(self, cfg: Any, checkpoint: Path, prompts: list[str], input_file: str | None,
+                 log: Callable[[str], None]) -> list[str]:
+        """The checkpoint's answer to each prompt (formatted as in training), about ``input_file`` for a recipe
+        whose model reads one (an image, a clip)."""
+        raise ModaltuneError(f"recipe {self.name!r} has no generate yet; evaluate it with `modaltune eval`")
+
+    def merge(self, cfg: Any, checkpoint: Path, out: Path, log: Callable[[str], None],
+              dtype: str | None = None) -> list[tuple[str, Path]]:
         """Write the merged model into ``out``: the model is rebuilt in fp32 (quantised components as plain LoRA),
-        the checkpoint loaded, adapters merged by :meth:`save_merged`. Returns ``(base model folder, merged
-        folder)`` pairs, so the base model's licence files can follow its weights."""
+        the checkpoint loaded, adapters merged by :meth:`save_merged` and saved in ``dtype`` (bf16, fp16 or fp32;
+        default the precision the run trained in). Returns ``(base model folder, merged folder)`` pairs, so the base
+        model's licence files can follow its weights."""
         from modaltune.shared import checkpoint as ckpt
         from modaltune.shared.harness import merge_config
+        from modaltune.shared.training import compute_dtype, resolve_precision
 
+        trained_in = getattr(getattr(cfg, "train", None), "precision", "fp32")
+        dtype = dtype or resolve_precision(trained_in)
+        if dtype not in MERGE_DTYPES:
+            raise ModaltuneError(f"--dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")
         cfg = merge_config(cfg)
         model, tokenizer, source = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
         out.mkdir(parents=True, exist_ok=True)
-        folder = self.save_merged(cfg, model, tokenizer, out, log)
+        folder = self.save_merged(cfg, model, tokenizer, out, log, dtype=compute_dtype(dtype),
+                                  meta=ckpt.read_meta(checkpoint))
+        log(f"saved in {dtype}")
         log(f"merged {checkpoint} into {out}")
         return [(source["path"], folder)]
 
@@ -101,6 +121,24 @@ def all_recipes() -> dict[str, Recipe | str]:
         except ModaltuneError as exc:
             out[name] = str(exc)
     return out
+
+
+def recipe_config(recipe: Recipe, config: str | Path | None = None, overrides: list[str] | None = None, *,
+                  quick: bool = False, say: Callable[[str], None] | None = None) -> Any:
+    """The resolved config of a run: the recipe's shipped YAML, with ``config`` (a user's YAML, often partial) laid
+    over it key by key, then ``--quick`` and ``key=value`` overrides. ``say`` is told when a user file is laid over
+    the shipped one (default: a line on stderr from rank 0)."""
+    from modaltune.shared import dist
+    from modaltune.shared.config import overlay, read_yaml
+
+    shipped = recipe.default_config_path()
+    if config is None or Path(config).resolve() == shipped.resolve():
+        return load_config(recipe.config_cls, shipped, overrides, quick=quick)
+    if say is None:
+        say = (lambda m: print(m, file=sys.stderr)) if dist.is_main() else (lambda m: None)
+    say(f"config: {config} laid over the shipped {shipped.name} (keys it does not set keep the shipped values)")
+    return load_config(recipe.config_cls, None, overrides, quick=quick, base=overlay(read_yaml(shipped),
+                                                                                       read_yaml(config)))
 
 
 def default_run_dir(recipe: str, mode: str) -> Path:
@@ -188,7 +226,7 @@ def execute(
             )
         cfg = checkpoint_config(recipe, meta, overrides, checkpoint)
     else:
-        cfg = load_config(recipe.config_cls, config or recipe.default_config_path(), overrides, quick=quick)
+        cfg = recipe_config(recipe, config, overrides, quick=quick)
     train_cfg = getattr(cfg, "train", None)
     resume = bool(getattr(train_cfg, "resume", False)) and mode == "run"
     if resume and out is None:
@@ -198,6 +236,7 @@ def execute(
         raise ModaltuneError(
             f"{str(run_dir)!r} already holds a finished run; choose another --out, or pass train.resume=true"
         )
+    dist.refuse_sharded_parameters()
     distributed = dist.init()  # under torchrun / accelerate launch: one run, rank 0 writes it (see shared.dist)
     if distributed:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
@@ -255,6 +294,14 @@ def execute(
     timing["total_seconds"] = round(time.time() - started, 2)
     report["memory"] = {k: round(v, 1) for k, v in peak_memory_mb().items()}
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    trackers = getattr(train_cfg, "report_to", None)
+    if mode == "run" and trackers and report["status"] == "ok":
+        try:
+            written = log_results(trackers, run_dir, report["metrics"], run_name=run_dir.name)
+            if written:
+                log(f"before/after metrics logged to {', '.join(written)}")
+        except Exception as exc:  # a tracker's failure must not lose the run's own report
+            log(f"warning: could not log the metrics to {', '.join(trackers)}: {exc}")
     files = write_report(run_dir, report)
     log(f"report: {files.get('html', run_dir / 'report.html')}")
     log.close()
@@ -304,7 +351,7 @@ def execute_seeds(
 
     say = (lambda msg: print(msg, flush=True)) if dist.is_main() else (lambda msg: None)
     recipe = get_recipe(recipe_name)
-    cfg = load_config(recipe.config_cls, config or recipe.default_config_path(), overrides, quick=quick)
+    cfg = recipe_config(recipe, config, overrides, quick=quick, say=lambda m: None)
     train_cfg = getattr(cfg, "train", None)
     if train_cfg is None or not hasattr(train_cfg, "seed"):
         raise ModaltuneError(f"recipe {recipe.name!r} has no train.seed to vary")
@@ -413,8 +460,10 @@ def checkpoint_config(recipe: Recipe, meta: dict[str, Any], overrides: list[str]
     return from_dict(recipe.config_cls, apply_dotted(base, given, "command line"))
 
 
-def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrides: list[str] | None = None) -> Path:
-    """Merge a checkpoint's adapters into its base model and save a plain transformers folder at ``out``.
+def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrides: list[str] | None = None,
+          dtype: str | None = None) -> Path:
+    """Merge a checkpoint's adapters into its base model and save a plain transformers folder at ``out`` in
+    ``dtype`` (bf16, fp16 or fp32; default the precision the run trained in).
 
     Licence and notice files of the base model folders travel into ``out`` with the weights.
     """
@@ -426,7 +475,7 @@ def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrid
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise ModaltuneError(f"--out {out!r} exists and is not empty; choose a new folder")
-    copied = copy_licences(recipe.merge(cfg, Path(checkpoint), out_path, log) or [], out_path)
+    copied = copy_licences(recipe.merge(cfg, Path(checkpoint), out_path, log, dtype=dtype) or [], out_path)
     if copied:
         log(f"carried the base model's licence files into {out}: {', '.join(copied)}")
     (out_path / "modaltune-merge.json").write_text(
@@ -435,6 +484,20 @@ def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrid
         encoding="utf-8",
     )
     return out_path
+
+
+def generate(checkpoint: str, prompts: list[str], input_file: str | None = None, overrides: list[str] | None = None,
+             log: Callable[[str], None] = print) -> list[str]:
+    """Answers of a run's checkpoint to ``prompts`` (about ``input_file`` where the recipe reads one), built and
+    formatted from the checkpoint's own config: a quick look without writing Python."""
+    from modaltune.shared import checkpoint as ckpt
+
+    meta = ckpt.read_meta(checkpoint)
+    recipe = get_recipe(str(meta.get("recipe")))
+    cfg = checkpoint_config(recipe, meta, overrides, checkpoint)
+    if input_file is not None and not Path(input_file).is_file():
+        raise ModaltuneError(f"--input {input_file!r} does not exist")
+    return recipe.generate(cfg, Path(checkpoint), prompts, input_file, log)
 
 
 LICENCE_NAMES = ("licen", "notice", "copying", "terms", "use_policy", "acceptable_use")

@@ -108,7 +108,8 @@ def write_report(run_dir: str | Path, report: dict) -> dict[str, Path]:
 
     Writes ``items.jsonl`` (when there are items), ``training_curve.png`` and ``metrics.png`` (when there is data to
     plot), then ``report.md``, ``report.html`` and ``report.json``. Every file is written atomically. The caller's
-    dict is not modified; ``report.json`` holds it unchanged plus a ``files`` key (kind -> file name in run_dir).
+    dict is not modified; ``report.json`` holds it unchanged plus a ``files`` key (kind -> file name in run_dir)
+    and, when the training curve shows overfitting, a ``notices`` list (:func:`training_notices`).
 
     Args:
         run_dir: Folder to write into; created when missing.
@@ -135,6 +136,8 @@ def write_report(run_dir: str | Path, report: dict) -> dict[str, Path]:
         metrics_png = _plot_metrics(run_dir / METRICS_PNG, _as_dict(report.get("metrics")))
     if metrics_png:
         files["metrics"] = metrics_png
+    notices = training_notices(_as_dict(report.get("training")).get("curve"))
+    report = {**report, "notices": notices} if notices else report
     blocks = build_blocks(report, run_dir, files)
     files["md"] = _write_text(run_dir / REPORT_MD, render_markdown(blocks))
     files["html"] = _write_text(run_dir / REPORT_HTML, render_html(blocks, _title(report)))
@@ -372,7 +375,8 @@ def curve_series(curve: Any) -> dict[str, dict[str, list[tuple[float, float]]]]:
         curve: The ``training.curve`` rows.
 
     Returns:
-        ``{stage: {"loss": [(step, value), ...], "eval_loss": [...]}}`` for stages with at least one point.
+        ``{stage: {"loss": [(step, value), ...], "eval_loss": [...], "learning_rate": [...]}}`` for stages with
+        at least one loss point.
     """
     by_stage: dict[str, list[Mapping]] = {}
     for row in _as_list(curve):
@@ -383,11 +387,45 @@ def curve_series(curve: Any) -> dict[str, dict[str, list[tuple[float, float]]]]:
     for stage, rows in by_stage.items():
         steps = [_finite(row["step"]) for row in rows]
         offset = end if end is not None and min(steps) <= end else 0.0
-        points = {key: _points(rows, key, offset) for key in ("loss", "eval_loss")}
+        points = {key: _points(rows, key, offset) for key in ("loss", "eval_loss", "learning_rate")}
         if points["loss"] or points["eval_loss"]:
             series[stage] = points
         end = max(steps) + offset
     return series
+
+
+RISE = 0.05  # an evaluation loss this far (relative) above its best of the stage has risen
+GAP = 1.5  # an evaluation loss this many times the training loss sits far above it
+
+
+def training_notices(curve: Any) -> list[str]:
+    """Overfitting signs in a training curve, one sentence per stage that shows them:
+
+    - the evaluation loss rose: its last value is more than 5% above the best of the stage (the best step named);
+    - the evaluation loss sits far above the training loss: at the stage's last evaluation it is over 1.5 times the
+      mean training loss of the steps logged since the previous evaluation (and at least 0.1 higher).
+    """
+    notes = []
+    for stage, points in curve_series(curve).items():
+        evals, losses = points["eval_loss"], points["loss"]
+        if not evals:
+            continue
+        best_step, best = min(evals, key=lambda p: p[1])
+        last_step, last = evals[-1]
+        if last > best * (1 + RISE) and last_step > best_step:
+            notes.append(f"Overfitting ({stage}): the evaluation loss rose from {best:.4f} at step {best_step:g} to "
+                         f"{last:.4f} at step {last_step:g}; fewer steps, a lower learning rate or more data would "
+                         "help (train.early_stopping_patience stops at the best evaluation).")
+            continue
+        since = evals[-2][0] if len(evals) > 1 else -math.inf
+        recent = [v for step, v in losses if since < step <= last_step] or [v for _, v in losses[-5:]]
+        if recent:
+            train = sum(recent) / len(recent)
+            if last > GAP * train and last - train >= 0.1:
+                notes.append(f"Possible overfitting ({stage}): the evaluation loss {last:.4f} is "
+                             f"{last / train:.1f} times the training loss {train:.4f} at step {last_step:g}; the "
+                             "model fits its training data much better than held-out data.")
+    return notes
 
 
 def _points(rows: list[Mapping], key: str, offset: float) -> list[tuple[float, float]]:
@@ -406,17 +444,22 @@ def _first_step(points: Mapping[str, list[tuple[float, float]]]) -> float:
 
 
 def _plot_training_curve(path: Path, curve: Any) -> Path | None:
-    """Plot training loss (lines) and eval loss (markers) per stage; None when there is nothing to plot."""
+    """Plot training loss (lines) and eval loss (markers) per stage, and below it the learning rate of each component
+    group; None when there is nothing to plot."""
     series = curve_series(curve)
     if not series:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    with_lr = any(points["learning_rate"] for points in series.values())
+    fig, axes = plt.subplots(2 if with_lr else 1, 1, figsize=(8, 6.5 if with_lr else 4.5), sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": [3, 1.3] if with_lr else [1]})
+    ax = axes[0][0]
     colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     for i, (stage, points) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         if i and len(series) > 1:
-            ax.axvline(_first_step(points), color=colour, linestyle=":", linewidth=1)
+            for row in axes:
+                row[0].axvline(_first_step(points), color=colour, linestyle=":", linewidth=1)
         if points["loss"]:
             xs, ys = zip(*points["loss"])
             marker = "." if len(xs) <= 30 else None  # a lone point would not show as a line
@@ -424,11 +467,19 @@ def _plot_training_curve(path: Path, curve: Any) -> Path | None:
         if points["eval_loss"]:
             xs, ys = zip(*points["eval_loss"])
             ax.plot(xs, ys, color=colour, marker="o", linestyle="--", label=f"{stage} eval_loss")
-    ax.set_xlabel("step (continued across stages)")
+        if with_lr and points["learning_rate"]:
+            xs, ys = zip(*points["learning_rate"])
+            axes[1][0].plot(xs, ys, color=colour, linewidth=1.2, label=stage)
     ax.set_ylabel("loss")
     ax.set_title("Training curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    if with_lr:
+        axes[1][0].set_ylabel("learning rate")
+        axes[1][0].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        axes[1][0].grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step (continued across stages)")
+    fig.tight_layout()
     return _save_figure(fig, path)
 
 
@@ -460,11 +511,13 @@ def metrics_table(metrics: Mapping) -> Table | None:
 def _plot_metrics(path: Path, metrics: Mapping) -> Path | None:
     """One small bar chart per metric key (up to MAX_METRIC_PLOTS), one bar per column; None when nothing is numeric.
 
-    Breakdown keys (``test/wer@<speaker>``) stay in the table only: the recipe that makes them plots them itself.
+    Breakdown keys (``test/wer@<speaker>``) stay in the table only: the recipe that makes them plots them itself;
+    so does a perplexity beside its loss (it is exp(loss): the same chart twice).
     """
     columns = metric_columns(metrics)
     keys = sorted({str(k) for values in columns.values() for k, v in values.items()
                    if _finite(v) is not None and "@" not in str(k)})  # "wer@speaker": breakdowns, table only
+    keys = [k for k in keys if not (k.endswith("perplexity") and k[: -len("perplexity")] + "loss" in keys)]
     keys = keys[:MAX_METRIC_PLOTS]
     if not keys:
         return None
@@ -539,6 +592,7 @@ def build_blocks(report: Mapping, run_dir: Path, files: Mapping[str, Path]) -> l
     blocks: list[Block] = [Heading(_title(report), level=1)]
     blocks += _error_blocks(report)
     blocks += _summary_blocks(report)
+    blocks += [Alert("Notice", str(n)) for n in _as_list(report.get("notices"))]
     blocks += _notes_blocks(report.get("notes"))
     blocks += _metrics_blocks(_as_dict(report.get("metrics")), files)
     blocks += _seeds_blocks(_as_list(report.get("runs")))
@@ -688,7 +742,16 @@ def _dict_rows_table(rows: Sequence[Mapping]) -> Table:
     for row in rows:
         headers += [str(key) for key in row if str(key) not in headers]
     by_text = [{str(k): v for k, v in row.items()} for row in rows]
-    return Table(headers, [[_cell(row[key]) if key in row else "" for key in headers] for row in by_text])
+    return Table(headers, [[_stat_cell(row[key]) if key in row else "" for key in headers] for row in by_text])
+
+
+def _stat_cell(value: Any) -> str:
+    """A cell of a table of figures: floats rounded as metrics are, nothing for a missing value."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return fmt_number(value)
+    return _cell(value)
 
 
 def _items_blocks(items: list) -> list[Block]:

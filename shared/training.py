@@ -30,6 +30,7 @@ from modaltune.shared.config import doc
 from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
+from modaltune.shared.tracking import check_report_to, trainer_report_to
 
 STATE_FILE = "modaltune_state.json"  # in a step checkpoint: the stage's training-loss sum so far
 
@@ -61,6 +62,8 @@ class TrainConfig:
     seed: int = doc(42, "random seed (data order, initialisation, dropout)")
     num_workers: int = doc(0, "data loader worker processes")
     resume: bool = doc(False, "continue the run in --out from its last complete checkpoint")
+    report_to: list[str] = doc(["tensorboard"], "experiment trackers: tensorboard, wandb, mlflow (optional packages), "
+                                                "or none; they get the training curve and the before/after metrics")
 
     def validate(self, where: str) -> None:
         for name in ("batch_size", "eval_batch_size", "grad_accum", "save_steps", "logging_steps"):
@@ -70,6 +73,7 @@ class TrainConfig:
             raise ConfigError(f"{where}.max_steps must be positive, or -1 to train by epochs")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
+        check_report_to(self.report_to, f"{where}.report_to")
 
 
 @dataclasses.dataclass
@@ -339,7 +343,7 @@ def run_stages(
             data_seed=cfg.seed,
             dataloader_num_workers=cfg.num_workers,
             remove_unused_columns=False,
-            report_to=["tensorboard"],
+            report_to=trainer_report_to(cfg.report_to),
             disable_tqdm=False,
             save_only_model=False,
             use_cpu=not torch.cuda.is_available(),

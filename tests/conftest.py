@@ -147,3 +147,33 @@ def speech_manifests(tmp_path_factory) -> dict[str, Path]:
         out[split] = root / f"{split}.jsonl"
         out[split].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out
+
+
+def _images(folder, n=6):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(255, 0, 0), (0, 0, 255), (0, 160, 0)]
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (48, 48), (255, 255, 255))
+        img.paste(colours[i % 3], (8 + i, 8, 36, 36))
+        paths.append(folder / f"img{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def vqa_files(tmp_path_factory) -> Path:
+    """A tiny VQA set: 6 coloured-square images, a colour and a yes/no question for each (jsonl layout)."""
+    root = tmp_path_factory.mktemp("vqa")
+    paths = _images(root / "images")
+    names = ["red", "blue", "green"]
+    rows = []
+    for i, p in enumerate(paths):
+        rows.append({"image": f"images/{p.name}", "question": "What color is the shape?", "answer": names[i % 3]})
+        rows.append({"image": f"images/{p.name}", "question": "Is there a red shape?",
+                     "answer": "yes" if i % 3 == 0 else "no"})
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n")
+    return root

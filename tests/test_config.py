@@ -124,3 +124,39 @@ def test_a_bare_off_is_the_word_not_a_boolean():
     assert cfg.cache.mode == "off"
     with pytest.raises(ConfigError, match="cache.mode must be auto or off"):
         load_config(recipe.config_cls, recipe.default_config_path(), ["cache.mode=yes"])
+
+
+def test_run_help_lists_every_config_key_with_type_value_and_meaning(capsys):
+    from modaltune.shared.cli import main
+    from modaltune.shared.config import config_reference
+    from modaltune.shared.recipe import get_recipe, recipe_config
+
+    assert main(["run", "text-sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    cfg = recipe_config(get_recipe("text-sft"))
+    keys = [k for k, t, _, _ in config_reference(type(cfg), cfg) if t != "section"]
+    assert len(keys) > 40 and all(f"  {k} = " in out for k in keys)
+    assert "train.lr = 0.0005   [float]" in out  # the shipped value, not the schema default
+    assert "data.train_on = all   [all | last]" in out and "loss on every assistant turn" in out
+    assert main(["run"]) == 2 and "Give a recipe" in capsys.readouterr().out
+
+
+def test_config_prints_the_resolved_yaml_and_a_partial_file_overlays_the_shipped_one(tmp_path, capsys):
+    import yaml
+
+    from modaltune.shared.cli import main
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  max_steps: 7\nllm:\n  r: 4\n")
+    assert main(["config", "text-sft", "--config", str(mine), "eval.max_new_tokens=9"]) == 0
+    captured = capsys.readouterr()
+    resolved = yaml.safe_load(captured.out)
+    assert resolved["train"]["max_steps"] == 7 and resolved["llm"]["r"] == 4  # mine
+    assert resolved["train"]["lr"] == 5e-4  # the shipped recipe's, not the schema's 2e-4
+    assert resolved["eval"]["max_new_tokens"] == 9  # command line
+    assert "laid over the shipped text-sft.yaml" in captured.err
+    assert main(["config", "text-sft", "--quick"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] != 90
+    mine.write_text("train:\n  max_stepz: 7\n")
+    assert main(["config", "text-sft", "--config", str(mine)]) == 2
+    assert "max_steps" in capsys.readouterr().err  # the misspelt key is named with the right one

@@ -37,7 +37,7 @@ def _torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Complete
 def _text_sft_args(out: Path, model: Path, data: Path, batch: int) -> list[str]:
     return [*RUN, "--out", str(out), f"model.name={model}", f"data.source={data}", "train.max_steps=4",
             f"train.batch_size={batch}", "train.logging_steps=1", "train.save_steps=2", "train.precision=fp32",
-            "eval.max_new_tokens=4", "train.lr=5e-3", "llm.dropout=0.0"]
+            "eval.max_new_tokens=4", "train.lr=2e-3", "llm.dropout=0.0"]
 
 
 def _losses(run: Path) -> list[float]:
@@ -156,3 +156,62 @@ def test_fsdp2_sharded_step_matches_one_process(tmp_path, tiny_llama):
     assert got["moved"] > 1e-4  # the step changed the adapters, so agreeing below says something
     assert got["diff"] < 1e-6
     assert got["loss"] == pytest.approx(got["ref_loss"], abs=1e-6)
+
+
+def _med_vqa_args(out: Path, model: Path, vqa: Path, batch: int) -> list[str]:
+    return ["-m", "modaltune.shared.cli", "run", "med-vqa", "--out", str(out), "encoder.kind=timm",
+            "encoder.name=test_efficientnet", f"model.name={model}", "data.layout=jsonl",
+            f"data.train={vqa / 'train.jsonl'}", f"data.test={vqa / 'test.jsonl'}", "data.captions=null",
+            "stages[1].max_steps=3", f"train.batch_size={batch}", "train.precision=fp32", "train.logging_steps=1",
+            "train.lr=5e-3", "llm.r=4", "llm.dropout=0.0"]
+
+
+def test_composed_recipe_two_ranks_equal_one_process(tmp_path, tiny_llama, vqa_files):
+    """med-vqa (frozen encoder with its feature cache, projector, LoRA LLM) under DDP trains as one process at
+    twice the batch and writes one report."""
+    two = _torchrun(2, *_med_vqa_args(tmp_path / "two", tiny_llama, vqa_files, batch=2))
+    one = _torchrun(1, *_med_vqa_args(tmp_path / "one", tiny_llama, vqa_files, batch=4))
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    l2, l1 = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert len(l2) == len(l1) == 3 and l2 == pytest.approx(l1, abs=1e-5)
+    w2 = load_file(str(tmp_path / "two" / "checkpoint" / "trained.safetensors"))
+    w1 = load_file(str(tmp_path / "one" / "checkpoint" / "trained.safetensors"))
+    assert any(k.startswith("projector.") for k in w1) and w2.keys() == w1.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0)
+    r2 = json.loads((tmp_path / "two" / "report.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert r2["metrics"]["after"] == pytest.approx(r1["metrics"]["after"], abs=1e-5)
+    assert two.stdout.count("[modaltune] report:") == 1
+
+
+@pytest.mark.parametrize("env", [
+    {"ACCELERATE_USE_FSDP": "true"},
+    {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ZERO3_JSON"},
+])
+def test_parameter_sharding_is_refused_before_any_work(tmp_path, monkeypatch, capsys, tiny_llama, sft_data, env):
+    from modaltune.shared.cli import main
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(ds) if value == "ZERO3_JSON" else value)
+    out = tmp_path / "run"
+    assert main(["run", "text-sft", "--out", str(out), f"model.name={tiny_llama}", f"data.source={sft_data}"]) == 2
+    err = capsys.readouterr().err
+    assert "shards parameters" in err and "ZeRO-2" in err and "qlora" in err
+    assert not out.exists()
+
+
+def test_zero2_is_not_refused(tmp_path, monkeypatch):
+    from modaltune.shared import dist
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    dist.refuse_sharded_parameters()  # raises for stage 3 (above); stage 2 keeps whole parameters
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    dist.refuse_sharded_parameters()

@@ -223,3 +223,50 @@ def test_malformed_sections_are_tolerated(tmp_path, value):
               "notes": value, "model": value}
     files = write_report(tmp_path, report)
     assert {"json", "md", "html"} <= set(files)
+
+
+def _curve(train: list[float], evals: dict[int, float]) -> list[dict]:
+    rows = [{"stage": "sft", "step": i + 1, "loss": v, "learning_rate": 1e-3 * (1 - i / len(train))}
+            for i, v in enumerate(train)]
+    return rows + [{"stage": "sft", "step": s, "eval_loss": v} for s, v in evals.items()]
+
+
+@pytest.mark.parametrize("curve, expected", [
+    (_curve([2.0, 1.5, 1.0, 0.6, 0.5, 0.4], {2: 1.8, 4: 1.6, 6: 1.9}), "rose from 1.6000 at step 4 to 1.9000"),
+    (_curve([2.0, 1.5, 0.8, 0.6, 0.55, 0.52], {3: 2.2, 6: 1.97}), "1.9700 is 3.5 times the training loss 0.5567"),
+    (_curve([2.0, 1.5, 1.2, 1.1, 1.05, 1.0], {3: 1.3, 6: 1.15}), None),  # healthy: no notice
+])
+def test_overfitting_is_flagged_in_every_report_format(tmp_path, curve, expected):
+    write_report(tmp_path, {"recipe": "x", "status": "ok", "training": {"curve": curve}})
+    payload = json.loads((tmp_path / "report.json").read_text())
+    md = (tmp_path / "report.md").read_text()
+    if expected is None:
+        assert "notices" not in payload and "verfitting" not in md
+    else:
+        assert len(payload["notices"]) == 1 and expected in payload["notices"][0]
+        assert expected in md and expected in (tmp_path / "report.html").read_text()
+
+
+def test_training_table_rounds_and_leaves_missing_values_empty(tmp_path):
+    stages = [{"stage": "sft", "steps": 90, "train_loss": 1.3802870273590089, "resumed": None}]
+    write_report(tmp_path, {"recipe": "x", "status": "ok", "training": {"stages": stages}})
+    md = (tmp_path / "report.md").read_text()
+    assert "1.3803" in md and "1.38028" not in md and "null" not in md and "| 90 |" in md
+
+
+def test_learning_rate_is_plotted_and_perplexity_not_charted_twice(tmp_path, monkeypatch):
+    drawn = {}
+    real = report_module._save_figure
+
+    def keep(fig, path):
+        drawn[path.name] = [ax.get_ylabel() or ax.get_title() for ax in fig.axes if ax.get_visible()]
+        return real(fig, path)
+
+    monkeypatch.setattr(report_module, "_save_figure", keep)
+    metrics = {"before": {"test/loss": 2.0, "test/perplexity": 7.39, "test/rougeL": 0.1},
+               "after": {"test/loss": 1.0, "test/perplexity": 2.72, "test/rougeL": 0.3}}
+    write_report(tmp_path, {"recipe": "x", "status": "ok", "metrics": metrics,
+                            "training": {"curve": _curve([2.0, 1.0], {})}})
+    assert drawn["training_curve.png"] == ["loss", "learning rate"]
+    assert sorted(drawn["metrics.png"]) == ["test/loss", "test/rougeL"]
+    assert "test/perplexity" in (tmp_path / "report.md").read_text()  # still in the table

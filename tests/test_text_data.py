@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from modaltune.shared.errors import DataError
+from modaltune.shared.skips import Skips
 from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
@@ -92,3 +93,90 @@ def test_no_usable_training_rows(tmp_path):
     path = _write(tmp_path / "e.jsonl", [{"instruction": "x", "response": ""}, {"foo": 1}])
     with pytest.raises(DataError, match="no usable training examples.*empty response: 1"):
         load_splits(InstructionDataConfig(source=str(path)))
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is BP?"},
+                {"role": "assistant", "content": "blood pressure"}, {"role": "user", "content": "And HR?"},
+                {"role": "assistant", "content": "heart rate"}]
+
+
+def _same_example(tmp_path, name, rows, **cfg):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif name.endswith(".arrow"):
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "tmp.parquet"))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(tmp_path / "tmp.parquet")
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        _write(path, rows)
+    data = load_splits(InstructionDataConfig(source=str(path), split=[1.0, 0.0, 0.0], **cfg))
+    assert not data.skipped["train"], data.skipped["train"]
+    return data.examples["train"]
+
+
+@pytest.mark.parametrize("name, row", [
+    ("alpaca.jsonl", {"instruction": "Expand the abbreviation.", "input": "BP", "output": "blood pressure"}),
+    ("dolly.json", {"instruction": "Expand the abbreviation.", "context": "BP", "response": "blood pressure"}),
+    ("alpaca.parquet", {"instruction": "Expand the abbreviation.", "input": "BP", "output": "blood pressure"}),
+    ("dolly.arrow", {"instruction": "Expand the abbreviation.", "context": "BP", "response": "blood pressure"}),
+])
+def test_alpaca_and_dolly_rows_read_by_name_from_every_file_type(tmp_path, name, row):
+    (ex,) = _same_example(tmp_path, name, [row])
+    assert (ex.instruction, ex.context, ex.response) == ("Expand the abbreviation.", "BP", "blood pressure")
+    assert ex.messages == [{"role": "user", "content": "Expand the abbreviation.\n\nBP"}]
+
+
+def test_sharegpt_messages_and_prompt_completion_give_the_same_conversation(tmp_path):
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in CONVERSATION]}
+    conversational = {"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]}
+    found = [_same_example(tmp_path, f"{i}.jsonl", [row])[0]
+             for i, row in enumerate([{"messages": CONVERSATION}, sharegpt, conversational])]
+    for ex in found:
+        assert ex.messages == CONVERSATION[:4] and ex.response == "heart rate"
+    (plain,) = _same_example(tmp_path, "pc.jsonl", [{"prompt": "What is HR?", "completion": "heart rate"}])
+    assert plain.messages == [{"role": "user", "content": "What is HR?"}] and plain.response == "heart rate"
+    bad = _write(tmp_path / "bad.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}, {"text": "x"}])
+    with pytest.raises(DataError, match="unknown speaker 'robot'.*no known fields"):
+        load_splits(InstructionDataConfig(source=str(bad), split=[1.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("template", ["plain", "chat"])
+def test_multi_turn_loss_covers_every_assistant_turn_or_the_last(tmp_path, tiny_llama, template):
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.chat_template = CHAT
+    (ex,) = _same_example(tmp_path, "m.jsonl", [{"messages": CONVERSATION}])
+    learnt = {}
+    for train_on in ("all", "last"):
+        ds = TokenizedDataset([ex], PromptFormatter(tok, template, train_on), 256, Skips())
+        item = ds[0]
+        assert len(item["labels"]) == len(item["input_ids"])
+        learnt[train_on] = tok.decode([t for t in item["labels"] if t != -100], skip_special_tokens=True)
+        assert all(lab in (-100, tid) for lab, tid in zip(item["labels"], item["input_ids"]))
+    assert "heart rate" in learnt["last"] and "blood pressure" not in learnt["last"]
+    assert "blood pressure" in learnt["all"] and "heart rate" in learnt["all"]
+    for text in ("What is BP", "And HR", "Be brief"):  # user and system turns are never learnt
+        assert text not in learnt["all"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_named_with_the_fix(tiny_llama):
+    from modaltune.text.data import Example
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|a|>[hidden]"
+                         "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    ex = Example("chat.jsonl:3", CONVERSATION[:4], "heart rate")
+    with pytest.raises(DataError, match="chat.jsonl:3.*train_on=last"):
+        PromptFormatter(tok, "chat", "all").encode(ex)
+    assert PromptFormatter(tok, "chat", "last").encode(ex)[2]

@@ -75,6 +75,45 @@ def test_eval_and_merge_reproduce_the_trained_model(tmp_path, tiny_llama, sft_da
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_merged_model_chats_in_its_trained_format_with_plain_transformers(tmp_path, tiny_llama, sft_data, capsys):
+    """The merged folder carries the prompt format (chat template), greedy decoding that stops at EOS, the dtype
+    asked for; `modaltune generate` and a plain transformers chat give the same answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modaltune.text.data import Example, PromptFormatter
+
+    code, out = _run(tmp_path, tiny_llama, sft_data, "train.lr=1e-2")
+    assert code == 0
+    adapter = json.loads((out / "checkpoint" / "adapter" / "llm" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_llama)  # as the user named it, not a cache path
+    half = tmp_path / "merged-bf16"
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(half), "--dtype", "bf16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(str(half)).dtype == torch.bfloat16
+    merged = tmp_path / "merged"  # trained in fp32 (the default --dtype): compared with the checkpoint's answer
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    model = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    assert model.dtype == torch.float32
+    question = "Expand the clinical abbreviation: BID"
+    trained_prompt = PromptFormatter(AutoTokenizer.from_pretrained(str(tiny_llama)), "plain").encode(
+        Example("q", [{"role": "user", "content": question}], "", instruction=question))[0]
+    chat = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert list(chat) == trained_prompt  # the chat template reproduces the training prompt token for token
+    gen = model.generation_config
+    assert gen.do_sample is False and gen.max_new_tokens == 6 and tok.eos_token_id in list(gen.eos_token_id)
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([chat]))[0, len(chat):]
+    answer = tok.decode(ids, skip_special_tokens=True).strip()
+
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out / "checkpoint"), question]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed and printed == answer
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(out / "checkpoint")])  # a prompt is required
+
+
 def test_bad_inputs_give_one_line_errors_and_a_run_folder(tmp_path, tiny_llama, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "response": "b"}\n{not json\n', encoding="utf-8")
@@ -142,3 +181,36 @@ def test_quantisation_unavailable_is_one_clear_line(tmp_path, tiny_llama, sft_da
     assert code == 1
     err = json.loads((out / "report.json").read_text())["error"]
     assert "qlora needs bitsandbytes" in err and "method: lora" in err
+
+
+def test_trackers_get_the_curve_and_the_before_after_metrics(tmp_path, tiny_llama, sft_data, monkeypatch, capsys):
+    """TensorBoard (built in) and W&B (offline) receive the before/after metrics; a tracker whose package is
+    missing or a misspelt one is refused before any work."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    code, out = _run(tmp_path, tiny_llama, sft_data, "train.report_to=[tensorboard,wandb]")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    after = events.Scalars("after/test/loss")
+    assert after[0].value == pytest.approx(report["metrics"]["after"]["test/loss"], rel=1e-6)
+    assert "before/test/rougeL" in events.Tags()["scalars"]
+    assert list((out / "stages" / "sft").glob("runs/*/events.out.tfevents.*"))  # the Trainer's training curve
+    runs = list((tmp_path / "wandb").rglob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs  # one W&B run: the Trainer's curve and the results together
+    records = runs[0].read_bytes()  # protobuf records: keys and JSON values are stored as written
+    after_loss = json.dumps(report["metrics"]["after"]["test/loss"]).encode()
+    assert b"after/test/loss" in records and after_loss in records and b"train/loss" in records
+
+    capsys.readouterr()
+    assert main(["run", "text-sft", "--out", str(tmp_path / "x"), "train.report_to=[tensorbord]"]) == 2
+    assert "unknown tracker 'tensorbord'" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlflow" else real(n, *a))
+    assert main(["run", "text-sft", "--out", str(tmp_path / "y"), "train.report_to=[mlflow]"]) == 2
+    assert "pip install mlflow" in capsys.readouterr().err

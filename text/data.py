@@ -1,8 +1,10 @@
-"""Instruction data: JSONL/JSON/CSV files with Dolly fields or chat ``messages``, or any ``datasets`` dataset.
+"""Instruction data in the formats people have: Dolly, Alpaca, ShareGPT, OpenAI ``messages`` and
+prompt/completion rows, from JSONL/JSON/CSV/Parquet/Arrow files or any ``datasets`` dataset.
 
-Records are normalised to ``{"id", "prompt_parts", "response", "category"}``, formatted with the model's chat
-template (or a plain ``### Instruction / ### Response`` template), tokenised with the loss on response tokens only,
-and length-filtered. Everything dropped is counted with its reason, so the report says what was lost.
+Records are normalised to an :class:`Example` (the conversation before the answer, the answer), formatted with the
+model's chat template (or a plain ``### Instruction / ### Response`` template), tokenised with the loss on the
+assistant's tokens only (every assistant turn of a conversation, or the last one) and length-filtered. Everything
+dropped is counted with its reason, so the report says what was lost.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ SPLITS = ("train", "validation", "test")
 class InstructionDataConfig:
     """Where instruction data comes from and how it is split and cut."""
 
-    source: str = doc("builtin:clinical_sft", "JSONL/JSON/CSV file, builtin:NAME, or hf:NAME[:CONFIG] (datasets)")
+    source: str = doc("builtin:clinical_sft",
+                      "JSONL/JSON/CSV/Parquet/Arrow file, builtin:NAME, or hf:NAME[:CONFIG] (datasets)")
     validation: str | None = doc(None, "separate validation file/dataset (default: split from source)")
     test: str | None = doc(None, "separate test file/dataset (default: split from source)")
-    format: Literal["auto", "dolly", "messages"] = doc("auto", "dolly: instruction/context/response; messages: chat")
-    columns: dict[str, str] = doc({}, "map our fields (instruction, context, response, category, messages) to yours")
+    format: Literal["auto", "dolly", "alpaca", "sharegpt", "messages", "prompt_completion"] = doc(
+        "auto", "dolly: instruction/context/response; alpaca: instruction/input/output; sharegpt: conversations of "
+        "from/value; messages: OpenAI role/content; prompt_completion: prompt/completion; auto: by the fields present")
+    columns: dict[str, str] = doc({}, "map our field names (instruction, context, input, response, output, "
+                                      "messages, conversations, prompt, completion, category) to your columns")
+    train_on: Literal["all", "last"] = doc("all", "loss on every assistant turn of a conversation, or the last only")
     hf_split: str = doc("train", "split to read from a datasets dataset")
     split: list[float] = doc([0.8, 0.1, 0.1], "train/validation/test fractions when the data has no split")
     split_seed: int = doc(42, "seed of the train/validation/test shuffle")
@@ -88,37 +95,95 @@ def read_records(source: str, *, hf_split: str = "train") -> list[tuple[str, dic
     return rows
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str | None:
+    """The format a row is in, judged by the fields it has (after the column map)."""
+    def has(field: str) -> bool:
+        return row.get(columns.get(field, field)) is not None
+
+    if has("messages"):
+        return "messages"
+    if has("conversations"):
+        return "sharegpt"
+    if has("instruction") and has("output") and not has("response"):
+        return "alpaca"
+    if has("instruction"):
+        return "dolly"
+    if has("prompt") and has("completion"):
+        return "prompt_completion"
+    return None
+
+
+def _turns(raw: Any, role_key: str, content_key: str, roles: dict[str, str] | None) -> list[dict[str, str]] | str:
+    if not isinstance(raw, list) or not raw:
+        return "no messages"
+    turns = []
+    for m in raw:
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            return f"malformed message (needs {role_key} and {content_key})"
+        role = str(m[role_key])
+        if roles is not None:
+            if role.lower() not in roles:
+                return f"unknown speaker {role!r} (expected one of {', '.join(sorted(roles))})"
+            role = roles[role.lower()]
+        turns.append({"role": role, "content": str(m[content_key] if m[content_key] is not None else "")})
+    return turns
+
+
+def _conversation(rid: str, turns: list[dict[str, str]] | str, category: str) -> Example | str:
+    if isinstance(turns, str):
+        return turns
+    if turns[-1]["role"] != "assistant":
+        return "last message is not from the assistant"
+    if not turns[-1]["content"].strip():
+        return "empty response"
+    return Example(rid, turns[:-1], turns[-1]["content"].strip(), category)
+
+
 def to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Example | str:
     """Normalise one row; returns a skip reason string when the row cannot be used."""
 
     def get(field: str) -> Any:
         return row.get(columns.get(field, field))
 
-    messages = get("messages")
-    if fmt == "messages" or (fmt == "auto" and messages is not None):
-        if not isinstance(messages, list) or not messages:
-            return "no messages"
-        turns = []
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                return "malformed message (needs role and content)"
-            turns.append({"role": str(m["role"]), "content": str(m["content"])})
-        if turns[-1]["role"] != "assistant":
-            return "last message is not from the assistant"
-        if not turns[-1]["content"].strip():
-            return "empty response"
-        return Example(rid, turns[:-1], turns[-1]["content"].strip(), str(get("category") or ""))
-    instruction, response = get("instruction"), get("response")
+    if fmt == "auto":
+        fmt = detect_format(row, columns) or ""
+        if not fmt:
+            return ("no known fields (messages, conversations, instruction+response/output, prompt+completion); "
+                    "map yours with data.columns")
+    category = str(get("category") or "")
+    if fmt == "messages":
+        return _conversation(rid, _turns(get("messages"), "role", "content", None), category)
+    if fmt == "sharegpt":
+        return _conversation(rid, _turns(get("conversations"), "from", "value", SHAREGPT_ROLES), category)
+    if fmt == "prompt_completion":
+        prompt, completion = get("prompt"), get("completion")
+        if prompt is None or completion is None:
+            return "missing prompt or completion field"
+        turns = _turns(prompt, "role", "content", None) if isinstance(prompt, list) else [
+            {"role": "user", "content": str(prompt)}]
+        if isinstance(turns, str):
+            return turns
+        if isinstance(completion, list):  # conversational form: the completion is the assistant's message(s)
+            done = _turns(completion, "role", "content", None)
+            return done if isinstance(done, str) else _conversation(rid, turns + done, category)
+        return _conversation(rid, turns + [{"role": "assistant", "content": str(completion)}], category)
+    answer_field = "output" if fmt == "alpaca" else "response"
+    context_field = "input" if fmt == "alpaca" else "context"
+    instruction, response = get("instruction"), get(answer_field)
     if instruction is None or response is None:
-        return "missing instruction or response field"
+        return f"missing instruction or {answer_field} field"
     instruction, response = str(instruction).strip(), str(response).strip()
     if not instruction:
         return "empty instruction"
     if not response:
         return "empty response"
-    context = str(get("context") or "").strip()
+    context = str(get(context_field) or "").strip()
     content = f"{instruction}\n\n{context}" if context else instruction
-    return Example(rid, [{"role": "user", "content": content}], response, str(get("category") or ""), instruction, context)
+    return Example(rid, [{"role": "user", "content": content}], response, category, instruction, context)
 
 
 def load_splits(cfg: InstructionDataConfig) -> SplitData:
@@ -160,46 +225,108 @@ def load_splits(cfg: InstructionDataConfig) -> SplitData:
 class PromptFormatter:
     """Renders an example's prompt and response with the chat template, or the plain template."""
 
-    def __init__(self, tokenizer: Any, template: str = "auto") -> None:
+    def __init__(self, tokenizer: Any, template: str = "auto", train_on: str = "all") -> None:
         self.tok = tokenizer
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
             raise ConfigError("model.template is 'chat' but this tokenizer has no chat template; use auto or plain")
         self.use_chat = has_chat if template == "auto" else template == "chat"
+        self.train_on = train_on
         self.name = "chat template" if self.use_chat else "plain ### Instruction / ### Response template"
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The conversation as text; with ``add_generation_prompt`` it ends where the assistant starts."""
+        if self.use_chat:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+        return text + ("### Assistant:\n" if add_generation_prompt else "")
 
     def prompt(self, ex: Example) -> str:
         """The text the model sees before it answers."""
-        if self.use_chat:
-            return self.tok.apply_chat_template(ex.messages, tokenize=False, add_generation_prompt=True)
-        if ex.instruction is not None:
+        if not self.use_chat and ex.instruction is not None:
             text = f"### Instruction:\n{ex.instruction}\n\n"
             if ex.context:
                 text += f"### Input:\n{ex.context}\n\n"
             return text + "### Response:\n"
-        text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in ex.messages)
-        return text + "### Assistant:\n"
+        return self.render(ex.messages, add_generation_prompt=True)
 
-    def encode(self, ex: Example) -> tuple[list[int], list[int]]:
-        """``(prompt_ids, response_ids)``; the response ends with the EOS token so the model learns to stop."""
-        prompt_ids = self.tok(self.prompt(ex), add_special_tokens=not self.use_chat)["input_ids"]
+    def earlier_answers(self, ex: Example, prompt: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns inside ``prompt`` (a conversation's earlier answers).
+
+        Raises:
+            DataError: the template does not render a conversation as its turns one after another (some drop
+                earlier turns' reasoning), so the spans cannot be found; ``data.train_on=last`` avoids the need.
+        """
+        spans = []
+        for i, m in enumerate(ex.messages):
+            if m["role"] != "assistant":
+                continue
+            start = self.render(ex.messages[:i], add_generation_prompt=True)
+            end = self.render(ex.messages[: i + 1], add_generation_prompt=False)
+            if not (end.startswith(start) and prompt.startswith(end)):
+                raise DataError(f"{ex.id}: this chat template does not render the conversation turn by turn, so "
+                                "earlier assistant turns cannot be trained; set data.train_on=last")
+            spans.append((len(start), len(end)))
+        return spans
+
+    def encode(self, ex: Example) -> tuple[list[int], list[int], list[int]]:
+        """``(prompt_ids, prompt_labels, response_ids)``: the prompt's labels are masked except for earlier assistant
+        turns (with ``train_on="all"``); the response ends with the EOS token so the model learns to stop."""
+        prompt = self.prompt(ex)
+        special = not self.use_chat
+        spans = self.earlier_answers(ex, prompt) if self.train_on == "all" else []
+        if spans:
+            enc = self.tok(prompt, add_special_tokens=special, return_offsets_mapping=True)
+            prompt_ids = enc["input_ids"]
+            prompt_labels = [tid if any(a <= s < b for a, b in spans) and e > s else IGNORE_INDEX
+                             for tid, (s, e) in zip(prompt_ids, enc["offset_mapping"])]
+        else:
+            prompt_ids = self.tok(prompt, add_special_tokens=special)["input_ids"]
+            prompt_labels = [IGNORE_INDEX] * len(prompt_ids)
         response_ids = self.tok(ex.response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        return prompt_ids, response_ids
+        return prompt_ids, prompt_labels, response_ids
+
+
+def prompt_style(examples: list[Example]) -> str:
+    """``instruction`` when every example is an instruction row (Dolly, Alpaca: the plain template's
+    ``### Instruction / ### Response`` form), else ``conversation`` (``### User / ### Assistant`` turns)."""
+    return "instruction" if examples and all(ex.instruction is not None for ex in examples) else "conversation"
+
+
+def plain_chat_template(style: str, bos_token: str | None = None) -> str:
+    """A Jinja chat template that renders chat messages exactly as the plain template rendered training prompts, so
+    a merged model can be used with ``apply_chat_template`` or ``pipeline("text-generation")`` and chat messages.
+
+    ``style`` is :func:`prompt_style` of the training data; ``bos_token`` is written first when the tokenizer put
+    one before every training prompt.
+    """
+    if style == "instruction":
+        heads = "{'user': '### Instruction:\\n', 'assistant': '### Response:\\n'}"
+        reply = "### Response:\\n"
+    else:
+        heads = "{'user': '### User:\\n', 'assistant': '### Assistant:\\n'}"
+        reply = "### Assistant:\\n"
+    lead = "{{- bos_token -}}" if bos_token else ""
+    return (lead + "{%- set heads = " + heads + " -%}"
+            "{%- for m in messages -%}"
+            "{{- heads.get(m['role'], '### ' + m['role'] | capitalize + ':\\n') + m['content'] + '\\n\\n' -}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '" + reply + "' -}}{%- endif -%}")
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Tokenised examples: ``input_ids`` with ``labels`` masked to the response."""
+    """Tokenised examples: ``input_ids`` with ``labels`` masked to the assistant's tokens."""
 
     def __init__(self, examples: list[Example], formatter: PromptFormatter, max_length: int, skipped: Skips):
         self.items: list[dict[str, Any]] = []
         self.examples: list[Example] = []
         for ex in examples:
-            prompt_ids, response_ids = formatter.encode(ex)
+            prompt_ids, prompt_labels, response_ids = formatter.encode(ex)
             ids = prompt_ids + response_ids
             if len(ids) > max_length:
                 skipped.add(f"longer than max_length={max_length} tokens", ex.id)
                 continue
-            labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+            labels = prompt_labels + response_ids
             self.items.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids})
             self.examples.append(ex)
 
