@@ -30,6 +30,28 @@ from modaltune.shared.config import ConfigError, doc
 AUDIO_PLACEHOLDER = "<AudioHere>"
 AUDIO_TEMPLATE = "[INST] <audio><AudioHere></audio> {instruction} [/INST]"
 ORDER_KEYS = ("drug", "dose", "frequency", "condition")
+REPORT_NOTES = (
+    "before = untrained projector and fresh LoRA; after_<stage> = after that stage; *_shuffled = the same test rows "
+    "with every clip's audio swapped for another clip's.",
+    "cascade = zero-shot Whisper transcript (its WER is test/wer) read by the same LLM tuned with LoRA on gold "
+    "transcripts for the same tasks.",
+    "WER/CER use Whisper's English normaliser, as domain-asr does; orders/*_accuracy is exact match per slot over "
+    "the test orders that have it.",
+)
+
+
+def read_recording(path: str | None):
+    """One recording for ``modaltune generate --input``: 16 kHz mono, refused when missing or over Whisper's 30 s."""
+    from modaltune.audio.io import SAMPLE_RATE, load_audio
+    from modaltune.shared.errors import ModaltuneError
+
+    if path is None:
+        raise ModaltuneError("audio-llm answers about a recording: give it with --input AUDIO")
+    wave = load_audio(path)
+    if len(wave) > 30 * SAMPLE_RATE:
+        raise ModaltuneError(f"{path} is {len(wave) / SAMPLE_RATE:.1f} s long; Whisper's encoder takes up to 30 s: "
+                             "cut the recording")
+    return wave
 
 TRANSCRIBE_PROMPTS = (
     "Transcribe the audio exactly.",

@@ -99,6 +99,8 @@ def _path_of(root: nn.Module, target: nn.Module) -> str:
 class WhisperASR(ModaltuneModel):
     """Whisper as two components; forward accepts log-mel features or precomputed encoder states."""
 
+    shifted_labels = False  # the decoder input is already shifted: position t predicts labels[t]
+
     def __init__(self, whisper: nn.Module, *, pad_token_id: int, decoder_start_token_id: int) -> None:
         super().__init__()
         self.whisper = whisper

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
-from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, AudioLLMEvalConfig, AudioTasksConfig,
-                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, task_plots, task_rows)
+from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES, AudioLLMEvalConfig, AudioTasksConfig,
+                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, read_recording, task_plots,
+                                 task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
                                       composed_report, save_composed)
-from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_composed
+from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_about, generate_composed
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.features import CacheConfig, FeatureCache
 from modaltune.shared.harness import data_line, measure_before, metric_line, timed
@@ -171,12 +172,7 @@ class AudioLLM(Recipe):
                                 log=log)
         report.update(checkpoint=str(result.checkpoint), metrics=columns, items=pair_task_items(items),
                       training={"stages": result.stages, "curve": result.rows}, plots=task_plots(ctx.run_dir, columns),
-                      notes=["before = untrained projector and fresh LoRA; after_<stage> = after that stage; "
-                             "*_shuffled = the same test rows with every clip's audio swapped for another clip's.",
-                             "cascade = zero-shot Whisper transcript (its WER is test/wer) read by the same LLM "
-                             "tuned with LoRA on gold transcripts for the same tasks.",
-                             "WER/CER use Whisper's English normaliser, as domain-asr does; orders/*_accuracy is "
-                             "exact match per slot over the test orders that have it."])
+                      notes=list(REPORT_NOTES))
 
     def evaluate(self, cfg: AudioLLMConfig, checkpoint: Path, ctx: RunContext) -> None:
         report, log = ctx.report, ctx.log
@@ -190,6 +186,14 @@ class AudioLLM(Recipe):
         report.update(metrics={"after": after}, items=pair_task_items({"after": items}),
                       plots=task_plots(ctx.run_dir, {"after": after}))
         log("checkpoint: " + _line(after))
+
+    def generate(self, cfg: AudioLLMConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
+        wave = read_recording(input_file)
+        model, tok, _ = self.build_model(cfg, log)
+        ckpt.load_trained(model, checkpoint)
+        return generate_about(model, tok, input_file, prompts, template=AUDIO_TEMPLATE, placeholder=AUDIO_PLACEHOLDER,
+                              load=lambda _: wave, max_length=cfg.max_length, batch_size=cfg.eval.batch_size,
+                              max_new_tokens=cfg.eval.max_new_tokens, precision=resolve_precision(cfg.train.precision))
 
     def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),

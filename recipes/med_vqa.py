@@ -23,8 +23,7 @@ from modaltune.shared.loss import unwrap_peft
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
-from modaltune.shared.compose_data import ComposedDataset, generate_composed
-from modaltune.shared.skips import Skips
+from modaltune.shared.compose_data import generate_about
 from modaltune.vision.data import PLACEHOLDER, VQA_TEMPLATE
 from modaltune.vision.images import load_image
 from modaltune.vision.vqa import (SETS, VQADataConfig, VQAEvalConfig, confusion_plot, fill_image_cache, image_cache,
@@ -166,16 +165,10 @@ class MedVQA(Recipe):
             raise ModaltuneError("med-vqa answers questions about an image: give it with --input IMAGE")
         model, tok, _ = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
-        rows = [{"id": f"prompt{i}", "input": input_file, "prompt": VQA_TEMPLATE.format(question=q), "target": ""}
-                for i, q in enumerate(prompts)]
-        skipped = Skips()
-        data = ComposedDataset(rows, tok, None, placeholder=PLACEHOLDER, max_length=cfg.data.max_length, skipped=skipped)
-        if skipped:
-            raise ModaltuneError(f"a prompt is longer than data.max_length={cfg.data.max_length} tokens; shorten it "
-                                 "or pass --set data.max_length=N")
-        return generate_composed(model, tok, data, batch_size=cfg.eval.batch_size, encoder=model.encoder,
-                                 load=load_image, max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
-                                 precision=resolve_precision(cfg.train.precision), desc="answering")
+        return generate_about(model, tok, input_file, prompts, template=VQA_TEMPLATE, placeholder=PLACEHOLDER,
+                              load=load_image, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
+                              max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
+                              precision=resolve_precision(cfg.train.precision))
 
     def save_merged(self, cfg: MedVQAConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),

@@ -12,15 +12,15 @@ from typing import Any
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.config import doc, to_dict
-from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.harness import (data_line, deploy_generation_config, measure_before, merged, metric_line,
                                       pair_items, timed)
 from modaltune.shared.lm import ModelConfig, build_text_model
-from modaltune.shared.peft import ComponentConfig
+from modaltune.shared.peft import PROMPT_METHODS, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
-from modaltune.text.data import (Example, InstructionDataConfig, PadCollator, PromptFormatter, plain_chat_template,
-                                 prompt_style, tokenized_splits)
+from modaltune.text.data import (Example, InstructionDataConfig, PackedCollator, PackedDataset, PadCollator,
+                                 PromptFormatter, plain_chat_template, prompt_style, tokenized_splits)
 from modaltune.text.eval import GenerationEvalConfig, generate, measure_text
 
 
@@ -34,6 +34,11 @@ class TextSFTConfig:
     train: TrainConfig = doc(TrainConfig, "optimisation")
     eval: GenerationEvalConfig = doc(GenerationEvalConfig, "generation for evaluation")
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
+
+    def validate(self, where: str) -> None:
+        if self.data.packing and self.llm.method in PROMPT_METHODS:
+            raise ConfigError(f"data.packing with llm.method={self.llm.method}: virtual tokens are prepended to each "
+                              "row, not to each packed example; turn packing off or use another method")
 
 
 class TextSFT(Recipe):
@@ -77,10 +82,16 @@ class TextSFT(Recipe):
             before, before_items = measure_before(ctx.run_dir, cfg.train.resume, lambda: measure("before"))
         report["metrics"]["before"] = before
         ctx.log("before: " + metric_line(before, digits=4))
+        train, collator = sets["train"], PadCollator(tok.pad_token_id)
+        if cfg.data.packing:
+            train, collator = PackedDataset(train, cfg.data.max_length), PackedCollator(tok.pad_token_id)
+            report["data"]["train"]["packed_rows"] = len(train)
+            ctx.log(f"packed {len(sets['train'])} training examples into {len(train)} rows of up to "
+                    f"{cfg.data.max_length} tokens ({100 * train.fill:.0f}% filled)")
         with timed(report, "train_seconds"):
             result = run_stages(
-                model, [StagePlan("sft", sets["train"], sets["validation"] if len(sets["validation"]) else None)],
-                cfg.train, run_dir=ctx.run_dir, collator=PadCollator(tok.pad_token_id),
+                model, [StagePlan("sft", train, sets["validation"] if len(sets["validation"]) else None)],
+                cfg.train, run_dir=ctx.run_dir, collator=collator,
                 component_lrs={"llm": cfg.llm.lr} if cfg.llm.lr else {}, tokenizer=tok, log=ctx.log,
                 checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source,
                                  "prompt_style": report["model"]["prompt_style"]})

@@ -2,10 +2,11 @@
 
 A checkpoint folder holds:
 
-- ``trained.safetensors``: every trained tensor of the model (LoRA/DoRA/IA3/prompt weights and any fully-trained
-  module such as a projector), keyed by its name in the model.
-- ``modaltune.json``: recipe name, the resolved config, per-component parameter counts, library versions.
-- ``adapter/<component>/``: the same adapters as a standard PEFT folder, for use outside modaltune.
+- ``adapter/<component>/``: each component's adapters as a standard PEFT folder, loadable outside modaltune.
+- ``trained.safetensors``: every other trained tensor (a projector, a fully-trained module, anything a PEFT folder
+  does not hold exactly), keyed by its name in the model. Each trained weight is stored once.
+- ``modaltune.json``: recipe name, the resolved config, per-component parameter counts, library versions, and
+  ``adapter_tensors``: which trained tensor lies under which key of which adapter file.
 - ``COMPLETE``: written last, after every other file of the folder (the Trainer's optimizer, scheduler, RNG and
   state files included). It lists each file with its size and SHA-256, so a folder whose write was cut short, or
   whose files were truncated or altered afterwards, is recognised and never loaded or resumed from.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +36,8 @@ from modaltune.shared.io import atomic_write, atomic_write_json
 WEIGHTS = "trained.safetensors"
 META = "modaltune.json"
 MARKER = "COMPLETE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adapter tensors stored once, in the PEFT folders (1: also in trained.safetensors)
+ADAPTER_FILE = "adapter_model.safetensors"
 LEGACY_MARKER = "ok\n"  # markers written before checkpoints listed their files
 
 
@@ -68,17 +71,19 @@ def save_checkpoint(
     if marker.exists():
         marker.unlink()  # being rewritten: not complete until the end
     state = model.trained_state_dict()
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    in_adapters = _export_adapters(model, path / "adapter", state, meta.get("model_source"))
+    own = {name: tensor for name, tensor in state.items() if name not in in_adapters}
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(own, tmp, metadata={"format": "pt"}))
     record = {
         "format_version": FORMAT_VERSION,
         **meta,
         "parameters": model.parameter_report(),
         "tensors": len(state),
+        "adapter_tensors": in_adapters,
         "versions": versions(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_json(path / META, record)
-    _export_adapters(model, path / "adapter", meta.get("model_source"))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path / "tokenizer"))
     if mark_complete:
@@ -153,19 +158,78 @@ def is_complete(path: str | Path) -> bool:
     return problem(path, hashes=False) is None
 
 
-def _export_adapters(model: Any, folder: Path, source: dict | None = None) -> None:
-    """Each component's adapters as a PEFT folder. The base model is named as the user named it (hub id, zoo name or
-    folder), not by the cache path it was loaded from, so the folder means the same on another machine."""
+def _export_adapters(model: Any, folder: Path, state: dict[str, torch.Tensor],
+                     source: dict | None = None) -> dict[str, list[str]]:
+    """Each component's adapters as a PEFT folder; returns ``{trained name: [component, key]}`` for the trained
+    tensors a folder's ``adapter_model.safetensors`` holds bit for bit (those need no second copy).
+
+    The base model is named as the user named it (hub id, zoo name or folder), not by the cache path it was loaded
+    from, so the folder means the same on another machine.
+    """
+    by_storage = {(p.data_ptr(), tuple(p.shape)): name for name, p in model.named_parameters() if name in state}
+    stored: dict[str, list[str]] = {}
     for comp, root in model.components.items():
         module = model.get_submodule(root)
-        if hasattr(module, "peft_config") and hasattr(module, "save_pretrained"):
-            module.save_pretrained(str(folder / comp))
-            config = folder / comp / "adapter_config.json"
-            if source and source.get("name") and config.is_file():
-                data = json.loads(config.read_text(encoding="utf-8"))
-                if data.get("base_model_name_or_path") == str(source.get("path")):
-                    data["base_model_name_or_path"] = str(source["name"])
-                    atomic_write_json(config, data)
+        if not (hasattr(module, "peft_config") and hasattr(module, "save_pretrained")):
+            continue
+        module.save_pretrained(str(folder / comp))
+        config = folder / comp / "adapter_config.json"
+        if source and source.get("name") and config.is_file():
+            data = json.loads(config.read_text(encoding="utf-8"))
+            if data.get("base_model_name_or_path") == str(source.get("path")):
+                data["base_model_name_or_path"] = str(source["name"])
+                atomic_write_json(config, data)
+        from peft import get_peft_model_state_dict
+
+        saved = load_file(str(folder / comp / ADAPTER_FILE)) if (folder / comp / ADAPTER_FILE).is_file() else {}
+        for key, tensor in get_peft_model_state_dict(module).items():
+            name = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
+            if name is not None and key in saved and torch.equal(saved[key], state[name]):
+                stored[name] = [comp, key]
+    return stored
+
+
+def read_trained(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every trained tensor of a checkpoint by its name in the model: ``trained.safetensors`` and the adapter tensors
+    its record places in the PEFT folders.
+
+    Raises:
+        ModaltuneError: a weights file is damaged or missing (the file is named, with the way out).
+    """
+    path = Path(path)
+
+    def read(file: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(file), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise ModaltuneError(
+                f"checkpoint {str(path)!r}: {file.relative_to(path)} cannot be read ({exc.__class__.__name__}: "
+                f"{exc}); the file is damaged: use an earlier checkpoint-N of the run, or retrain"
+            ) from None
+
+    state = read(path / WEIGHTS)
+    placed = {}
+    meta_file = path / META
+    if meta_file.is_file():
+        try:
+            placed = json.loads(meta_file.read_text(encoding="utf-8")).get("adapter_tensors") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ModaltuneError(f"checkpoint {str(path)!r}: {META} is not a modaltune record") from None
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for name, where in placed.items():
+        if not (isinstance(where, list) and len(where) == 2 and all(isinstance(w, str) for w in where)):
+            raise ModaltuneError(f"checkpoint {str(path)!r}: {META} places {name!r} nowhere readable")
+        comp, key = where
+        if comp not in files:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", comp):
+                raise ModaltuneError(f"checkpoint {str(path)!r}: {META} names an adapter folder {comp!r} that is not "
+                                     "a component name")
+            files[comp] = read(path / "adapter" / comp / ADAPTER_FILE)
+        if key not in files[comp]:
+            raise ModaltuneError(f"checkpoint {str(path)!r}: adapter/{comp}/{ADAPTER_FILE} has no tensor {key!r}; "
+                                 "the folder was changed after saving: use an earlier checkpoint-N, or retrain")
+        state[name] = files[comp][key]
+    return state
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -191,13 +255,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_trained(model: Any, path: str | Path) -> None:
     """Copy the saved trained tensors into ``model`` (built from the same config); keys must match exactly."""
     path = Path(path)
-    try:
-        state = load_file(str(path / WEIGHTS), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for a damaged file
-        raise ModaltuneError(
-            f"checkpoint {str(path)!r}: {WEIGHTS} cannot be read ({exc.__class__.__name__}: {exc}); the file is "
-            "damaged: use an earlier checkpoint-N of the run, or retrain"
-        ) from None
+    state = read_trained(path)
     expected = model.trained_state_dict().keys()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

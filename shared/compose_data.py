@@ -152,3 +152,26 @@ def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size:
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     return out
+
+
+def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template: str, placeholder: str,
+                   load: Callable[[Any], Any], max_length: int, batch_size: int, max_new_tokens: int,
+                   num_beams: int = 1, precision: str = "fp32") -> list[str]:
+    """The composed model's answer to each prompt about one input ``item`` (an image or clip path; ``load`` reads
+    it), each prompt put into ``template`` (``{instruction}`` or ``{question}``) as in training.
+
+    Raises:
+        ModaltuneError: a prompt is longer than ``max_length`` tokens.
+    """
+    from modaltune.shared.errors import ModaltuneError
+
+    rows = [{"id": f"prompt{i}", "input": item, "prompt": template.format(instruction=p, question=p), "target": ""}
+            for i, p in enumerate(prompts)]
+    skipped = Skips()
+    data = ComposedDataset(rows, tokenizer, None, placeholder=placeholder, max_length=max_length, skipped=skipped)
+    if skipped:
+        raise ModaltuneError(f"a prompt is longer than max_length={max_length} tokens; shorten it or raise the "
+                             "recipe's max_length with --set")
+    return generate_composed(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, encoder=model.encoder, load=load, desc="answering",
+                             precision=precision)

@@ -100,6 +100,8 @@ class CausalLMModel(ModaltuneModel):
         num_items = kwargs.pop("num_items_in_batch", None)
         if labels is None:
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # packed rows come with position_ids and no mask (see text.data.PackedDataset)
+        extra = {"position_ids": kwargs["position_ids"]} if kwargs.get("position_ids") is not None else {}
         loss = causal_lm_loss(
             self.llm,
             labels=labels,
@@ -107,6 +109,7 @@ class CausalLMModel(ModaltuneModel):
             num_items_in_batch=num_items,
             input_ids=input_ids,
             attention_mask=attention_mask,
+            **extra,
         )
         return {"loss": loss}
 

@@ -46,10 +46,13 @@ def block_input(block: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
 class ModaltuneModel(nn.Module):
     """Base class: subclasses set ``self.components`` (name -> module path) and implement ``forward``.
 
-    ``forward(**batch)`` returns a mapping with ``loss`` when ``labels`` are given, as the Trainer expects.
+    ``forward(**batch)`` returns a mapping with ``loss`` when ``labels`` are given, as the Trainer expects: the mean
+    over labelled tokens, position ``t`` predicting ``labels[t+1]`` (``shifted_labels``; an encoder-decoder whose
+    labels are already aligned sets it False).
     """
 
     components: dict[str, str]
+    shifted_labels: bool = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ from modaltune.shared import dist
 from modaltune.shared.config import doc
 from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.loss import IGNORE_INDEX
 from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
 from modaltune.shared.tracking import check_report_to, trainer_report_to
 
@@ -207,6 +208,36 @@ class ModaltuneTrainer(Trainer):
             ckpt.write_marker(folder)
             ckpt.rotate(run_dir, self.keep_checkpoints)
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        """Validation loss as the report measures it: the mean over every labelled token of the whole split.
+
+        The Trainer's own loop averages per-batch means (and, under a launcher, each rank's shard padded to equal
+        size), which gives a second, different validation loss for the same split. Here every rank runs the whole
+        split in order on its unwrapped model (no collective inside), so the training curve's last evaluation and
+        the report's ``validation/loss`` are one figure.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        model, size = self.model, self.args.per_device_eval_batch_size
+        shifted = getattr(model, "shifted_labels", True)
+        was_training = model.training
+        model.eval()
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(dataset), size):
+                batch = self._prepare_inputs(self.data_collator(
+                    [dataset[i] for i in range(start, min(start + size, len(dataset)))]))
+                labels = batch["labels"][:, 1:] if shifted else batch["labels"]
+                n = int((labels != IGNORE_INDEX).sum())
+                with self.compute_loss_context_manager():
+                    loss = model(**batch)["loss"]
+                total += float(loss) * n
+                tokens += n
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_loss": total / max(tokens, 1)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def loss_sum(self) -> float:
         """Sum of the per-step training losses of this stage so far, steps before a resume included."""
         pending = getattr(self, "_tr_loss", None)
@@ -375,8 +406,10 @@ def run_stages(
             "resumed_from": str(resume_from) if resume_from else None,
             "precision": precision,
         }
-        if evaluate:
-            summary["eval_loss"] = trainer.evaluate().get("eval_loss")
+        if evaluate:  # the evaluation of the last step, if the schedule made one, else one now
+            done = [r["eval_loss"] for r in rows if r.get("stage") == stage.name and "eval_loss" in r
+                    and r.get("step") == trainer.state.global_step]
+            summary["eval_loss"] = done[-1] if done else trainer.evaluate().get("eval_loss")
         summaries.append(summary)
         if main:
             ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})

@@ -209,6 +209,15 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
     trained = {it["id"]: it["after"] for it in report["items"]}
     assert merged_text == [trained[f"{k}:transcribe"] for k in waves]  # the merge writes what the run wrote
 
+    from modaltune.shared.errors import ModaltuneError
+    from modaltune.shared.recipe import generate
+
+    clip = sets["test"][0]  # `modaltune generate --input FILE` answers as the run did for that recording
+    said = generate(report["checkpoint"], ["Transcribe the audio exactly."], clip.path, log=lambda *_: None)
+    assert said == [trained[f"{clip.id}:transcribe"]]
+    with pytest.raises(ModaltuneError, match="--input AUDIO"):
+        generate(report["checkpoint"], ["Transcribe."], None, log=lambda *_: None)
+
 
 def test_word_grounding_on_transcripts_ignores_padding_frames(tiny_whisper, tiny_gemma):
     """With ``norm=both`` and ``word_grounding``, transcription rows pull each clip's word tokens onto its

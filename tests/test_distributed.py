@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from modaltune.shared.checkpoint import read_trained
 
 pytestmark = pytest.mark.distributed
 
@@ -66,8 +66,8 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(ddp_and_single):
     assert len(l2) == len(l1) == 4
     assert l2 == pytest.approx(l1, abs=1e-5)
     assert l1[0] != pytest.approx(l1[-1], abs=1e-3)  # it trained, so equal losses say something
-    w2 = load_file(str(root / "two" / "checkpoint" / "trained.safetensors"))
-    w1 = load_file(str(root / "one" / "checkpoint" / "trained.safetensors"))
+    w2 = read_trained(root / "two" / "checkpoint")
+    w1 = read_trained(root / "one" / "checkpoint")
     assert w2.keys() == w1.keys() and w2
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0)
@@ -175,8 +175,8 @@ def test_composed_recipe_two_ranks_equal_one_process(tmp_path, tiny_llama, vqa_f
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     l2, l1 = _losses(tmp_path / "two"), _losses(tmp_path / "one")
     assert len(l2) == len(l1) == 3 and l2 == pytest.approx(l1, abs=1e-5)
-    w2 = load_file(str(tmp_path / "two" / "checkpoint" / "trained.safetensors"))
-    w1 = load_file(str(tmp_path / "one" / "checkpoint" / "trained.safetensors"))
+    w2 = read_trained(tmp_path / "two" / "checkpoint")
+    w1 = read_trained(tmp_path / "one" / "checkpoint")
     assert any(k.startswith("projector.") for k in w1) and w2.keys() == w1.keys()
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0)

@@ -151,9 +151,8 @@ def test_cached_features_give_the_same_loss_and_checkpoint_round_trip(tiny_llama
     with torch.no_grad():
         ckpt.load_trained(fresh, tmp_path / "c")
         assert torch.equal(model(**batch)["loss"], fresh(**batch)["loss"])
-    from safetensors.torch import load_file
 
-    saved = set(load_file(str(tmp_path / "c" / ckpt.WEIGHTS)))
+    saved = set(ckpt.read_trained(tmp_path / "c"))
     assert {k for k in saved if k.startswith("projector.")} == {"projector.inner.weight", "projector.inner.bias",
                                                                   "projector.norm.weight"}
     assert all(k.startswith(("projector.", "llm.")) for k in saved)
@@ -359,12 +358,18 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
     llm = AutoModelForCausalLM.from_pretrained(str(merged / "llm"))
     assert not any("lora" in n for n, _ in llm.named_parameters())
-    trained = load_file(str(out / "checkpoint" / ckpt.WEIGHTS))
+    trained = ckpt.read_trained(out / "checkpoint")
     merged_proj = load_file(str(merged / "projector.safetensors"))
     assert set(merged_proj) == {k.removeprefix("projector.") for k in trained if k.startswith("projector.")}
     assert all(torch.equal(v, trained["projector." + k]) for k, v in merged_proj.items())
     assert merged_proj["words.words"].any()  # the anchor words travel with the projector
     assert json.loads((merged / "composition.json").read_text())["projector"]["group"] == 4
+
+    from modaltune.shared.recipe import generate
+
+    item = report["items"][0]  # `modaltune generate --input IMAGE` answers as the run did for that question
+    said = generate(str(out / "checkpoint"), [item["question"]], str(vqa_files / item["image"]), log=lambda *_: None)
+    assert said == [item["after"]]
 
 
 def test_feature_cache_can_be_turned_off_or_kept_on_disk(tiny_llama, vqa_files, tmp_path):

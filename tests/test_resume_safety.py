@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,7 +141,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_line_naming_it(tmp_path
         ckpt.read_meta(stage_dir / "checkpoint-6")
 
 
-def test_a_damaged_weights_file_behind_an_old_marker_fails_with_the_checkpoint_named(tmp_path, straight):
+@pytest.mark.parametrize("damaged", [ckpt.WEIGHTS, f"adapter/llm/{ckpt.ADAPTER_FILE}"])
+def test_a_damaged_weights_file_behind_an_old_marker_fails_with_the_checkpoint_named(tmp_path, straight, damaged):
     import shutil
 
     want, _, source = straight
@@ -148,14 +150,14 @@ def test_a_damaged_weights_file_behind_an_old_marker_fails_with_the_checkpoint_n
     shutil.copytree(source / "checkpoint", folder)
     (folder / ckpt.MARKER).write_text(ckpt.LEGACY_MARKER)  # a checkpoint written before markers listed files
     assert ckpt.problem(folder) is None
-    weights = folder / ckpt.WEIGHTS
-    weights.write_bytes(weights.read_bytes()[:100])
+    weights = folder / damaged
+    weights.write_bytes(weights.read_bytes()[:6])
 
     class Holder(torch.nn.Module):
         def trained_state_dict(self):
             return want
 
-    with pytest.raises(ModaltuneError, match=r"old.*trained\.safetensors cannot be read.*earlier checkpoint"):
+    with pytest.raises(ModaltuneError, match=rf"old.*{re.escape(damaged)} cannot be read.*earlier checkpoint"):
         ckpt.load_trained(Holder(), folder)
 
 

@@ -180,3 +180,62 @@ def test_a_template_that_rewrites_earlier_turns_is_named_with_the_fix(tiny_llama
     with pytest.raises(DataError, match="chat.jsonl:3.*train_on=last"):
         PromptFormatter(tok, "chat", "all").encode(ex)
     assert PromptFormatter(tok, "chat", "last").encode(ex)[2]
+
+
+def test_packed_rows_train_exactly_as_the_examples_apart(tiny_llama, tiny_gemma, sft_data):
+    """A packed row's loss is the token-weighted loss of its examples run one by one: each example attends only to
+    itself (sdpa, block-diagonal mask from the position ids), and no loss crosses a boundary."""
+    import torch
+
+    from modaltune.shared.lm import CausalLMModel
+    from modaltune.text.data import PackedCollator, PackedDataset
+    from transformers import AutoModelForCausalLM
+
+    for folder in (tiny_llama, tiny_gemma):  # gemma: sliding-window and full attention layers
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        data = load_splits(InstructionDataConfig(source=str(sft_data), split=[1.0, 0.0, 0.0]))
+        ds = TokenizedDataset(data.examples["train"][:9], PromptFormatter(tok, "plain"), 256, Skips())
+        packed = PackedDataset(ds, 120)
+        assert len(packed) < len(ds) and 0.5 < packed.fill <= 1.0
+        assert sorted(len(r["input_ids"]) for r in packed.rows) and all(len(r["input_ids"]) <= 120 for r in packed)
+        assert sum(len(r["input_ids"]) for r in packed) == sum(len(x["input_ids"]) for x in ds)
+        torch.manual_seed(0)
+        model = CausalLMModel(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)).eval()
+        multi = [i for i, r in enumerate(packed.rows) if r["position_ids"].count(0) > 1]
+        assert len(multi) >= 2  # rows holding several examples, padded to a common width below
+        with torch.no_grad():
+            batch = PackedCollator(tok.pad_token_id)([packed[multi[0]], packed[multi[1]]])
+            assert "attention_mask" not in batch
+            packed_loss = float(model(**batch)["loss"])
+            total, count = 0.0, 0
+            for row in multi[:2]:  # the same examples, one at a time
+                start = 0
+                for n in _example_lengths(packed[row]["position_ids"]):
+                    ids = torch.tensor([packed[row]["input_ids"][start:start + n]])
+                    labels = torch.tensor([packed[row]["labels"][start:start + n]])
+                    k = int((labels[:, 1:] != -100).sum())
+                    total += float(model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)["loss"]) * k
+                    count += k
+                    start += n
+            assert packed_loss == pytest.approx(total / count, abs=1e-5)
+            unmasked = dict(batch, position_ids=torch.arange(batch["input_ids"].size(1)).repeat(2, 1))
+            assert float(model(**unmasked)["loss"]) != pytest.approx(packed_loss, abs=1e-3)  # boundaries matter
+
+
+def _example_lengths(positions):
+    lengths, n = [], 0
+    for p in positions:
+        if p == 0 and n:
+            lengths.append(n)
+            n = 0
+        n += 1
+    return lengths + [n]
+
+
+def test_packing_with_virtual_tokens_is_refused():
+    from modaltune.recipes.text_sft import TextSFTConfig
+    from modaltune.shared.config import from_dict
+    from modaltune.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="packing.*prompt_tuning"):
+        from_dict(TextSFTConfig, {"data": {"packing": True}, "llm": {"method": "prompt_tuning"}})

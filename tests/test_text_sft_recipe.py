@@ -75,6 +75,25 @@ def test_eval_and_merge_reproduce_the_trained_model(tmp_path, tiny_llama, sft_da
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def _weights_stored_once_and_the_peft_folder_loads(checkpoint, base):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from modaltune.shared import checkpoint as ckpt
+
+    own = load_file(str(checkpoint / ckpt.WEIGHTS))
+    everything = ckpt.read_trained(checkpoint)
+    lora = [k for k in everything if "lora_" in k]
+    assert lora and not [k for k in own if "lora_" in k]  # the LoRA tensors live only in the PEFT folder
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)),
+                                           str(checkpoint / "adapter" / "llm")).eval()
+    loaded = dict(peft_model.named_parameters())
+    for name in lora:  # the plain PEFT folder holds exactly the trained tensors
+        local = name.split(".", 1)[1]  # drop the component root ("llm.")
+        assert torch.equal(loaded[local], everything[name]), name
+
+
 def test_merged_model_chats_in_its_trained_format_with_plain_transformers(tmp_path, tiny_llama, sft_data, capsys):
     """The merged folder carries the prompt format (chat template), greedy decoding that stops at EOS, the dtype
     asked for; `modaltune generate` and a plain transformers chat give the same answer."""
@@ -86,6 +105,7 @@ def test_merged_model_chats_in_its_trained_format_with_plain_transformers(tmp_pa
     assert code == 0
     adapter = json.loads((out / "checkpoint" / "adapter" / "llm" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tiny_llama)  # as the user named it, not a cache path
+    _weights_stored_once_and_the_peft_folder_loads(out / "checkpoint", tiny_llama)
     half = tmp_path / "merged-bf16"
     assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(half), "--dtype", "bf16"]) == 0
     assert AutoModelForCausalLM.from_pretrained(str(half)).dtype == torch.bfloat16
@@ -105,6 +125,11 @@ def test_merged_model_chats_in_its_trained_format_with_plain_transformers(tmp_pa
     with torch.no_grad():
         ids = model.generate(torch.tensor([chat]))[0, len(chat):]
     answer = tok.decode(ids, skip_special_tokens=True).strip()
+    from transformers import pipeline
+
+    chat = pipeline("text-generation", model=str(merged))  # the README's three lines
+    said = chat([{"role": "user", "content": question}])[0]["generated_text"][-1]
+    assert said["role"] == "assistant" and said["content"].strip() == answer
 
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out / "checkpoint"), question]) == 0
@@ -214,3 +239,23 @@ def test_trackers_get_the_curve_and_the_before_after_metrics(tmp_path, tiny_llam
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mlflow" else real(n, *a))
     assert main(["run", "text-sft", "--out", str(tmp_path / "y"), "train.report_to=[mlflow]"]) == 2
     assert "pip install mlflow" in capsys.readouterr().err
+
+
+def test_one_validation_loss_per_split(tmp_path, tiny_llama, sft_data):
+    """The training curve's evaluation at the last step and the report's validation/loss are the same figure
+    (both the mean over every labelled token of the split)."""
+    code, out = _run(tmp_path, tiny_llama, sft_data, "train.eval_steps=2", "train.eval_batch_size=3",
+                     "train.lr=1e-2")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    evals = [r for r in report["training"]["curve"] if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and evals[0]["eval_loss"] != evals[1]["eval_loss"]
+    assert evals[-1]["eval_loss"] == pytest.approx(report["metrics"]["after"]["validation/loss"], rel=1e-6)
+
+
+def test_packed_training_runs_end_to_end(tmp_path, tiny_llama, sft_data):
+    code, out = _run(tmp_path, tiny_llama, sft_data, "data.packing=true", "data.max_length=160", "train.batch_size=2")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and 0 < report["data"]["train"]["packed_rows"] < report["data"]["train"]["kept"]
+    assert report["metrics"]["after"]["test/loss"] != report["metrics"]["before"]["test/loss"]

@@ -165,6 +165,26 @@ def test_dicom_modality_lut_comes_before_the_window(tmp_path):
     assert np.abs(_pixels(load_image(tmp_path / "multi.dcm"))[..., 0] - expected).max() <= 0.5 + 1e-6
 
 
+def test_dicom_voi_lut_sequence_is_applied(tmp_path):
+    """A VOI LUT (a table, not a window) decides the display values when the file has one."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    first, entries = 0, 4096
+    table = (np.arange(entries)[::-1] ** 2 // 4096).astype(np.uint16)  # reversing, non-linear, 12-bit output
+    item = Dataset()
+    item.add_new(0x00283002, "US", [entries, first, 12])  # LUT Descriptor
+    item.add_new(0x00283006, "US", table.tolist())  # LUT Data
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(tmp_path / "lut.dcm")
+    raw = ds.pixel_array.astype(int)
+    expected = table[np.clip(raw - first, 0, entries - 1)].astype(float) * 255 / 4095
+    out = _pixels(load_image(tmp_path / "lut.dcm"))[..., 0]
+    assert np.abs(out - expected).max() <= 1
+    assert not np.array_equal(out, _pixels(load_image(get_testdata_file("MR_small.dcm")))[..., 0])
+
+
 def test_dicom_monochrome1_multiframe_colour_and_detection(tmp_path):
     mr = get_testdata_file("MR_small.dcm")
     normal = _pixels(load_image(mr))

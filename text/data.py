@@ -39,6 +39,8 @@ class InstructionDataConfig:
     columns: dict[str, str] = doc({}, "map our field names (instruction, context, input, response, output, "
                                       "messages, conversations, prompt, completion, category) to your columns")
     train_on: Literal["all", "last"] = doc("all", "loss on every assistant turn of a conversation, or the last only")
+    packing: bool = doc(False, "pack training examples into rows of max_length tokens (each example attends only "
+                               "to itself); train.batch_size then counts rows")
     hf_split: str = doc("train", "split to read from a datasets dataset")
     split: list[float] = doc([0.8, 0.1, 0.1], "train/validation/test fractions when the data has no split")
     split_seed: int = doc(42, "seed of the train/validation/test shuffle")
@@ -354,6 +356,66 @@ class PadCollator:
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Tokenised examples packed into rows of at most ``length`` tokens (first-fit decreasing, whole examples only).
+
+    Each row carries ``position_ids`` that restart at 0 for every example: with no attention mask, transformers turns
+    that into a block-diagonal causal mask (sdpa, eager and flash attention alike), so an example never attends to
+    its neighbours, and the loss never crosses a boundary (an example starts with a masked prompt token).
+    """
+
+    def __init__(self, dataset: TokenizedDataset, length: int) -> None:
+        order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in order:
+            n = len(dataset[i]["input_ids"])
+            slot = next((b for b, free in enumerate(room) if free >= n), None)
+            if slot is None:
+                bins.append([]), room.append(length)
+                slot = len(bins) - 1
+            bins[slot].append(i)
+            room[slot] -= n
+        self.rows = []
+        for members in bins:
+            ids, labels, positions = [], [], []
+            for i in sorted(members):  # dataset order inside a row
+                item = dataset[i]
+                ids += item["input_ids"]
+                labels += item["labels"]
+                positions += list(range(len(item["input_ids"])))
+            self.rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+        self.examples = dataset.examples
+        self.fill = sum(len(r["input_ids"]) for r in self.rows) / max(length * len(self.rows), 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+class PackedCollator:
+    """Right-pads packed rows; the padding gets its own positions (a block of its own) and no labels. No attention
+    mask: the positions mark the examples. An unpacked item (an evaluation example) is a row of one example."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.arange(width).repeat(len(batch), 1)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            positions[i, :n] = torch.tensor(b["position_ids"]) if "position_ids" in b else torch.arange(n)
+            positions[i, n:] = torch.arange(width - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def tokenized_splits(cfg: InstructionDataConfig, formatter: PromptFormatter

@@ -8,7 +8,6 @@ Anything that cannot be read raises :class:`ImageReadError` with a one-line mess
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
@@ -43,9 +42,10 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
       0..255 (a constant image becomes all zeros; NaNs become 0).
 
     DICOM files (suffix ``.dcm``/``.dicom``, or any file with the ``DICM`` preamble marker) are read with pydicom:
-    for greyscale, the Modality LUT (rescale slope/intercept) is applied, then the VOI window from
-    ``WindowCenter``/``WindowWidth`` (first value when several are given; ``VOILUTFunction`` LINEAR, LINEAR_EXACT or
-    SIGMOID) or, without a window, the min..max of the frame is mapped to 0..255; ``MONOCHROME1`` is inverted so
+    for greyscale, pydicom applies the Modality LUT (rescale slope/intercept) and then the first VOI transform (a VOI
+    LUT Sequence, else ``WindowCenter``/``WindowWidth`` with its ``VOILUTFunction``: LINEAR, LINEAR_EXACT or
+    SIGMOID), whose output range is mapped to 0..255; without a VOI transform the min..max of the frame is mapped
+    to 0..255; ``MONOCHROME1`` is inverted so
     that high values are bright. Multi-frame files give their middle frame. Colour files (RGB, YBR_* converted with
     pydicom's ``convert_color_space``, PALETTE COLOR through its lookup table) are scaled to 8 bits per sample.
 
@@ -190,46 +190,46 @@ def _load_dicom(path: Path) -> Image.Image:
         raise ImageReadError(f"cannot read DICOM {path}: unsupported photometric interpretation {photometric!r}")
 
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    window = _first_window(ds)
-    if window:
-        grey = _window_to_uint8(values, *window, function=str(ds.get("VOILUTFunction") or "LINEAR").strip().upper())
-    else:
-        grey = _minmax_to_uint8(values)
+    grey = _voi_to_uint8(values, ds)
     if photometric == "MONOCHROME1":
         grey = 255 - grey
     return Image.fromarray(grey, "L").convert("RGB")
 
 
-def _first_window(ds) -> tuple[float, float] | None:
-    """The first ``(WindowCenter, WindowWidth)`` pair of a dataset, or None when absent or unusable."""
-    from pydicom.multival import MultiValue
+def _voi_to_uint8(values: np.ndarray, ds) -> np.ndarray:
+    """Modality values to 0..255 through the dataset's first VOI transform, applied by pydicom (a VOI LUT Sequence,
+    else the Window Center/Width with its VOI LUT Function, PS3.3 C.11.2); the transform's output range is then
+    mapped onto 8 bits. Without a usable VOI transform the frame's min..max is used."""
+    from pydicom.pixels import apply_voi_lut
 
-    pair = []
-    for keyword in ("WindowCenter", "WindowWidth"):
-        value = ds.get(keyword)
-        if isinstance(value, (MultiValue, list, tuple)):
-            value = value[0] if len(value) else None
-        try:
-            pair.append(float(value))
-        except (TypeError, ValueError):
-            return None
-    center, width = pair
-    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
-        return None
-    return center, width
+    lut = (ds.get("VOILUTSequence") or [None])[0]
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if lut is None and not has_window:
+        return _minmax_to_uint8(values)
+    try:
+        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):  # an unusable window: show the data range
+        return _minmax_to_uint8(values)
+    if lut is not None and "LUTDescriptor" in lut:
+        low, high = 0.0, float(2 ** int(lut.LUTDescriptor[2]) - 1)
+    else:  # the range apply_windowing maps onto (PS3.3 C.11.2.1.2): the modality output's nominal range
+        low, high = _modality_range(ds)
+    if high <= low:
+        return _minmax_to_uint8(values)
+    return np.clip(np.rint((out - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
 
 
-def _window_to_uint8(values: np.ndarray, center: float, width: float, *, function: str = "LINEAR") -> np.ndarray:
-    """Apply a DICOM VOI window (PS3.3 C.11.2.1.2) mapping modality values to 0..255."""
-    if function == "SIGMOID":
-        out = 255.0 / (1.0 + np.exp(np.clip(-4.0 * (values - center) / width, -700, 700)))
-    elif function == "LINEAR_EXACT":
-        out = ((values - center) / width + 0.5) * 255.0
-    elif width <= 1:  # LINEAR with width 1 is a threshold at center - 0.5
-        out = np.where(values <= center - 0.5, 0.0, 255.0)
-    else:  # LINEAR (the default)
-        out = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def _modality_range(ds) -> tuple[float, float]:
+    """The nominal range of modality values that pydicom's windowing maps its output onto."""
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.get("BitsStored", 16) or 16)
+    low, high = (0.0, 2.0**bits - 1) if int(ds.get("PixelRepresentation", 0) or 0) == 0 else (
+        -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high
 
 
 def _scale_bits(arr: np.ndarray, bits: int) -> np.ndarray:
