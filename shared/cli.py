@@ -87,13 +87,15 @@ class _DropMessage:
 
 def quiet_third_party() -> None:
     """Silence third-party messages that say nothing to a modaltune user, on every command (not in tests, which
-    see them): bitsandbytes' note that an optional CPU kernel package is absent (its own fallback is used), and
-    peft's use of a transformers property renamed in v5."""
+    see them): bitsandbytes' note that an optional CPU kernel package is absent (its own fallback is used), peft's
+    use of a transformers property renamed in v5, and Whisper's generate noting the max_length it sets itself."""
     import logging
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         _DropMessage("Failed to load CPU gemm_4bit_forward"))
+    # Whisper's generate passes its own max_length beside the max_new_tokens modaltune sets; the latter applies
+    logging.getLogger("transformers.generation.utils").addFilter(_DropMessage("Both `max_new_tokens`"))
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 

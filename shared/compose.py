@@ -503,9 +503,10 @@ class ComposedLM(ModaltuneModel):
                                                  encoder_inputs, features, features_depth, features_lengths, False)
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=mask)
+        per_row = bool(kwargs.pop("per_row", False))  # each row's summed loss (preference training)
         loss = causal_lm_loss(self.llm, labels=labels, label_logits_only=self.label_logits_only,
-                              num_items_in_batch=num_items, inputs_embeds=embeds, attention_mask=mask)
-        if self.word_grounding and ground_words is not None and self.training:
+                              num_items_in_batch=num_items, inputs_embeds=embeds, attention_mask=mask, per_row=per_row)
+        if self.word_grounding and ground_words is not None and self.training and not per_row:
             extra = word_grounding_loss(self.projector, labels, ground_words, real)
             if extra is not None:
                 loss = loss + self.word_grounding * extra

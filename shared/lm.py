@@ -102,6 +102,8 @@ class CausalLMModel(ModaltuneModel):
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # packed rows come with position_ids and no mask (see text.data.PackedDataset)
         extra = {"position_ids": kwargs["position_ids"]} if kwargs.get("position_ids") is not None else {}
+        if kwargs.get("per_row"):  # each row's summed loss (preference training)
+            extra["per_row"] = True
         loss = causal_lm_loss(
             self.llm,
             labels=labels,

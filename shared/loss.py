@@ -24,6 +24,7 @@ def label_logits_cross_entropy(
     logit_scale: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     shift: bool = True,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Next-token cross entropy computing logits only at labelled positions.
 
@@ -36,21 +37,27 @@ def label_logits_cross_entropy(
         num_items_in_batch: token count to divide by (the whole accumulated batch); default: this batch's count.
         shift: ``True`` for causal LMs (position ``t`` predicts ``labels[t+1]``); ``False`` for encoder-decoders
             such as Whisper, whose decoder input is already shifted (position ``t`` predicts ``labels[t]``).
+        per_row: return each row's summed loss, ``(B,)`` (a sequence's negative log-likelihood, as preference losses
+            need), instead of the mean.
 
     Returns:
-        The mean loss over labelled tokens, as a scalar.
+        The mean loss over labelled tokens, as a scalar (``per_row``: the per-row sums).
     """
     shift_labels = labels[:, 1:] if shift else labels  # (B, T-1) or (B, T)
     mask = shift_labels != IGNORE_INDEX
     selected = (hidden[:, :-1] if shift else hidden)[mask]  # (N, D)
     targets = shift_labels[mask]  # (N,)
     if targets.numel() == 0:
-        return hidden.sum() * 0.0
+        return hidden.new_zeros(labels.size(0)) + hidden.sum() * 0.0 if per_row else hidden.sum() * 0.0
     logits = head(selected).float()  # (N, V)
     if logit_scale is not None:
         logits = logits * logit_scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if per_row:
+        token_loss = F.cross_entropy(logits, targets.to(logits.device), reduction="none")  # (N,)
+        rows = mask.nonzero()[:, 0].to(token_loss.device)  # the row of each selected position
+        return token_loss.new_zeros(labels.size(0)).index_add(0, rows, token_loss)
     loss = F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
     denom = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if isinstance(denom, torch.Tensor):
@@ -59,9 +66,15 @@ def label_logits_cross_entropy(
 
 
 def full_logits_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
+    per_row: bool = False,
 ) -> torch.Tensor:
-    """Reference next-token loss from full ``(B, T, V)`` logits (what plain transformers computes)."""
+    """Reference next-token loss from full ``(B, T, V)`` logits (what plain transformers computes); ``per_row``:
+    each row's summed loss."""
+    if per_row:
+        token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(logits.device),
+                                     ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+        return token_loss.sum(dim=1)
     shift_logits = logits[:, :-1].float().reshape(-1, logits.size(-1))
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
     loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -100,6 +113,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     label_logits_only: bool = True,
     num_items_in_batch: int | torch.Tensor | None = None,
+    per_row: bool = False,
     **inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Loss of a (possibly PEFT-wrapped) causal LM on ``inputs`` (``input_ids`` or ``inputs_embeds``, mask).
@@ -110,12 +124,13 @@ def causal_lm_loss(
     if not label_logits_only or uses_virtual_tokens(lm):
         out = lm(**inputs, use_cache=False)
         logits = out.logits[:, -labels.size(1) :]  # prompt tuning prepends virtual-token positions
-        return full_logits_cross_entropy(logits, labels, num_items_in_batch)
+        return full_logits_cross_entropy(logits, labels, num_items_in_batch, per_row=per_row)
     base = unwrap_peft(lm)
     body = base.get_decoder()
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
     return label_logits_cross_entropy(
-        hidden, labels, base.get_output_embeddings(), num_items_in_batch=num_items_in_batch, **head_transform(base.config)
+        hidden, labels, base.get_output_embeddings(), num_items_in_batch=num_items_in_batch, per_row=per_row,
+        **head_transform(base.config)
     )
 
 

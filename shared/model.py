@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.peft import count_parameters
+from modaltune.shared.peft import HALF_PLANS, count_parameters, draw_half
 
 
 class _Reached(Exception):
@@ -59,6 +59,7 @@ class ModaltuneModel(nn.Module):
         self.components = {}
         self._trained: set[str] = set()
         self._trained_buffers: set[str] = set()
+        self._half: dict[str, tuple[str, list[int]]] = {}  # hft components: blocks path in self, block indices
 
     def component_of(self, name: str) -> str | None:
         """The component a parameter or buffer name belongs to (longest matching root)."""
@@ -71,6 +72,8 @@ class ModaltuneModel(nn.Module):
     def record_trained(self, full_components: list[str] = ()) -> None:
         """Remember the currently trainable parameters (and buffers of fully-trained components) as trained."""
         self._trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        self._half = {comp: (f"{path}.{prefix}" if path else prefix, blocks) for path, module in self.named_modules()
+                      for comp, (prefix, blocks) in getattr(module, HALF_PLANS, {}).items()}
         self._trained_buffers = {
             n
             for n, b in self.named_buffers()
@@ -92,11 +95,25 @@ class ModaltuneModel(nn.Module):
                 out[name] = buf.detach().to("cpu").contiguous()
         return out
 
-    def set_stage_trainable(self, components: list[str] | None) -> None:
-        """Let only the trained parameters of ``components`` (all when ``None``) receive gradients."""
+    def set_stage_trainable(self, components: list[str] | None, draw: str = "") -> dict[str, dict]:
+        """Let only the trained parameters of ``components`` (all when ``None``) receive gradients.
+
+        A Half Fine-Tuning component (``method: hft``) trains the half of its block weights drawn for ``draw`` (the
+        seed and stage: a new half each stage, the same one on a rerun); returns each such component's draw summary.
+        """
         allowed = None if components is None else set(components)
+        half: set[str] = set()
+        drawn = {}
+        for comp, (prefix, blocks) in self._half.items():
+            if allowed is None or comp in allowed:
+                names, drawn[comp] = draw_half(self, prefix, blocks, f"{draw}:{comp}")
+                half |= names
         for name, param in self.named_parameters():
-            param.requires_grad_(name in self._trained and (allowed is None or self.component_of(name) in allowed))
+            on = name in self._trained and (allowed is None or self.component_of(name) in allowed)
+            if on and self.component_of(name) in drawn:
+                on = name in half
+            param.requires_grad_(on)
+        return drawn
 
     def parameter_report(self) -> dict[str, dict[str, int]]:
         """Trainable and total parameters per component, plus ``total``."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import random
 import re
 from typing import Literal
 
@@ -38,7 +39,9 @@ from torch import nn
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
 
-Method = Literal["frozen", "full", "lora", "dora", "qlora", "lora8bit", "ia3", "prompt_tuning", "prefix_tuning"]
+Method = Literal["frozen", "full", "hft", "lora", "dora", "qlora", "lora8bit", "ia3", "prompt_tuning",
+                 "prefix_tuning"]
+WEIGHT_METHODS = {"full", "hft"}  # train the component's own weights, no adapter
 LORA_FAMILY = {"lora", "dora", "qlora", "lora8bit"}
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning"}
 QUANTISED = {"qlora": "4bit", "lora8bit": "8bit"}
@@ -48,7 +51,8 @@ QUANTISED = {"qlora": "4bit", "lora8bit": "8bit"}
 class ComponentConfig:
     """How one component is tuned."""
 
-    method: Method = doc("frozen", "frozen | full | lora | dora | qlora | lora8bit | ia3 | prompt_tuning | prefix_tuning")
+    method: Method = doc("frozen", "frozen | full | hft (Half Fine-Tuning: half of each block's matrices, redrawn per "
+                                   "stage) | lora | dora | qlora | lora8bit | ia3 | prompt_tuning | prefix_tuning")
     lr: float | None = doc(None, "learning rate for this component (null: train.lr)")
     r: int = doc(16, "LoRA rank")
     alpha: float = doc(32.0, "LoRA alpha (scale = alpha / r)")
@@ -198,10 +202,11 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
     for spec in specs:
         by_method.setdefault(spec.config.method, []).append(spec)
     adapter_kinds = {
-        "lora" if m in LORA_FAMILY and m != "dora" else m for m in by_method if m not in {"full", "frozen"}
+        "lora" if m in LORA_FAMILY and m != "dora" else m for m in by_method if m not in WEIGHT_METHODS | {"frozen"}
     }
     if len(adapter_kinds) > 1:
-        names = ", ".join(f"{s.name}={s.config.method}" for s in specs if s.config.method not in {"full", "frozen"})
+        names = ", ".join(f"{s.name}={s.config.method}" for s in specs
+                          if s.config.method not in WEIGHT_METHODS | {"frozen"})
         raise ConfigError(
             f"one model can carry one adapter type, but its components ask for several ({names}); "
             "use the same method for them (e.g. all lora) or make some full/frozen"
@@ -210,7 +215,7 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
         param.requires_grad_(False)
 
     kind = next(iter(adapter_kinds), None)
-    adapter_specs = [s for s in specs if s.config.method not in {"full", "frozen"}]
+    adapter_specs = [s for s in specs if s.config.method not in WEIGHT_METHODS | {"frozen"}]
     if kind is not None:
         if kind in PROMPT_METHODS:
             if not causal_lm or len(adapter_specs) != 1 or adapter_specs[0].root:
@@ -250,15 +255,90 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
             if any(s.config.method in QUANTISED for s in adapter_specs):
                 model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             model = peft.get_peft_model(model, cfg)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for spec in by_method.get("full", []):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         module = base.get_submodule(spec.root) if spec.root else base
         wanted = block_indices(base, spec.root, spec.config.layers, spec.name)
         path = block_list(base, spec.root, spec.name)[0] if wanted is not None else ""
         for name, param in module.named_parameters():
             if param.dtype.is_floating_point and (wanted is None or _in_blocks(name, path, set(wanted))):
                 param.requires_grad_(True)
+    for spec in by_method.get("hft", []):  # every block weight may train; each stage picks its half (HalfPlan)
+        path, n = block_list(base, spec.root, spec.name)
+        wanted = block_indices(base, spec.root, spec.config.layers, spec.name) or list(range(n))
+        prefix = ".".join(p for p in (spec.root, path) if p)
+        for i in wanted:
+            for param in base.get_submodule(f"{prefix}.{i}").parameters():
+                if param.dtype.is_floating_point:
+                    param.requires_grad_(True)
+        plans = getattr(base, HALF_PLANS, {})
+        plans[spec.name] = (prefix, wanted)
+        setattr(base, HALF_PLANS, plans)
     return model
+
+
+HALF_PLANS = "_modaltune_half_plans"  # on a transformers model: component -> (blocks path, block indices) for hft
+
+
+def _attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in block.named_modules() if n and "attention" in type(m).__name__.lower()
+            and not any(isinstance(c, nn.ModuleList) for c in m.children())]
+
+
+def _linear_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_children() if isinstance(m, nn.Linear)
+            or type(m).__name__ in {"Linear4bit", "Linear8bitLt", "Conv1D"}]
+
+
+def half_selection(block: nn.Module, rng: random.Random, ffn_more: bool) -> dict[str, list[str]]:
+    """The modules of one transformer block that Half Fine-Tuning trains in a stage (names relative to the block),
+    by part: ``attention``, ``feed_forward``, ``norm``.
+
+    - attention: in each attention module, half of its projection matrices; they are paired by size (the two largest
+      together: q with o, k with v under grouped-query attention) and one of each pair is drawn, so the half is half
+      of the parameters too;
+    - feed-forward: of the block's other matrices (gate/up/down, fc1/fc2) the larger half when ``ffn_more`` (2 of 3),
+      else the smaller half (1 of 3); 2-matrix FFNs train 1 either way;
+    - norms: half of the block's normalisation layers (1 of 2), drawn separately inside attention (q/k norms).
+    Embeddings and the output head are outside blocks and never train.
+    """
+    picked: dict[str, list[str]] = {"attention": [], "feed_forward": [], "norm": []}
+    in_attention: set[str] = set()
+    for name, attn in _attention_modules(block):
+        mats = sorted(_linear_children(attn), key=lambda nm: (-nm[1].weight.numel(), nm[0]))
+        in_attention |= {f"{name}.{n}" for n, _ in attn.named_modules() if n} | {name}
+        for pair in (mats[i:i + 2] for i in range(0, len(mats), 2)):
+            picked["attention"].append(f"{name}.{rng.choice(pair)[0]}")
+        norms = [f"{name}.{n}" for n, m in attn.named_modules() if n and "norm" in type(m).__name__.lower()]
+        picked["norm"] += rng.sample(norms, len(norms) // 2)
+    ffn = sorted(n for n, m in block.named_modules() if n and n not in in_attention and
+                 (isinstance(m, nn.Linear) or type(m).__name__ in {"Linear4bit", "Linear8bitLt", "Conv1D"}))
+    picked["feed_forward"] = sorted(rng.sample(ffn, (len(ffn) + 1) // 2 if ffn_more else len(ffn) // 2))
+    norms = sorted(n for n, m in block.named_modules() if n and n not in in_attention
+                   and "norm" in type(m).__name__.lower() and not list(m.children()))
+    picked["norm"] += sorted(rng.sample(norms, len(norms) // 2 if len(norms) > 1 else len(norms)))
+    return picked
+
+
+def draw_half(model: nn.Module, prefix: str, blocks: list[int], key: str) -> tuple[set[str], dict]:
+    """Half Fine-Tuning's draw for one component and stage: the parameter names (relative to ``model``) that train,
+    and a summary for the report. ``key`` (seed and stage) seeds the draw, so each stage redraws and a rerun draws
+    the same."""
+    rng = random.Random(key)
+    more = set(rng.sample(blocks, len(blocks) // 2 + (len(blocks) % 2 and rng.random() < 0.5)))
+    names: set[str] = set()
+    counts: dict[str, int] = {}
+    block_params = 0
+    for i in blocks:
+        block = model.get_submodule(f"{prefix}.{i}")
+        block_params += sum(p.numel() for p in block.parameters() if p.dtype.is_floating_point)
+        for part, modules in half_selection(block, rng, i in more).items():
+            for mod in modules:
+                counts[mod.rsplit(".", 1)[-1]] = counts.get(mod.rsplit(".", 1)[-1], 0) + 1
+                names |= {f"{prefix}.{i}.{mod}.{n}" for n, _ in block.get_submodule(mod).named_parameters()}
+    trained = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    return names, {"blocks": len(blocks), "block_fraction": round(trained / max(block_params, 1), 4),
+                   "matrices_trained_in_blocks": dict(sorted(counts.items()))}
 
 
 def _targets(model: nn.Module, spec: ComponentSpec) -> list[str]:

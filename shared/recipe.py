@@ -479,8 +479,9 @@ def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrid
     if copied:
         log(f"carried the base model's licence files into {out}: {', '.join(copied)}")
     (out_path / "modaltune-merge.json").write_text(
-        json.dumps({"checkpoint": os.path.abspath(checkpoint), "recipe": recipe.name, "licence_files": copied},
-                   indent=2) + "\n",
+        json.dumps({"checkpoint": os.path.abspath(checkpoint), "recipe": recipe.name,
+                    "base_model": (meta.get("model_source") or {}).get("name"), "dtype": dtype or "training precision",
+                    "licence_files": copied}, indent=2) + "\n",
         encoding="utf-8",
     )
     return out_path

@@ -337,7 +337,7 @@ def run_stages(
             if after_stage is not None:
                 after_stage(stage)
             continue
-        model.set_stage_trainable(stage.components)
+        drawn = model.set_stage_trainable(stage.components, draw=f"{cfg.seed}:{stage.name}")
         resume_from = ckpt.latest_checkpoint(stage_dir, log=log) if cfg.resume else None
         prior_loss_sum = _prior_loss_sum(resume_from)
         if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
@@ -405,6 +405,7 @@ def run_stages(
             "train_seconds": output.metrics.get("train_runtime"),
             "resumed_from": str(resume_from) if resume_from else None,
             "precision": precision,
+            **({"half_fine_tuning": drawn} if drawn else {}),
         }
         if evaluate:  # the evaluation of the last step, if the schedule made one, else one now
             done = [r["eval_loss"] for r in rows if r.get("stage") == stage.name and "eval_loss" in r

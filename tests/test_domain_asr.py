@@ -383,3 +383,25 @@ def test_replay_needs_an_adapter_on_the_decoder_and_reads_manifest_flags(tmp_pat
     csv_path.write_text(f"audio,text,replay\n{wav},a,maybe\n")
     with pytest.raises(DataError, match=r"m.csv:2: replay: 'maybe' is not a boolean"):
         read_manifest(str(csv_path))
+
+
+def test_half_fine_tuning_of_the_decoder_runs_and_reports_its_draw(tmp_path, tiny_whisper, speech_manifests):
+    from modaltune.shared import checkpoint as ckpt
+    from modaltune.shared.cli import main
+
+    out = tmp_path / "hft"
+    args = ["run", "domain-asr", "--out", str(out), f"model.name={tiny_whisper}",
+            f"data.source={speech_manifests['train']}", f"data.test={speech_manifests['test']}",
+            "data.general=null", "data.terms=null", "train.max_steps=2", "train.batch_size=4", "train.save_steps=2",
+            "train.precision=fp32", "eval.max_new_tokens=8", "augment.views=1", "augment.speed=[]",
+            "decoder.method=hft", "replay.kl_weight=0"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok", report.get("error")
+    (stage,) = report["training"]["stages"]
+    drawn = stage["half_fine_tuning"]["decoder"]
+    assert 0.4 < drawn["block_fraction"] < 0.6  # tiny blocks: whole matrices, so only about half
+    assert drawn["matrices_trained_in_blocks"]  # which matrices trained, by name
+    saved = ckpt.read_trained(out / "checkpoint")
+    assert saved and all(".decoder.layers." in k for k in saved)  # block weights only: no embeddings, no head
+    assert report["metrics"]["after"]["test/wer"] is not None

@@ -586,3 +586,32 @@ def test_word_weights_are_kept_only_when_grounding_is_on(tiny_gemma, vqa_files, 
     model, _, _ = _build(cfg)
     assert word_projector(model.projector).record is (weight > 0)
     assert model.word_grounding == weight
+
+
+def test_composed_model_gives_sequence_log_probs_for_preference_training(tiny_llama, vqa_files):
+    """The shared DPO pieces work on a model composed from parts: per-row log-probs of the answers (summing to the
+    mean loss the trainer uses), and the reference with the LLM's adapters off."""
+    from collections import Counter
+
+    from modaltune.shared.preference import reference_of, sequence_logps
+    from modaltune.vision.data import read_vqa_jsonl
+    from modaltune.vision.vqa import vqa_rows
+
+    model, tok, _ = _build(_cfg(tiny_llama, vqa_files, "llm.dropout=0.0"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    items, _ = read_vqa_jsonl(str(vqa_files / "train.jsonl"))
+    ds = _dataset(vqa_rows(items[:4]), tok, None, max_length=128, skipped=Counter())
+    batch = _collator(tok, model.encoder)([ds[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        rows = sequence_logps(model, batch)
+        mean = float(model(**batch)["loss"])
+        with reference_of(model):
+            ref = sequence_logps(model, batch)
+    assert rows.shape == (4,) and (rows < 0).all()
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    assert -float(rows.sum()) / counted == pytest.approx(mean, rel=1e-5)
+    assert not torch.allclose(rows, ref)

@@ -117,3 +117,69 @@ def test_dora_and_lora_differ(tiny_llama):
                                   compute_dtype=torch.float32)
     assert not any("magnitude" in n for n in lora.trained_names)
     assert any("magnitude" in n for n in dora.trained_names)
+
+
+def _four_block_gemma(tmp_path):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                           max_position_embeddings=128, layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "g4"))
+    return tmp_path / "g4"
+
+
+def test_half_fine_tuning_follows_the_hft_selection_rule(tmp_path, tiny_llama):
+    """Per block: 2 of the 4 attention matrices (one of q/o, one of k/v: half the parameters under grouped-query
+    attention), 2 of 3 FFN matrices in half the blocks and 1 in the others, 1 of 2 block norms; embeddings and head
+    frozen; about half of all block parameters."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from modaltune.shared.peft import ComponentSpec, apply_peft, draw_half, half_selection
+
+    folder = _four_block_gemma(tmp_path)
+    lm = apply_peft(AutoModelForCausalLM.from_pretrained(str(folder)),
+                    [ComponentSpec("llm", "", ComponentConfig(method="hft"))])
+    blocks = list(range(4))
+    names, summary = draw_half(lm, "model.layers", blocks, "42:sft:llm")
+    assert summary["block_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert not [n for n in names if "embed" in n or "lm_head" in n or not n.startswith("model.layers.")]
+    ffn_counts = []
+    for i in blocks:
+        mine = {n.split(f"model.layers.{i}.", 1)[1].rsplit(".", 1)[0] for n in names if n.startswith(f"model.layers.{i}.")}
+        attn = {m.split(".")[-1] for m in mine if m.startswith("self_attn.") and m.endswith("proj")}
+        assert len(attn) == 2 and len(attn & {"q_proj", "o_proj"}) == 1 and len(attn & {"k_proj", "v_proj"}) == 1
+        ffn_counts.append(len([m for m in mine if m.startswith("mlp.")]))
+        block_norms = {m for m in mine if m.endswith("layernorm")}
+        assert len(block_norms) == 2  # gemma-3 blocks have 4 norms: half of them
+        assert len({m for m in mine if m.endswith(("q_norm", "k_norm"))}) == 1
+    assert sorted(ffn_counts) == [1, 1, 2, 2]
+    again, _ = draw_half(lm, "model.layers", blocks, "42:sft:llm")
+    other, _ = draw_half(lm, "model.layers", blocks, "42:dpo:llm")
+    assert again == names and other != names  # seeded: the same stage draws the same half, another stage redraws
+    # llama blocks (2 norms): 1 of 2
+    picked = half_selection(AutoModelForCausalLM.from_pretrained(str(tiny_llama)).model.layers[0], random.Random(0),
+                            True)
+    assert len(picked["norm"]) == 1 and len(picked["feed_forward"]) == 2 and len(picked["attention"]) == 2
+
+
+def test_half_fine_tuning_trains_the_drawn_half_each_stage(tiny_llama):
+    model, tok, _ = build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="hft"),
+                                     compute_dtype=torch.float32, log_fn=lambda *_: None)
+    trained = model.trained_names
+    assert trained and all(".layers." in n for n in trained)  # every block weight is kept by checkpoints
+    first = model.set_stage_trainable(None, draw="42:one")
+    on_first = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert first["llm"]["block_fraction"] == pytest.approx(0.5, abs=0.02) and on_first < trained
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**_batch(len(tok)))["loss"].backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= on_first
+    model.set_stage_trainable(None, draw="42:two")
+    on_second = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert on_second != on_first and on_second < trained

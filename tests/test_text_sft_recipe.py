@@ -109,6 +109,8 @@ def test_merged_model_chats_in_its_trained_format_with_plain_transformers(tmp_pa
     half = tmp_path / "merged-bf16"
     assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(half), "--dtype", "bf16"]) == 0
     assert AutoModelForCausalLM.from_pretrained(str(half)).dtype == torch.bfloat16
+    record = json.loads((half / "modaltune-merge.json").read_text())
+    assert record["base_model"] == str(tiny_llama) and record["dtype"] == "bf16"
     merged = tmp_path / "merged"  # trained in fp32 (the default --dtype): compared with the checkpoint's answer
     assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
     tok = AutoTokenizer.from_pretrained(str(merged))
@@ -259,3 +261,42 @@ def test_packed_training_runs_end_to_end(tmp_path, tiny_llama, sft_data):
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and 0 < report["data"]["train"]["packed_rows"] < report["data"]["train"]["kept"]
     assert report["metrics"]["after"]["test/loss"] != report["metrics"]["before"]["test/loss"]
+
+
+def test_half_fine_tuning_runs_and_merges(tmp_path, tiny_llama, sft_data):
+    from transformers import AutoModelForCausalLM
+
+    code, out = _run(tmp_path, tiny_llama, sft_data, "llm.method=hft", "train.lr=1e-3")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    drawn = report["training"]["stages"][0]["half_fine_tuning"]["llm"]
+    assert 0.4 < drawn["block_fraction"] < 0.6
+    assert report["metrics"]["after"]["test/loss"] != report["metrics"]["before"]["test/loss"]
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all(".layers." in n for n in changed)  # embeddings and head untouched
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "alpaca.parquet"])
+def test_other_data_formats_train_end_to_end(tmp_path, tiny_llama, sft_data, fmt):
+    rows = [json.loads(line) for line in sft_data.read_text().splitlines()]
+    if fmt == "sharegpt":  # two-turn conversations: the loss covers both assistant turns
+        data = tmp_path / "chats.jsonl"
+        data.write_text("".join(json.dumps({"conversations": [
+            {"from": "human", "value": a["instruction"]}, {"from": "gpt", "value": a["response"]},
+            {"from": "human", "value": b["instruction"]}, {"from": "gpt", "value": b["response"]}]}) + "\n"
+            for a, b in zip(rows[::2], rows[1::2])))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = tmp_path / "alpaca.parquet"
+        pq.write_table(pa.Table.from_pylist([{"instruction": r["instruction"], "input": r.get("context", ""),
+                                              "output": r["response"]} for r in rows]), data)
+    code, out = _run(tmp_path, tiny_llama, data, "data.max_length=256")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok" and report["data"]["train"]["kept"] > 0 and not report["data"]["train"]["skipped"]
+    assert report["model"]["prompt_style"] == ("conversation" if fmt == "sharegpt" else "instruction")
