@@ -67,7 +67,8 @@ class Recipe:
     def save_merged(self, cfg: Any, model: Any, tokenizer: Any, out: Path, log: Callable[[str], None],
                     dtype: Any = None, meta: dict | None = None) -> Path:
         """Save a model whose checkpoint is loaded, adapters merged and then cast to ``dtype``, into ``out``
-        (``meta``: the checkpoint's record, e.g. the prompt format it trained on); returns the folder holding the base model's weights (``out`` itself, or a part of it such as ``out/llm``)."""
+        (``meta``: the checkpoint's record, e.g. the prompt format it trained on); returns the folder holding the
+        base model's weights (``out`` itself, or a part of it such as ``out/llm``)."""
         raise NotImplementedError
 
     def generate(self, cfg: Any, checkpoint: Path, prompts: list[str], input_file: str | None,
@@ -475,12 +476,16 @@ def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrid
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()):
         raise ModaltuneError(f"--out {out!r} exists and is not empty; choose a new folder")
+    if dtype is None:
+        from modaltune.shared.training import resolve_precision
+
+        dtype = resolve_precision(getattr(getattr(cfg, "train", None), "precision", "fp32"))
     copied = copy_licences(recipe.merge(cfg, Path(checkpoint), out_path, log, dtype=dtype) or [], out_path)
     if copied:
         log(f"carried the base model's licence files into {out}: {', '.join(copied)}")
     (out_path / "modaltune-merge.json").write_text(
         json.dumps({"checkpoint": os.path.abspath(checkpoint), "recipe": recipe.name,
-                    "base_model": (meta.get("model_source") or {}).get("name"), "dtype": dtype or "training precision",
+                    "base_model": (meta.get("model_source") or {}).get("name"), "dtype": dtype,
                     "licence_files": copied}, indent=2) + "\n",
         encoding="utf-8",
     )
