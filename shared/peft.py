@@ -263,7 +263,7 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
         for name, param in module.named_parameters():
             if param.dtype.is_floating_point and (wanted is None or _in_blocks(name, path, set(wanted))):
                 param.requires_grad_(True)
-    for spec in by_method.get("hft", []):  # every block weight may train; each stage picks its half (HalfPlan)
+    for spec in by_method.get("hft", []):  # every block weight may train; each stage draws its half (draw_half)
         path, n = block_list(base, spec.root, spec.name)
         wanted = block_indices(base, spec.root, spec.config.layers, spec.name) or list(range(n))
         prefix = ".".join(p for p in (spec.root, path) if p)
@@ -332,9 +332,9 @@ def draw_half(model: nn.Module, prefix: str, blocks: list[int], key: str) -> tup
     for i in blocks:
         block = model.get_submodule(f"{prefix}.{i}")
         block_params += sum(p.numel() for p in block.parameters() if p.dtype.is_floating_point)
-        for part, modules in half_selection(block, rng, i in more).items():
+        for modules in half_selection(block, rng, i in more).values():
             for mod in modules:
-                counts[mod.rsplit(".", 1)[-1]] = counts.get(mod.rsplit(".", 1)[-1], 0) + 1
+                counts[mod] = counts.get(mod, 0) + 1
                 names |= {f"{prefix}.{i}.{mod}.{n}" for n, _ in block.get_submodule(mod).named_parameters()}
     trained = sum(p.numel() for n, p in model.named_parameters() if n in names)
     return names, {"blocks": len(blocks), "block_fraction": round(trained / max(block_params, 1), 4),
