@@ -101,6 +101,20 @@ def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     return soxr.resample(wave, rate, target).astype(np.float32)
 
 
+def read_recording(path: str | Path | None, *, max_seconds: float = 30.0) -> np.ndarray:
+    """One recording for ``modaltune generate --input``: 16 kHz mono, refused when missing or longer than the
+    model takes (Whisper's 30 s)."""
+    from modaltune.shared.errors import ModaltuneError
+
+    if path is None:
+        raise ModaltuneError("this recipe works on a recording: give it with --input AUDIO")
+    wave = load_audio(path)
+    if len(wave) > max_seconds * SAMPLE_RATE:
+        raise ModaltuneError(f"{path} is {len(wave) / SAMPLE_RATE:.1f} s long; Whisper's encoder takes up to "
+                             f"{max_seconds:g} s: cut the recording")
+    return wave
+
+
 def rms(wave: np.ndarray) -> float:
     """Root-mean-square level of a waveform."""
     return float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) if wave.size else 0.0

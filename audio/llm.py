@@ -40,18 +40,6 @@ REPORT_NOTES = (
 )
 
 
-def read_recording(path: str | None):
-    """One recording for ``modaltune generate --input``: 16 kHz mono, refused when missing or over Whisper's 30 s."""
-    from modaltune.audio.io import SAMPLE_RATE, load_audio
-    from modaltune.shared.errors import ModaltuneError
-
-    if path is None:
-        raise ModaltuneError("audio-llm answers about a recording: give it with --input AUDIO")
-    wave = load_audio(path)
-    if len(wave) > 30 * SAMPLE_RATE:
-        raise ModaltuneError(f"{path} is {len(wave) / SAMPLE_RATE:.1f} s long; Whisper's encoder takes up to 30 s: "
-                             "cut the recording")
-    return wave
 
 TRANSCRIBE_PROMPTS = (
     "Transcribe the audio exactly.",

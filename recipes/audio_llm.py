@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
+from modaltune.audio.io import read_recording
 from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES, AudioLLMEvalConfig, AudioTasksConfig,
-                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, read_recording, task_plots,
-                                 task_rows)
+                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,

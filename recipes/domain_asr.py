@@ -14,12 +14,14 @@ from typing import Any
 from modaltune.audio.asr import (ASRDataConfig, asr_cache, asr_train_set, cache_depth, evaluate_asr,
                                  load_asr_sets, normalizer_for, read_terms, wer_plots)
 from modaltune.audio.augment import AugmentConfig
-from modaltune.audio.eval import ASREvalConfig, prompt_ids
+from modaltune.audio.eval import ASREvalConfig, prompt_ids, transcribe
+from modaltune.audio.io import read_recording
 from modaltune.audio.features import ASRCollator
 from modaltune.audio.whisper import WhisperModelConfig, build_whisper, whisper_components
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.config import ConfigError, doc, to_dict
+from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, merged, metric_line, pair_items, timed
 from modaltune.shared.peft import LORA_FAMILY, ComponentConfig
@@ -76,6 +78,17 @@ class DomainASR(Recipe):
         if cfg.train.gradient_checkpointing:
             model.activation_checkpointing_enable()
         return model, processor, source
+
+    def generate(self, cfg: DomainASRConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
+        if prompts:
+            raise ModaltuneError("domain-asr transcribes a recording and takes no prompt: give only --input AUDIO")
+        wave = read_recording(input_file)
+        model, processor, source = self.build_model(cfg, log)
+        ckpt.load_trained(model, checkpoint)
+        multilingual = source["multilingual"]
+        texts, _ = transcribe(model, processor, [wave], cfg.eval, language=cfg.model.language if multilingual
+                              else None, task=cfg.model.task if multilingual else None, desc="transcribing")
+        return texts
 
     def evaluator(self, cfg: DomainASRConfig, model, processor, sets, source):
         """``measure(columns) -> (metrics per column, rows)`` over the test and general sets, one shared cache."""

@@ -161,8 +161,8 @@ class MedVQA(Recipe):
         log("checkpoint: " + metric_line(columns["after"]))
 
     def generate(self, cfg: MedVQAConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
-        if input_file is None:
-            raise ModaltuneError("med-vqa answers questions about an image: give it with --input IMAGE")
+        if input_file is None or not prompts:
+            raise ModaltuneError("med-vqa answers questions about an image: give --input IMAGE and a question")
         model, tok, _ = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
         return generate_about(model, tok, input_file, prompts, template=VQA_TEMPLATE, placeholder=PLACEHOLDER,

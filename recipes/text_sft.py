@@ -115,8 +115,8 @@ class TextSFT(Recipe):
         ctx.log("checkpoint: " + metric_line(after, digits=4))
 
     def generate(self, cfg: TextSFTConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
-        if input_file is not None:
-            raise ModaltuneError("text-sft reads no input file; give the text as the prompt")
+        if input_file is not None or not prompts:
+            raise ModaltuneError("text-sft answers text: give one or more prompts, and no --input file")
         model, tok, _ = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
         formatter = PromptFormatter(tok, cfg.model.template)

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--input", help="the image or audio file the prompt is about (med-vqa, audio-llm)")
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                      help="config override, e.g. --set eval.max_new_tokens=64 (repeatable)")
-    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts (none for domain-asr: it "
+                                                                  "transcribes the --input recording)")
 
     zoo = sub.add_parser("zoo", help="list or install catalogued models", description="Model catalogue.")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
@@ -160,8 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         answers = generate(args.checkpoint, args.prompts, args.input, overrides=args.overrides,
                            log=lambda m: print(m, file=sys.stderr))
-        for prompt, answer in zip(args.prompts, answers):
-            print(answer if len(args.prompts) == 1 else f"> {prompt}\n{answer}\n")
+        for prompt, answer in zip(args.prompts or [""], answers):
+            print(answer if len(args.prompts) <= 1 else f"> {prompt}\n{answer}\n")
         return 0
     if args.command == "merge":
         from modaltune.shared.recipe import merge

@@ -165,6 +165,8 @@ def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template:
     """
     from modaltune.shared.errors import ModaltuneError
 
+    if not prompts:
+        raise ModaltuneError("give one or more prompts: the questions or instructions about the input")
     rows = [{"id": f"prompt{i}", "input": item, "prompt": template.format(instruction=p, question=p), "target": ""}
             for i, p in enumerate(prompts)]
     skipped = Skips()

@@ -74,6 +74,8 @@ class ModaltuneModel(nn.Module):
         self._trained = {n for n, p in self.named_parameters() if p.requires_grad}
         self._half = {comp: (f"{path}.{prefix}" if path else prefix, blocks) for path, module in self.named_modules()
                       for comp, (prefix, blocks) in getattr(module, HALF_PLANS, {}).items()}
+        if self._half:  # what one stage trains (each stage draws its own half): the parameter counts report this
+            self.set_stage_trainable(None, draw="setup")
         self._trained_buffers = {
             n
             for n, b in self.named_buffers()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modaltune.audio.whisper import WhisperModelConfig, build_whisper, label_ids, whisper_components
-from modaltune.shared.errors import ConfigError
+from modaltune.shared.errors import ConfigError, ModaltuneError
 
 METHODS = [("frozen", "lora"), ("frozen", "dora"), ("frozen", "qlora"), ("frozen", "lora8bit"), ("frozen", "ia3"),
            ("frozen", "full"), ("lora", "lora"), ("full", "full"), ("lora", "frozen")]
@@ -133,6 +133,15 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
     asr = pipeline("automatic-speech-recognition", model=str(merged), device="cpu")
     text = asr(np.zeros(16000, dtype=np.float32), generate_kwargs={"max_new_tokens": 8})["text"]
     assert isinstance(text, str)
+
+    from modaltune.shared.recipe import generate
+
+    row = json.loads(speech_manifests["test"].read_text().splitlines()[0])  # `modaltune generate --input FILE`
+    wav = speech_manifests["test"].parent / row["audio"]
+    (said,) = generate(str(out / "checkpoint"), [], str(wav), overrides=["eval.max_new_tokens=8"], log=lambda *_: None)
+    assert said.strip() == next(it["fine_tuned"] for it in report["items"] if it["reference"] == row["text"]).strip()
+    with pytest.raises(ModaltuneError, match="takes no prompt"):
+        generate(str(out / "checkpoint"), ["hello"], str(wav), log=lambda *_: None)
 
 
 def test_validation_counts_every_failure_mode(tmp_path):
