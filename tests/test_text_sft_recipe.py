@@ -137,8 +137,8 @@ def test_merged_model_chats_in_its_trained_format_with_plain_transformers(tmp_pa
     assert main(["generate", "--checkpoint", str(out / "checkpoint"), question]) == 0
     printed = capsys.readouterr().out.strip()
     assert printed and printed == answer
-    with pytest.raises(SystemExit):
-        main(["generate", "--checkpoint", str(out / "checkpoint")])  # a prompt is required
+    assert main(["generate", "--checkpoint", str(out / "checkpoint")]) == 2  # a prompt is required
+    assert "give one or more prompts" in capsys.readouterr().err
 
 
 def test_bad_inputs_give_one_line_errors_and_a_run_folder(tmp_path, tiny_llama, capsys):
