@@ -444,8 +444,8 @@ def _first_step(points: Mapping[str, list[tuple[float, float]]]) -> float:
 
 
 def _plot_training_curve(path: Path, curve: Any) -> Path | None:
-    """Plot training loss (lines) and eval loss (markers) per stage, and below it the learning rate of each component
-    group; None when there is nothing to plot."""
+    """Plot training loss (lines) and eval loss (markers) per stage, and below it the learning rate the Trainer logged
+    (its first parameter group's: the schedule's shape); None when there is nothing to plot."""
     series = curve_series(curve)
     if not series:
         return None
