@@ -397,25 +397,20 @@ class PackedDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-class PackedCollator:
+class PackedCollator(PadCollator):
     """Right-pads packed rows; the padding gets its own positions (a block of its own) and no labels. No attention
     mask: the positions mark the examples. An unpacked item (an evaluation example) is a row of one example."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad = pad_token_id
-
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.arange(width).repeat(len(batch), 1)
+        out = super().__call__(batch)
+        width = out.pop("attention_mask").size(1)
+        positions = torch.arange(width).repeat(len(batch), 1)  # (B, T)
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
             positions[i, :n] = torch.tensor(b["position_ids"]) if "position_ids" in b else torch.arange(n)
             positions[i, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        out["position_ids"] = positions
+        return out
 
 
 def tokenized_splits(cfg: InstructionDataConfig, formatter: PromptFormatter
