@@ -26,8 +26,9 @@ from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, compu
 from modaltune.shared.compose_data import generate_about
 from modaltune.vision.data import PLACEHOLDER, VQA_TEMPLATE
 from modaltune.vision.images import load_image
+from modaltune.shared.preference import PairCollator, PreferenceConfig, preference_stage_trainer
 from modaltune.vision.vqa import (SETS, VQADataConfig, VQAEvalConfig, confusion_plot, fill_image_cache, image_cache,
-                                  image_collator, load_vqa_sets, measure_vqa, vqa_datasets)
+                                  image_collator, load_vqa_sets, measure_vqa, vqa_datasets, vqa_pairs_dataset)
 
 
 def _default_stages() -> list[StageConfig]:
@@ -49,6 +50,7 @@ class MedVQAConfig:
     train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
     eval: VQAEvalConfig = doc(VQAEvalConfig, "generation for evaluation")
     cache: CacheConfig = doc(CacheConfig, "encoder-feature cache")
+    preference: PreferenceConfig = doc(PreferenceConfig, "the preference loss of stages on vqa_pairs")
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
     def validate(self, where: str) -> None:
@@ -58,8 +60,8 @@ class MedVQAConfig:
                     f"{key}.method={cc.method}, but no stage trains the {comp}: add {comp!r} to a stage's "
                     f"components (e.g. stages[{len(self.stages) - 1}].components=[{comp},projector,llm])")
         for i, stage in enumerate(self.stages):
-            if stage.data not in {"caption", "vqa"}:
-                raise ConfigError(f"stages[{i}].data must be caption or vqa, got {stage.data!r}")
+            if stage.data not in {"caption", "vqa", "vqa_pairs"}:
+                raise ConfigError(f"stages[{i}].data must be caption, vqa or vqa_pairs, got {stage.data!r}")
 
 
 class MedVQA(Recipe):
@@ -95,6 +97,9 @@ class MedVQA(Recipe):
                 fill_image_cache(cache, raw, names=SETS if training else ("vqa_test", "caption_test"))
         sets = vqa_datasets(raw, tok, cache, max_length=cfg.data.max_length, seed=cfg.data.seed,
                             counts=report["data"])
+        if training and any(s.data == "vqa_pairs" for s in cfg.stages):  # right vs wrong answer, same question
+            sets["vqa_pairs_train"] = vqa_pairs_dataset(raw["vqa_train"], tok, cache, max_length=cfg.data.max_length,
+                                                        seed=cfg.data.seed, counts=report["data"])
         log(data_line(report["data"]))
         return sets, (model.encoder if cache is None else None)
 
@@ -119,8 +124,11 @@ class MedVQA(Recipe):
         log("before: " + metric_line(columns["before"]))
         plans = []
         for s in cfg.stages:
+            pairs = s.data == "vqa_pairs"
             if len(sets[f"{s.data}_train"]):
-                plans.append(StagePlan(s.name, sets[f"{s.data}_train"], None, s.components, s.max_steps, s.lr))
+                plans.append(StagePlan(s.name, sets[f"{s.data}_train"], None, s.components, s.max_steps, s.lr,
+                                       trainer=preference_stage_trainer(cfg.preference) if pairs else None,
+                                       collator=PairCollator(image_collator(tok, encoder)) if pairs else None))
             else:
                 log(f"stage {s.name}: no {s.data} data, skipped")
         if not plans:

@@ -98,6 +98,10 @@ class StagePlan:
     components: list[str] | None = None  # trainable components in this stage (None: all trained ones)
     max_steps: int | None = None
     lr: float | None = None
+    # another objective than the model's own loss (e.g. preference pairs): builds the stage's Trainer from the
+    # TrainingArguments keywords and ModaltuneTrainer's; default: a ModaltuneTrainer
+    trainer: Callable[..., Trainer] | None = None
+    collator: Callable | None = None  # this stage's batches (default: run_stages' collator)
 
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
@@ -138,23 +142,73 @@ def autocast(precision: str, device: torch.device | str):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-class ModaltuneTrainer(Trainer):
-    """The transformers Trainer with component learning rates and modaltune checkpoints."""
+class CheckpointingMixin:
+    """Modaltune checkpoints for any transformers Trainer (ours, or a library's such as trl's ``DPOTrainer``).
+
+    ``owner`` is the modaltune model whose trained weights the checkpoints hold; it defaults to the Trainer's model
+    and differs when the Trainer trains an inner module (a library trainer given the wrapped Hugging Face model).
+    """
 
     def __init__(
         self,
         *args: Any,
-        component_lrs: dict[str, float] | None = None,
         checkpoint_meta: dict | None = None,
         keep_checkpoints: int = 2,
         prior_loss_sum: float = 0.0,
+        owner: Any = None,
         **kwargs,
     ) -> None:
-        self.component_lrs = component_lrs or {}
         self.checkpoint_meta = checkpoint_meta or {}
         self.keep_checkpoints = keep_checkpoints
         self.prior_loss_sum = prior_loss_sum  # training-loss sum of the steps before a resume
         self._saving_step = False
+        self.owner = owner
+        super().__init__(*args, **kwargs)
+        if self.owner is None:
+            self.owner = self.model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            # inside a step checkpoint the marker comes after the Trainer's own files (see _save_checkpoint)
+            ckpt.save_checkpoint(self.owner, output_dir, meta=self.checkpoint_meta, mark_complete=not self._saving_step)
+            atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string())
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # The Trainer writes weights, optimizer, scheduler, RNG and trainer_state.json; the COMPLETE marker, which
+        # lists every file with its size and hash, is written after all of them. Old checkpoints are rotated only
+        # then, so a kill at any moment leaves a complete checkpoint to resume from.
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        self._saving_step = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_step = False
+        if self.args.should_save and folder.is_dir():
+            atomic_write_json(folder / STATE_FILE, {"step": self.state.global_step, "loss_sum": self.loss_sum()})
+            ckpt.write_marker(folder)
+            ckpt.rotate(run_dir, self.keep_checkpoints)
+
+    def loss_sum(self) -> float:
+        """Sum of the per-step training losses of this stage so far, steps before a resume included."""
+        pending = getattr(self, "_tr_loss", None)
+        pending = float(pending.item()) if isinstance(pending, torch.Tensor) else 0.0
+        return self.prior_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        ckpt.load_trained(self.owner, resume_from_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:  # keys are checked by load_trained
+        return None
+
+
+class ModaltuneTrainer(CheckpointingMixin, Trainer):
+    """The transformers Trainer with component learning rates, modaltune checkpoints and a token-weighted
+    validation loss."""
+
+    def __init__(self, *args: Any, component_lrs: dict[str, float] | None = None, **kwargs) -> None:
+        self.component_lrs = component_lrs or {}
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -185,29 +239,6 @@ class ModaltuneTrainer(Trainer):
         self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            # inside a step checkpoint the marker comes after the Trainer's own files (see _save_checkpoint)
-            ckpt.save_checkpoint(self.model, output_dir, meta=self.checkpoint_meta, mark_complete=not self._saving_step)
-            atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string())
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        # The Trainer writes weights, optimizer, scheduler, RNG and trainer_state.json; the COMPLETE marker, which
-        # lists every file with its size and hash, is written after all of them. Old checkpoints are rotated only
-        # then, so a kill at any moment leaves a complete checkpoint to resume from.
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"checkpoint-{self.state.global_step}"
-        self._saving_step = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_step = False
-        if self.args.should_save and folder.is_dir():
-            atomic_write_json(folder / STATE_FILE, {"step": self.state.global_step, "loss_sum": self.loss_sum()})
-            ckpt.write_marker(folder)
-            ckpt.rotate(run_dir, self.keep_checkpoints)
-
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
         """Validation loss as the report measures it: the mean over every labelled token of the whole split.
 
@@ -237,19 +268,6 @@ class ModaltuneTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    def loss_sum(self) -> float:
-        """Sum of the per-step training losses of this stage so far, steps before a resume included."""
-        pending = getattr(self, "_tr_loss", None)
-        pending = float(pending.item()) if isinstance(pending, torch.Tensor) else 0.0
-        return self.prior_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        ckpt.load_trained(model or self.model, resume_from_checkpoint)
-
-    def _issue_warnings_after_load(self, load_result: Any) -> None:  # keys are checked by load_trained
-        return None
-
 
 class MetricsLogger(TrainerCallback):
     """Appends every Trainer log line (with its stage) to ``metrics.jsonl``; keeps the rows for plots."""
@@ -348,7 +366,7 @@ def run_stages(
         max_steps = stage.max_steps if stage.max_steps is not None else cfg.max_steps
         steps_for_warmup = max_steps if max_steps > 0 else 0
         evaluate = stage.eval_dataset is not None
-        args = TrainingArguments(
+        arguments = dict(
             output_dir=str(stage_dir),
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.eval_batch_size,
@@ -382,12 +400,12 @@ def run_stages(
         stage_callbacks: list[TrainerCallback] = [MetricsLogger(log_path, stage.name, rows), *(callbacks or [])]
         if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
             stage_callbacks.append(EarlyStopping(cfg.early_stopping_patience))
-        trainer = ModaltuneTrainer(
+        trainer = (stage.trainer or _modaltune_trainer)(
             model=model,
-            args=args,
+            arguments=arguments,
             train_dataset=stage.train_dataset,
             eval_dataset=stage.eval_dataset,
-            data_collator=collator,
+            data_collator=stage.collator or collator,
             callbacks=stage_callbacks,
             component_lrs=component_lrs,
             checkpoint_meta={**checkpoint_meta, "stage": stage.name},
@@ -425,6 +443,10 @@ def run_stages(
         atomic_write_json(run_dir / "stages.json", summaries)
     dist.barrier()
     return TrainResult(rows=rows, stages=summaries, checkpoint=final_dir)
+
+
+def _modaltune_trainer(*, arguments: dict[str, Any], **kwargs) -> ModaltuneTrainer:
+    return ModaltuneTrainer(args=TrainingArguments(**arguments), **kwargs)
 
 
 def _prior_loss_sum(checkpoint: Path | None) -> float:

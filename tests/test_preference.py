@@ -86,3 +86,20 @@ def test_reference_is_the_model_with_its_adapters_off(tiny_llama):
     with pytest.raises(ConfigError, match="no adapters"):
         with reference_of(plain):
             pass
+
+
+def test_sft_weight_adds_the_chosen_tokens_mean_nll_and_bad_settings_are_refused():
+    from modaltune.shared.errors import ConfigError
+    from modaltune.shared.preference import PreferenceConfig, preference_loss
+
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-4.0, -6.0], [-5.0, -9.0], [-4.5, -6.0], [-4.0, -8.0]))
+    tokens = torch.tensor([2.0, 3.0])
+    plain = preference_loss(pc, pr, rc, rr, PreferenceConfig(beta=0.1))
+    mixed = preference_loss(pc, pr, rc, rr, PreferenceConfig(beta=0.1, sft_weight=0.5), chosen_tokens=tokens)
+    assert float(mixed["loss"]) == pytest.approx(float(plain["loss"]) + 0.5 * 10.0 / 5.0)
+    assert torch.equal(mixed["per_pair"], plain["per_pair"])
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        preference_loss(pc, pr, rc, rr, PreferenceConfig(sft_weight=0.5))
+    for bad in (PreferenceConfig(beta=0.0), PreferenceConfig(sft_weight=-1.0)):
+        with pytest.raises(ConfigError):
+            bad.validate("preference")

@@ -188,39 +188,50 @@ def to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str])
     return Example(rid, [{"role": "user", "content": content}], response, category, instruction, context)
 
 
-def load_splits(cfg: InstructionDataConfig) -> SplitData:
-    """Read, normalise and split the data; malformed rows are counted per reason, not lost silently."""
+def split_and_cap(to_item: Any, cfg: Any, caps: dict[str, int | None], what: str
+                  ) -> tuple[dict[str, list], dict[str, Skips]]:
+    """Train / validation / test items and what was skipped per split: every record of ``cfg.source`` (read with
+    ``cfg.hf_split``) through ``to_item(id, row)``, which returns an item or a skip reason, split by ``cfg.split``
+    with ``cfg.split_seed`` (or ``cfg.validation`` / ``cfg.test`` when given), each cut to its cap (counted).
+
+    Raises:
+        DataError: no usable training item (the skip reasons are named).
+    """
     skipped: dict[str, Skips] = {s: Skips() for s in SPLITS}
 
-    def convert(source: str, split: str) -> list[Example]:
+    def convert(source: str, split: str) -> list:
         out = []
         for rid, row in read_records(source, hf_split=cfg.hf_split):
-            ex = to_example(rid, row, cfg.format, cfg.columns)
-            if isinstance(ex, str):
-                skipped[split].add(ex, rid)
+            item = to_item(rid, row)
+            if isinstance(item, str):
+                skipped[split].add(item, rid)
             else:
-                out.append(ex)
+                out.append(item)
         return out
 
     main = convert(cfg.source, "train")
     if cfg.validation or cfg.test:
-        examples = {
-            "train": main,
-            "validation": convert(cfg.validation, "validation") if cfg.validation else [],
-            "test": convert(cfg.test, "test") if cfg.test else [],
-        }
+        items = {"train": main, "validation": convert(cfg.validation, "validation") if cfg.validation else [],
+                 "test": convert(cfg.test, "test") if cfg.test else []}
     else:
         sizes = [round(cfg.split[0] * len(main)), round(cfg.split[1] * len(main))]
-        examples = dict(zip(SPLITS, seeded_split(main, sizes, cfg.split_seed)))
-    if not examples["train"]:
+        items = dict(zip(SPLITS, seeded_split(main, sizes, cfg.split_seed)))
+    if not items["train"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in skipped["train"].items()) or "the source is empty"
-        raise DataError(f"no usable training examples in {cfg.source!r} ({reasons})")
-    caps = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples, "test": cfg.max_eval_examples}
+        raise DataError(f"no usable training {what} in {cfg.source!r} ({reasons})")
     for split, cap in caps.items():
-        if cap is not None and len(examples[split]) > cap:
-            skipped[split].cap(f"max_{'train' if split == 'train' else 'eval'}_examples={cap}",
-                               len(examples[split]) - cap)
-            examples[split] = examples[split][:cap]
+        if cap is not None and len(items[split]) > cap:
+            name = f"max_{'train' if split == 'train' else 'eval'}_{what}={cap}"
+            skipped[split].cap(name, len(items[split]) - cap)
+            items[split] = items[split][:cap]
+    return items, skipped
+
+
+def load_splits(cfg: InstructionDataConfig) -> SplitData:
+    """Read, normalise and split the data; malformed rows are counted per reason, not lost silently."""
+    caps = {"train": cfg.max_train_examples, "validation": cfg.max_eval_examples, "test": cfg.max_eval_examples}
+    examples, skipped = split_and_cap(lambda rid, row: to_example(rid, row, cfg.format, cfg.columns), cfg, caps,
+                                      "examples")
     return SplitData(examples, skipped)
 
 

@@ -1,5 +1,7 @@
-"""modaltune.text's registrations (the ``modaltune.plugins`` entry point ``text``): the text-sft recipe."""
+"""modaltune.text's registrations (the ``modaltune.plugins`` entry point ``text``): the text-sft and text-dpo
+recipes."""
 
 from modaltune.shared.registry import RECIPES
 
 RECIPES.declare("text-sft", "modaltune.recipes.text_sft")
+RECIPES.declare("text-dpo", "modaltune.recipes.text_dpo")

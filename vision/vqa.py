@@ -20,6 +20,7 @@ from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, gen
 from modaltune.shared.config import ConfigError, doc
 from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache
+from modaltune.shared.preference import PairedDataset
 from modaltune.shared.metrics import bleu, normalize_answer, rouge_l, token_recall
 from modaltune.shared.skips import Skips, add_to_summary
 from modaltune.vision import data as vdata
@@ -198,6 +199,26 @@ def vqa_datasets(sets: dict[str, list], tokenizer, cache: FeatureCache | None, *
     return out
 
 
+def vqa_pairs_dataset(items: list, tokenizer, cache: FeatureCache | None, *, max_length: int, seed: int,
+                      counts: dict[str, dict]) -> PairedDataset:
+    """Preference pairs of the training questions (:func:`vqa_pair_rows`) as a :class:`PairedDataset`; pairs with
+    no wrong answer of their kind, or over ``max_length``, are skipped and counted in ``counts["vqa_pairs_train"]``."""
+    skipped = Skips()
+    good, bad = vqa_pair_rows(items, seed, skipped)
+
+    def tokenised(rows: list[dict]) -> ComposedDataset:
+        return ComposedDataset(rows, tokenizer, cache, placeholder=PLACEHOLDER, max_length=max_length,
+                               skipped=Skips())
+    chosen, rejected = tokenised(good), tokenised(bad)
+    keep = {r["id"] for r in chosen.rows} & {r["id"] for r in rejected.rows}
+    if len(keep) < len(good):  # either answer too long: the pair goes
+        skipped.add(f"longer than max_length={max_length} tokens", count=len(good) - len(keep))
+        chosen = tokenised([r for r in good if r["id"] in keep])
+        rejected = tokenised([r for r in bad if r["id"] in keep])
+    counts["vqa_pairs_train"] = skipped.summary(len(chosen))
+    return PairedDataset(chosen, rejected)
+
+
 def image_collator(tokenizer, encoder=None, **kwargs) -> ComposedCollator:
     """A collator for image rows: cached features, or the encoder's preprocessing of the loaded images."""
     return ComposedCollator(tokenizer.pad_token_id, encoder, load=load_image, **kwargs)
@@ -245,6 +266,35 @@ def vqa_rows(items) -> list[dict[str, Any]]:
     """Stage-2 rows from VQA items."""
     return [{"id": it.id, "image": it.image, "input": it.image, "prompt": vqa_prompt(it.question),
              "target": it.answer, "type": it.answer_type, "question": it.question} for it in items]
+
+
+def vqa_pair_rows(items, seed: int, skipped: Skips) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Preference rows of VQA items: the same image and question with the right answer (chosen) and a wrong one
+    (rejected). A yes/no answer is flipped; an open answer is replaced by another answer given to a question that
+    starts with the same two words ("what shape", "what color"), so the wrong answer is of the right kind. Items
+    with no such alternative are counted in ``skipped``. Returns ``(chosen rows, rejected rows)``, aligned."""
+    rng = random.Random(seed)
+    kinds: dict[str, set[str]] = {}
+    for it in items:
+        kinds.setdefault(_question_kind(it.question), set()).add(it.answer.strip())
+    chosen, rejected = [], []
+    for it, row in zip(items, vqa_rows(items)):
+        truth = normalize_answer(it.answer)
+        if truth in {"yes", "no"}:
+            wrong = "no" if truth == "yes" else "yes"
+        else:
+            pool = sorted(a for a in kinds[_question_kind(it.question)] if normalize_answer(a) != truth)
+            if not pool:
+                skipped.add("no wrong answer of the same kind for a preference pair", it.id)
+                continue
+            wrong = rng.choice(pool)
+        chosen.append(row)
+        rejected.append({**row, "target": wrong})
+    return chosen, rejected
+
+
+def _question_kind(question: str) -> str:
+    return " ".join(normalize_answer(question).split()[:2])
 
 
 @torch.no_grad()
