@@ -3,14 +3,16 @@ model's own label-position loss, and the pairwise losses.
 
 One implementation serves every model the core composes: a causal LM, or an LLM reading projected image or audio
 tokens (``ComposedLM``), for which trl's ``DPOTrainer`` has no forward. A model's forward called with
-``per_row=True`` returns each row's summed negative log-likelihood over its labelled (completion) tokens; the
-policy and the reference are the same model with its adapters on and off (or a named reference adapter).
+``per_row=True`` returns each row's summed negative log-likelihood over its labelled (completion) tokens. The
+reference is the same model: with its adapters off or a named reference adapter (:func:`reference_of`), or, in a
+preference stage (:func:`preference_stage_trainer`), with the weights the stage started from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -144,6 +146,7 @@ def preference_stage_trainer(cfg: PreferenceConfig) -> Any:
     return make
 
 
+@functools.cache
 def _preference_trainer_class() -> type:
     from modaltune.shared.training import ModaltuneTrainer
 
