@@ -142,6 +142,7 @@ FSDP_SCRIPT = textwrap.dedent("""
         moved = max((full[n] - p.detach()).abs().max().item() for n, p in build().named_parameters() if p.requires_grad)
         print(json.dumps({"diff": diff, "moved": moved, "loss": loss.item() / world,
                           "ref_loss": sum(x.item() for x in losses) / world, "sharded": len(full)}))
+    dist.barrier()  # rank 1 would otherwise tear gloo down while rank 0 still computes (an abort at exit, seen once)
     dist.destroy_process_group()
 """)
 
