@@ -47,6 +47,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="config overrides, e.g. model.name=DIR (the base model's folder on this machine) or "
                             "model.trust_remote_code=true (never taken from the checkpoint)")
 
+    comb = sub.add_parser("combine", help="combine task adapters into one PEFT adapter (cat/linear/svd/ties/dare)",
+                          description="Combine LoRA, rsLoRA or DoRA adapters (PEFT folders, or modaltune checkpoints "
+                          "as CKPT or CKPT:COMPONENT) in weight space; writes a plain PEFT adapter folder and a "
+                          "report (combine.json/md) of its rank and its distance from the exact weighted sum.")
+    comb.add_argument("--adapter", action="append", required=True, metavar="DIR[:COMPONENT]",
+                      help="an adapter to combine (repeat for each)")
+    comb.add_argument("--weight", action="append", type=float, metavar="W",
+                      help="its weight, in the same order (repeat; one value applies to all; default 1 each)")
+    comb.add_argument("--how", choices=["cat", "linear", "svd", "ties", "dare"], default="cat",
+                      help="cat (exact, ranks add up), linear (factors mixed, same rank), svd (cat truncated to "
+                           "--rank), ties, dare (sparsified, then SVD to --rank); default cat")
+    comb.add_argument("--rank", type=int, help="svd/ties/dare: rank of the result (default: svd the largest input "
+                                               "rank, ties/dare the sum of the input ranks)")
+    comb.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of each delta kept (0.5)")
+    comb.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
+    comb.add_argument("--base", help="base model (zoo name, folder or hub id) when the adapters name none or "
+                                     "differently; DoRA adapters read their weight norms from it")
+    comb.add_argument("--out", required=True, help="new folder for the combined adapter")
+
     conf = sub.add_parser("config", help="print a recipe's resolved config as YAML",
                           description="Print the config a run would use: the shipped YAML, a --config file laid "
                           "over it, then --quick and key=value overrides.")
@@ -163,6 +182,17 @@ def _dispatch(args: argparse.Namespace) -> int:
                            log=lambda m: print(m, file=sys.stderr))
         for prompt, answer in zip(args.prompts or [""], answers):
             print(answer if len(args.prompts) <= 1 else f"> {prompt}\n{answer}\n")
+        return 0
+    if args.command == "combine":
+        from modaltune.shared.combine import combine_folders
+
+        if args.weight and len(args.weight) not in (1, len(args.adapter)):
+            raise ModaltuneError(f"{len(args.adapter)} adapters but {len(args.weight)} --weight values; give one "
+                                 "per adapter, or one for all")
+        combine_folders(args.adapter, args.out, weights=args.weight, how=args.how, rank=args.rank,
+                        density=args.density, seed=args.seed, base=args.base,
+                        log=lambda m: print(m, file=sys.stderr))
+        print(args.out)
         return 0
     if args.command == "merge":
         from modaltune.shared.recipe import merge
