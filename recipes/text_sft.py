@@ -13,6 +13,7 @@ from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.config import doc, to_dict
 from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.dylora import measure_ranks
 from modaltune.shared.harness import (data_line, deploy_generation_config, measure_before, merged, metric_line,
                                       pair_items, timed)
 from modaltune.shared.lm import ModelConfig, build_text_model
@@ -101,6 +102,8 @@ class TextSFT(Recipe):
             after, after_items = measure("after")
         report["metrics"]["after"] = after
         ctx.log("after:  " + metric_line(after, digits=4))
+        report["metrics"].update(measure_ranks(model, cfg.llm.eval_ranks, measure, result.checkpoint, ctx.run_dir,
+                                               ctx.log))  # DyLoRA: the same adapter at lower ranks
         report["items"] = _pair(before_items, after_items)
 
     def evaluate(self, cfg: TextSFTConfig, checkpoint: Path, ctx: RunContext) -> None:

@@ -265,6 +265,14 @@ def _keys(cfg) -> str:
 def _print_summary(report: dict) -> None:
     before, after = report["metrics"].get("before", {}), report["metrics"].get("after", {})
     print(f"\n{report['recipe']}: {report['status']}  ({report['run_dir']})")
+    if "after" not in report["metrics"]:  # columns of their own (e.g. one per adapter): a table of them all
+        columns = {k: v for k, v in report["metrics"].items() if isinstance(v, dict)}
+        print(f"  {'':24s}" + "".join(f"{c[:9]:>10s}" for c in columns))
+        for key in sorted({k for v in columns.values() for k in v}):
+            cells = "".join(f"{v[key]:10.4f}" if key in v else f"{'-':>10s}" for v in columns.values())
+            print(f"  {key[:24]:24s}{cells}")
+        print(f"  report: {report['run_dir']}/report.html")
+        return
     for key in sorted(set(before) | set(after)):
         b, a = before.get(key), after.get(key)
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731

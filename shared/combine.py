@@ -11,9 +11,10 @@ The target of a combination with weights ``w_i`` is ``T = sum_i w_i D_i``. The m
 ``cat``     exact: ``T`` itself, as one adapter of rank ``sum r_i``. With DoRA inputs the row scalings are gathered
             into one: ``T + W = diag(d) (W + B'A')`` with ``d = 1 + sum_i w_i (c_i - 1)``, stored as a DoRA adapter
             whose magnitude is ``d ||W + B'A'||`` (so DoRA and LoRA inputs mix exactly too).
-``linear``  the factors mixed entry by entry (``B = sum sqrt|w_i| s_i B_i``, ``A = sum sqrt|w_i| A_i``, signs on B),
-            keeping the inputs' rank. Exact for one adapter; for several, the cross terms ``B_i A_j`` make it differ
-            from ``T`` (the report says by how much).
+``linear``  the factors mixed entry by entry, keeping the inputs' rank: ``B = sum w_i s_i B_i`` and ``A`` the
+            ``|w|``-weighted mean of the ``A_i``. Exact for one adapter, and for adapters that share ``A`` (trained
+            from one initialisation with ``A`` frozen, as LoRA-FA does); otherwise the cross terms ``B_i A_j`` make
+            it differ from ``T`` (the report says by how much).
 ``svd``     ``cat``'s result truncated to ``rank`` (default: the largest input rank) by a thin SVD of its factors;
             exact when ``rank`` reaches the sum of the input ranks.
 ``ties``    TIES-merging of the dense deltas (keep each one's ``density`` largest entries, elect a sign per entry,
@@ -45,7 +46,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.config import doc
+from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write_json, atomic_write_text
 
 HOW = ("cat", "linear", "svd", "ties", "dare")
@@ -53,6 +55,27 @@ PREFIX = "base_model.model."
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
             ".lora_magnitude_vector.weight": "m"}
 REWRITES_BASE = ("pissa", "olora", "corda")  # initialisations that change the base weights themselves
+
+
+@dataclasses.dataclass
+class CombineConfig:
+    """How task adapters are combined (a recipe's ``combine:`` section; the flags of ``modaltune combine``)."""
+
+    methods: list[str] = doc(list(HOW), "combinations to build and evaluate: cat | linear | svd | ties | dare")
+    weights: list[float] | None = doc(None, "one weight per adapter (null: 1.0 each, the sum of the task changes)")
+    rank: int | None = doc(None, "svd/ties/dare: rank of the result (null: svd the largest input rank, ties/dare "
+                                 "the sum of the input ranks)")
+    density: float = doc(0.5, "ties/dare: fraction of each weight change kept")
+    seed: int = doc(0, "dare: seed of the random drop")
+
+    def validate(self, where: str) -> None:
+        unknown = [m for m in self.methods if m not in HOW]
+        if unknown or not self.methods:
+            raise ConfigError(f"{where}.methods: {unknown or 'empty'}; choose from {', '.join(HOW)}")
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"{where}.density must be in (0, 1], got {self.density}")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"{where}.rank must be at least 1, got {self.rank}")
 
 
 @dataclasses.dataclass
@@ -286,9 +309,9 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
                 if len({f.A.shape[0] for _, f in parts}) > 1:
                     raise ModaltuneError(f"linear mixes factors entry by entry and needs equal ranks; module {name} "
                                          f"has ranks {[f.A.shape[0] for _, f in parts]}; use cat or svd")
-                B = sum(math.copysign(math.sqrt(abs(w)), w) * f.scale * f.B * (1 if g is None else g[:, None])
-                        for (w, f), g in zip(parts, rows_scale))
-                A = sum(math.sqrt(abs(w)) * f.A for w, f in parts)
+                B = sum(w * f.scale * f.B * (1 if g is None else g[:, None]) for (w, f), g in zip(parts, rows_scale))
+                total = sum(abs(w) for w, _ in parts) or 1.0
+                A = sum(abs(w) / total * f.A for w, f in parts)
             else:
                 B = torch.cat([w * f.scale * f.B * (1 if g is None else g[:, None])
                                for (w, f), g in zip(parts, rows_scale)], dim=1)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.peft import HALF_PLANS, count_parameters, draw_half
+from modaltune.shared.peft import FIXED_FACTORS, HALF_PLANS, count_parameters, draw_half
 
 
 class _Reached(Exception):
@@ -60,6 +60,8 @@ class ModaltuneModel(nn.Module):
         self._trained: set[str] = set()
         self._trained_buffers: set[str] = set()
         self._half: dict[str, tuple[str, list[int]]] = {}  # hft components: blocks path in self, block indices
+        self.fixed_factors: set[str] = set()  # LoRA-FA's A matrices: saved with the adapter, never trained
+        self.nested = None  # DyLoRA components' rank controller (modaltune.shared.dylora.NestedRanks)
 
     def component_of(self, name: str) -> str | None:
         """The component a parameter or buffer name belongs to (longest matching root)."""
@@ -72,9 +74,16 @@ class ModaltuneModel(nn.Module):
     def record_trained(self, full_components: list[str] = ()) -> None:
         """Remember the currently trainable parameters (and buffers of fully-trained components) as trained."""
         self._trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        roots = [".".join(x for x in (path, root) if x) for path, module in self.named_modules()
+                 for root in vars(module).get(FIXED_FACTORS, [])]  # peft wrappers forward getattr inward
+        self.fixed_factors = {n for n in self._trained if ".lora_A." in n
+                              and any(not r or n.startswith(r + ".") for r in roots)}
+        from modaltune.shared.dylora import nested_ranks
+
+        self.nested = nested_ranks(self)
         self._half = {comp: (f"{path}.{prefix}" if path else prefix, blocks) for path, module in self.named_modules()
                       for comp, (prefix, blocks) in getattr(module, HALF_PLANS, {}).items()}
-        if self._half:  # what one stage trains (each stage draws its own half): the parameter counts report this
+        if self._half or self.fixed_factors:  # what one stage trains: the parameter counts report this
             self.set_stage_trainable(None, draw="setup")
         self._trained_buffers = {
             n
@@ -111,7 +120,8 @@ class ModaltuneModel(nn.Module):
                 names, drawn[comp] = draw_half(self, prefix, blocks, f"{draw}:{comp}")
                 half |= names
         for name, param in self.named_parameters():
-            on = name in self._trained and (allowed is None or self.component_of(name) in allowed)
+            on = name in self._trained and name not in self.fixed_factors and (
+                allowed is None or self.component_of(name) in allowed)
             if on and self.component_of(name) in drawn:
                 on = name in half
             param.requires_grad_(on)

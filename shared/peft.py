@@ -8,6 +8,11 @@ module path. Each component gets one method:
 ``full``           every weight of the component trains
 ``lora``           low-rank adapters on the target modules
 ``dora``           weight-decomposed LoRA (``use_dora``)
+``dylora``         DyLoRA: LoRA trained at a rank drawn per step (1..r, lower ranks shared), so it can be used at
+                   any rank up to ``r`` afterwards (:mod:`modaltune.shared.dylora`)
+``lora_fa``        LoRA-FA: LoRA whose ``A`` stays at its initialisation; ``B`` trains with peft's LoRA-FA optimizer
+                   (its gradient projected onto ``A``'s row space), so neither A's gradients nor their optimizer
+                   state exist
 ``qlora``          LoRA on a 4-bit NF4 base with double quantisation (bitsandbytes; the model is loaded so)
 ``lora8bit``       LoRA on an 8-bit (LLM.int8) base
 ``ia3``            learned rescaling vectors on the target modules
@@ -39,10 +44,10 @@ from torch import nn
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
 
-Method = Literal["frozen", "full", "hft", "lora", "dora", "qlora", "lora8bit", "ia3", "prompt_tuning",
+Method = Literal["frozen", "full", "hft", "lora", "dora", "dylora", "lora_fa", "qlora", "lora8bit", "ia3", "prompt_tuning",
                  "prefix_tuning"]
 WEIGHT_METHODS = {"full", "hft"}  # train the component's own weights, no adapter
-LORA_FAMILY = {"lora", "dora", "qlora", "lora8bit"}
+LORA_FAMILY = {"lora", "dora", "dylora", "lora_fa", "qlora", "lora8bit"}
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning"}
 QUANTISED = {"qlora": "4bit", "lora8bit": "8bit"}
 
@@ -52,7 +57,8 @@ class ComponentConfig:
     """How one component is tuned."""
 
     method: Method = doc("frozen", "frozen | full | hft (Half Fine-Tuning: half of each block's matrices, redrawn per "
-                                   "stage) | lora | dora | qlora | lora8bit | ia3 | prompt_tuning | prefix_tuning")
+                                   "stage) | lora | dora | dylora (all ranks up to r) | lora_fa (A frozen) | qlora | lora8bit | ia3 | prompt_tuning "
+                                   "| prefix_tuning")
     lr: float | None = doc(None, "learning rate for this component (null: train.lr)")
     r: int = doc(16, "LoRA rank")
     alpha: float = doc(32.0, "LoRA alpha (scale = alpha / r)")
@@ -65,6 +71,8 @@ class ComponentConfig:
     num_virtual_tokens: int = doc(20, "prompt/prefix tuning: number of virtual tokens")
     prompt_init_text: str | None = doc(None, "prompt tuning: initialise virtual tokens from this text")
     quantize_head: bool = doc(False, "qlora/lora8bit: also quantise the output head (off: it stays in full precision)")
+    eval_ranks: list[int] | None = doc(None, "dylora: ranks the adapter is evaluated at after training (null: the "
+                                             "powers of 2 from 2 below r)")
     layers: list[int] | None = doc(
         None, "only these blocks of the component get the method (0-based; negative counts from the top, "
               "[-1] = top block); null: all")
@@ -201,8 +209,8 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
     by_method: dict[str, list[ComponentSpec]] = {}
     for spec in specs:
         by_method.setdefault(spec.config.method, []).append(spec)
-    adapter_kinds = {
-        "lora" if m in LORA_FAMILY and m != "dora" else m for m in by_method if m not in WEIGHT_METHODS | {"frozen"}
+    adapter_kinds = {  # LoRA-FA's optimizer treats every LoRA pair as A-frozen: it cannot share a model with LoRA
+        "lora" if m in LORA_FAMILY - {"dora", "dylora", "lora_fa"} else m for m in by_method if m not in WEIGHT_METHODS | {"frozen"}
     }
     if len(adapter_kinds) > 1:
         names = ", ".join(f"{s.name}={s.config.method}" for s in specs
@@ -256,6 +264,12 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
                 model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             model = peft.get_peft_model(model, cfg)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "lora_fa" in by_method:  # A is saved with the adapter but never trained (ModaltuneModel.record_trained)
+        setattr(base, FIXED_FACTORS, [s.root for s in by_method["lora_fa"]])
+    if "dylora" in by_method:  # the rank each step trains is set by modaltune.shared.dylora
+        from modaltune.shared.dylora import NESTED
+
+        setattr(base, NESTED, [s.root for s in by_method["dylora"]])
     for spec in by_method.get("full", []):
         module = base.get_submodule(spec.root) if spec.root else base
         wanted = block_indices(base, spec.root, spec.config.layers, spec.name)
@@ -277,7 +291,8 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
     return model
 
 
-HALF_PLANS = "_modaltune_half_plans"  # on a transformers model: component -> (blocks path, block indices) for hft
+HALF_PLANS = "_modaltune_half_plans"
+FIXED_FACTORS = "_modaltune_fixed_factors"  # on a transformers model: roots of the components whose LoRA A is fixed  # on a transformers model: component -> (blocks path, block indices) for hft
 
 
 def _attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:

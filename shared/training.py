@@ -14,6 +14,7 @@ DeepSpeed) with no launcher of ours. What this module adds:
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import dataclasses
 import json
 import math
@@ -46,6 +47,9 @@ class TrainConfig:
     eval_batch_size: int = doc(8, "examples per device per evaluation batch")
     grad_accum: int = doc(1, "gradient accumulation steps")
     lr: float = doc(2e-4, "learning rate (components may set their own)")
+    optimizer: Literal["adamw", "mezo"] = doc("adamw", "adamw | mezo (zeroth-order: two forward passes a step, no "
+                                                       "backward, no optimizer state; see modaltune.shared.mezo)")
+    mezo_eps: float = doc(1e-3, "mezo: size of the weight perturbation")
     weight_decay: float = doc(0.0, "AdamW weight decay (not applied to biases and norms)")
     warmup_ratio: float = doc(0.05, "fraction of steps spent warming the learning rate up")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = doc("cosine", "LR schedule")
@@ -75,6 +79,11 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{where}.warmup_ratio must be in [0, 1)")
         check_report_to(self.report_to, f"{where}.report_to")
+        if self.optimizer == "mezo" and self.grad_accum != 1:
+            raise ConfigError(f"{where}.grad_accum={self.grad_accum} with mezo: MeZO updates on every batch; raise "
+                              f"{where}.batch_size instead")
+        if self.mezo_eps <= 0:
+            raise ConfigError(f"{where}.mezo_eps must be positive, got {self.mezo_eps}")
 
 
 @dataclasses.dataclass
@@ -203,6 +212,19 @@ class CheckpointingMixin:
         return None
 
 
+def lora_scale(model: torch.nn.Module, param_name: str) -> float:
+    """The LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA) of the layer a ``lora_A``/``lora_B`` weight is in."""
+    layer, _, rest = param_name.rpartition(".lora_")
+    return float(model.get_submodule(layer).scaling[rest.split(".")[1]])
+
+
+def optimizer_state_mb(optimizer: Any) -> float:
+    """Megabytes of tensors the optimizer keeps between steps (Adam's moments, ...)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor)) / 2 ** 20
+
+
 class ModaltuneTrainer(CheckpointingMixin, Trainer):
     """The transformers Trainer with component learning rates, modaltune checkpoints and a token-weighted
     validation loss."""
@@ -216,8 +238,10 @@ class ModaltuneTrainer(CheckpointingMixin, Trainer):
             return self.optimizer
         model = self.model
         decay_names = set(self.get_decay_parameter_names(model))
+        fixed = getattr(model, "fixed_factors", set())
+        params = dict(model.named_parameters())
         groups: dict[tuple[str, bool], dict[str, Any]] = {}
-        for name, param in model.named_parameters():
+        for name, param in params.items():
             if not param.requires_grad:
                 continue
             comp = model.component_of(name) or "other"
@@ -229,11 +253,28 @@ class ModaltuneTrainer(CheckpointingMixin, Trainer):
                     "lr": self.component_lrs.get(comp, self.args.learning_rate),
                     "weight_decay": self.args.weight_decay if decay else 0.0,
                     "component": comp,
+                    **({"names": [], "scaling_factors": []} if fixed else {}),
                 },
             )
-            group["params"].append(param)
+            partner = name.replace(".lora_B.", ".lora_A.")
+            if fixed and partner in fixed:  # LoRA-FA: the optimizer takes each fixed A just before its B
+                scale = lora_scale(model, name)
+                group["params"] += [params[partner], param]
+                group["names"] += [partner, name]
+                group["scaling_factors"] += [scale, scale]
+            else:
+                group["params"].append(param)
+                if fixed:
+                    group["names"].append(name)
+                    group["scaling_factors"].append(None)
         if not groups:
             raise ModaltuneError("nothing to train: every component is frozen in this stage")
+        if fixed:
+            from peft.optimizers.lorafa import LoraFAOptimizer
+
+            self.optimizer = LoraFAOptimizer(list(groups.values()), betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                             eps=self.args.adam_epsilon)
+            return self.optimizer
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
@@ -398,9 +439,19 @@ def run_stages(
             use_cpu=not torch.cuda.is_available(),
         )
         stage_callbacks: list[TrainerCallback] = [MetricsLogger(log_path, stage.name, rows), *(callbacks or [])]
+        nested = getattr(model, "nested", None)
+        if nested is not None:  # DyLoRA: a rank drawn per step
+            from modaltune.shared.dylora import NestedRankCallback
+
+            stage_callbacks.append(NestedRankCallback(nested, cfg.seed))
         if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
             stage_callbacks.append(EarlyStopping(cfg.early_stopping_patience))
-        trainer = (stage.trainer or _modaltune_trainer)(
+        if cfg.optimizer == "mezo":
+            if stage.trainer is not None:
+                raise ConfigError(f"train.optimizer=mezo: stage {stage.name!r} trains with its own objective (e.g. "
+                                  "preference pairs), which MeZO does not drive; use adamw for it")
+            arguments["max_grad_norm"] = 0.0  # there are no gradients to clip
+        trainer = (stage.trainer or (_mezo_trainer(cfg.mezo_eps) if cfg.optimizer == "mezo" else _modaltune_trainer))(
             model=model,
             arguments=arguments,
             train_dataset=stage.train_dataset,
@@ -423,7 +474,10 @@ def run_stages(
             "train_seconds": output.metrics.get("train_runtime"),
             "resumed_from": str(resume_from) if resume_from else None,
             "precision": precision,
+            "optimizer_state_mb": round(optimizer_state_mb(trainer.optimizer), 3) if trainer.optimizer else None,
             **({"half_fine_tuning": drawn} if drawn else {}),
+            **({"dylora_ranks_drawn": dict(sorted(Counter(stage_callbacks[-1].drawn).items()))}
+               if nested is not None else {}),
         }
         if evaluate:  # the evaluation of the last step, if the schedule made one, else one now
             done = [r["eval_loss"] for r in rows if r.get("stage") == stage.name and "eval_loss" in r
@@ -447,6 +501,12 @@ def run_stages(
 
 def _modaltune_trainer(*, arguments: dict[str, Any], **kwargs) -> ModaltuneTrainer:
     return ModaltuneTrainer(args=TrainingArguments(**arguments), **kwargs)
+
+
+def _mezo_trainer(eps: float) -> Callable[..., Trainer]:
+    from modaltune.shared.mezo import MeZOTrainer
+
+    return lambda *, arguments, **kwargs: MeZOTrainer(args=TrainingArguments(**arguments), mezo_eps=eps, **kwargs)
 
 
 def _prior_loss_sum(checkpoint: Path | None) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -348,6 +349,15 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
+
+    def subset(self, keep: Callable[[Example], bool]) -> TokenizedDataset:
+        """The examples ``keep`` accepts (e.g. one category), sharing this set's tokenisation."""
+        out = TokenizedDataset([], None, 0, Skips())
+        for item, ex in zip(self.items, self.examples):
+            if keep(ex):
+                out.items.append(item)
+                out.examples.append(ex)
+        return out
 
 
 class PadCollator:

@@ -115,3 +115,25 @@ def measure_text(model, tokenizer, sets: dict[str, TokenizedDataset], formatter:
                                              desc=f"test ({label})")
     metrics.update({f"test/{k}": v for k, v in gen_metrics.items()})
     return metrics, items
+
+
+def measure_tasks(model, tokenizer, test: TokenizedDataset, formatter: PromptFormatter, cfg: GenerationEvalConfig,
+                  tasks: list[str], *, batch_size: int, precision: str, label: str) -> tuple[dict, list[dict]]:
+    """Per-task test loss, exact match and ROUGE-L (``TASK/loss``, ...), tasks being the examples' categories, and
+    their macro mean (``mean/...``); one generation pass over ``test``. Returns ``(metrics, per-item rows)``."""
+    metrics: dict[str, float] = {}
+    _, items = evaluate_generation(model, tokenizer, test, formatter, cfg, precision=precision,
+                                   desc=f"test ({label})")
+    for task in tasks:
+        part = test.subset(lambda ex: ex.category == task)
+        loss = evaluate_loss(model, part, tokenizer.pad_token_id, batch_size=batch_size, precision=precision)
+        rows = [r for r in items if r["category"] == task]
+        metrics[f"{task}/loss"] = loss.get("loss", float("nan"))
+        if rows:
+            metrics[f"{task}/exact_match"] = sum(r["exact"] for r in rows) / len(rows)
+            metrics[f"{task}/rougeL"] = sum(r["rougeL"] for r in rows) / len(rows)
+    for key in ("loss", "exact_match", "rougeL"):
+        values = [metrics[f"{t}/{key}"] for t in tasks if f"{t}/{key}" in metrics]
+        if values:
+            metrics[f"mean/{key}"] = sum(values) / len(values)
+    return metrics, items

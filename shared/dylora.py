@@ -1,0 +1,141 @@
+"""DyLoRA (``method: dylora``): one LoRA adapter trained for every rank up to ``r`` at once.
+
+Each optimizer step draws a rank ``b`` (uniformly from 1..r, seeded by the run's seed and the step, so a resumed run
+draws the same) and trains the adapter truncated to it: the first ``b`` rows of ``A`` and columns of ``B`` at scale
+``alpha / b``, as in the DyLoRA paper (Valipour et al., 2023). The lower ranks' rows are shared by every larger rank,
+so after one run the adapter can be used at any rank ``b <= r`` by keeping its first ``b`` ranks.
+
+The layers stay peft's own LoRA layers: a forward hook on each ``lora_A`` zeroes the ranks above ``b`` and the layer's
+``scaling`` is set to ``alpha / b``; between steps (evaluation, saving) the adapter is at its full rank. A checkpoint
+is a plain rank-``r`` LoRA; :func:`export_rank` writes the rank-``b`` adapter as a plain PEFT folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.io import atomic_write, atomic_write_json
+
+NESTED = "_modaltune_nested_ranks"  # on a transformers model: roots of its dylora components
+
+
+class NestedRanks:
+    """The rank every DyLoRA layer of a model runs at (:meth:`set_rank`), and the seeded draw per step."""
+
+    def __init__(self, layers: list[torch.nn.Module], adapter: str = "default") -> None:
+        self.layers = layers
+        self.adapter = adapter
+        self.rank = max(layer.r[adapter] for layer in layers)
+        self.max_rank = self.rank
+        self.masks = {}
+        for layer in layers:
+            mask = torch.ones(layer.r[adapter], device=layer.lora_A[adapter].weight.device)
+            self.masks[id(layer)] = mask
+            layer.lora_A[adapter].register_forward_hook(lambda _m, _i, out, mask=mask: out * mask.to(out.device, out.dtype))
+
+    def set_rank(self, b: int) -> None:
+        """Run every layer at rank ``b`` (its own rank when smaller): ranks above masked, scale alpha / b."""
+        if not 1 <= b <= self.max_rank:
+            raise ModaltuneError(f"DyLoRA rank {b} is outside 1..{self.max_rank} (the adapter's r)")
+        for layer in self.layers:
+            r = layer.r[self.adapter]
+            k = min(b, r)
+            self.masks[id(layer)].fill_(0.0)[:k] = 1.0
+            layer.scaling[self.adapter] = layer.lora_alpha[self.adapter] / k
+        self.rank = b
+
+    @contextlib.contextmanager
+    def at(self, b: int) -> Iterator[None]:
+        """The model at rank ``b`` inside the block, at its full rank after."""
+        self.set_rank(b)
+        try:
+            yield
+        finally:
+            self.set_rank(self.max_rank)
+
+    def draw(self, seed: int, step: int) -> int:
+        """The rank trained at ``step`` (uniform over 1..r; the same on a rerun or resume)."""
+        return random.Random(f"{seed}:{step}").randint(1, self.max_rank)
+
+
+def nested_ranks(model: torch.nn.Module) -> NestedRanks | None:
+    """The DyLoRA controller of ``model``'s dylora components (None when it has none)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = []
+    for path, module in model.named_modules():
+        for root in vars(module).get(NESTED, []):  # its own attribute (peft wrappers forward getattr inward)
+            prefix = ".".join(x for x in (path, root) if x)
+            layers += [m for name, m in model.named_modules() if isinstance(m, LoraLayer)
+                       and "default" in m.lora_A and (not prefix or name.startswith(prefix + "."))]
+    return NestedRanks(layers) if layers else None
+
+
+class NestedRankCallback(TrainerCallback):
+    """Draws each optimizer step's rank before it and restores the full rank after it."""
+
+    def __init__(self, nested: NestedRanks, seed: int) -> None:
+        self.nested, self.seed = nested, seed
+        self.drawn: list[int] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        b = self.nested.draw(self.seed, state.global_step)
+        self.drawn.append(b)
+        self.nested.set_rank(b)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.nested.set_rank(self.nested.max_rank)
+
+
+def eval_ranks(max_rank: int, wanted: list[int] | None) -> list[int]:
+    """The ranks a DyLoRA adapter is evaluated at: ``wanted`` (each within 1..r), or the powers of 2 below r."""
+    if wanted:
+        bad = [b for b in wanted if not 1 <= b <= max_rank]
+        if bad:
+            raise ModaltuneError(f"eval_ranks {bad} are outside 1..{max_rank} (the adapter's r)")
+        return sorted(set(wanted))
+    return [2 ** i for i in range(max_rank.bit_length()) if 2 ** i < max_rank and 2 ** i >= 2]
+
+
+def export_rank(folder: str | Path, b: int, out: str | Path) -> Path:
+    """Write the rank-``b`` part of a DyLoRA-trained PEFT adapter ``folder`` (its first ``b`` ranks, at scale
+    alpha / b) into ``out`` as a plain PEFT LoRA folder."""
+    folder, out = Path(folder), Path(out)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
+        raise ModaltuneError(f"{folder}: a DyLoRA adapter has one rank and alpha and no DoRA; this one does not")
+    if not 1 <= b <= int(config["r"]):
+        raise ModaltuneError(f"rank {b} is outside 1..{config['r']} (the adapter's r)")
+    tensors = {}
+    for key, t in load_file(str(folder / "adapter_model.safetensors")).items():
+        tensors[key] = (t[:b] if ".lora_A." in key else t[:, :b] if ".lora_B." in key else t).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_json(out / "adapter_config.json", {**config, "r": b})
+    return out
+
+
+def measure_ranks(model, wanted: list[int] | None, measure, checkpoint: Path, run_dir: Path,
+                  log=print) -> dict[str, dict]:
+    """A DyLoRA model measured at each evaluation rank: ``{"after_rB": metrics}``; each rank's adapters are also
+    written as plain PEFT folders to ``run_dir/adapters/rB/COMPONENT``. Empty for a model without DyLoRA."""
+    nested = getattr(model, "nested", None)
+    if nested is None:
+        return {}
+    columns = {}
+    for b in eval_ranks(nested.max_rank, wanted):
+        with nested.at(b):
+            columns[f"after_r{b}"] = measure(f"rank {b}")[0]
+        for folder in sorted((Path(checkpoint) / "adapter").glob("*/adapter_config.json")):
+            export_rank(folder.parent, b, run_dir / "adapters" / f"r{b}" / folder.parent.name)
+        log(f"rank {b}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(columns[f'after_r{b}'].items())))
+    return columns
