@@ -62,6 +62,12 @@ class PeakRSS:
         return self.peak / 2**20
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _batches(args, tok, cfg):
 
     from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset, load_splits

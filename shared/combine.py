@@ -245,8 +245,16 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):
 
 
 def _dense_svd(delta: torch.Tensor, rank: int):
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    return _split(u, s, vh, rank)
+    """Best rank-``rank`` factors of a dense matrix; a randomised SVD for large ones (a 7B model's MLP matrices),
+    with the truncation error taken from the whole matrix's norm, so it stays exact."""
+    if min(delta.shape) <= 1024 or rank >= min(delta.shape) // 2:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        return _split(u, s, vh, rank)
+    u, s, v = torch.svd_lowrank(delta, q=min(rank + 16, min(delta.shape)), niter=6)
+    B, A, k, _ = _split(u, s, v.T, rank)
+    total = float((delta ** 2).sum())
+    error = math.sqrt(max(total - float((s[:k] ** 2).sum()), 0.0) / total) if total > 0 else 0.0
+    return B, A, k, error
 
 
 def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -417,7 +425,7 @@ def combine_folders(sources: list[str], out: str | Path, *, weights: list[float]
                     rank: int | None = None, density: float = 0.5, seed: int = 0, base: str | None = None,
                     log: Callable[[str], None] = print) -> Combined:
     """Read the adapters ``sources`` names, combine them and write the result into ``out`` (``modaltune combine``)."""
-    adapters = [read_adapter(s, label=Path(s.split(":")[0]).name) for s in sources]
+    adapters = [read_adapter(s, label=s) for s in sources]
     bases = {a.config.get("base_model_name_or_path") for a in adapters} - {None}
     if len(bases) > 1 and not base:
         raise ModaltuneError(f"the adapters name different base models ({', '.join(sorted(bases))}); combine "

@@ -44,8 +44,8 @@ from torch import nn
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
 
-Method = Literal["frozen", "full", "hft", "lora", "dora", "dylora", "lora_fa", "qlora", "lora8bit", "ia3", "prompt_tuning",
-                 "prefix_tuning"]
+Method = Literal["frozen", "full", "hft", "lora", "dora", "dylora", "lora_fa", "qlora", "lora8bit", "ia3",
+                 "prompt_tuning", "prefix_tuning"]
 WEIGHT_METHODS = {"full", "hft"}  # train the component's own weights, no adapter
 LORA_FAMILY = {"lora", "dora", "dylora", "lora_fa", "qlora", "lora8bit"}
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning"}
@@ -57,8 +57,8 @@ class ComponentConfig:
     """How one component is tuned."""
 
     method: Method = doc("frozen", "frozen | full | hft (Half Fine-Tuning: half of each block's matrices, redrawn per "
-                                   "stage) | lora | dora | dylora (all ranks up to r) | lora_fa (A frozen) | qlora | lora8bit | ia3 | prompt_tuning "
-                                   "| prefix_tuning")
+                                   "stage) | lora | dora | dylora (all ranks up to r) | lora_fa (A frozen) | qlora | "
+                                   "lora8bit | ia3 | prompt_tuning | prefix_tuning")
     lr: float | None = doc(None, "learning rate for this component (null: train.lr)")
     r: int = doc(16, "LoRA rank")
     alpha: float = doc(32.0, "LoRA alpha (scale = alpha / r)")
@@ -209,9 +209,9 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
     by_method: dict[str, list[ComponentSpec]] = {}
     for spec in specs:
         by_method.setdefault(spec.config.method, []).append(spec)
-    adapter_kinds = {  # LoRA-FA's optimizer treats every LoRA pair as A-frozen: it cannot share a model with LoRA
-        "lora" if m in LORA_FAMILY - {"dora", "dylora", "lora_fa"} else m for m in by_method if m not in WEIGHT_METHODS | {"frozen"}
-    }
+    # LoRA-FA's optimizer and DyLoRA's rank controller act on every LoRA layer of a model: neither shares one
+    adapter_kinds = {"lora" if m in LORA_FAMILY - {"dora", "dylora", "lora_fa"} else m for m in by_method
+                     if m not in WEIGHT_METHODS | {"frozen"}}
     if len(adapter_kinds) > 1:
         names = ", ".join(f"{s.name}={s.config.method}" for s in specs
                           if s.config.method not in WEIGHT_METHODS | {"frozen"})
@@ -291,8 +291,8 @@ def apply_peft(model: nn.Module, specs: list[ComponentSpec], *, causal_lm: bool 
     return model
 
 
-HALF_PLANS = "_modaltune_half_plans"
-FIXED_FACTORS = "_modaltune_fixed_factors"  # on a transformers model: roots of the components whose LoRA A is fixed  # on a transformers model: component -> (blocks path, block indices) for hft
+HALF_PLANS = "_modaltune_half_plans"  # on a transformers model: component -> (blocks path, block indices) for hft
+FIXED_FACTORS = "_modaltune_fixed_factors"  # on a transformers model: roots of the components whose LoRA A is fixed
 
 
 def _attention_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -14,10 +14,10 @@ DeepSpeed) with no launcher of ours. What this module adds:
 from __future__ import annotations
 
 import csv
-from collections import Counter
 import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -443,7 +443,8 @@ def run_stages(
         if nested is not None:  # DyLoRA: a rank drawn per step
             from modaltune.shared.dylora import NestedRankCallback
 
-            stage_callbacks.append(NestedRankCallback(nested, cfg.seed))
+            nested_callback = NestedRankCallback(nested, cfg.seed)
+            stage_callbacks.append(nested_callback)
         if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
             stage_callbacks.append(EarlyStopping(cfg.early_stopping_patience))
         if cfg.optimizer == "mezo":
@@ -476,7 +477,7 @@ def run_stages(
             "precision": precision,
             "optimizer_state_mb": round(optimizer_state_mb(trainer.optimizer), 3) if trainer.optimizer else None,
             **({"half_fine_tuning": drawn} if drawn else {}),
-            **({"dylora_ranks_drawn": dict(sorted(Counter(stage_callbacks[-1].drawn).items()))}
+            **({"dylora_ranks_drawn": dict(sorted(Counter(nested_callback.drawn).items()))}
                if nested is not None else {}),
         }
         if evaluate:  # the evaluation of the last step, if the schedule made one, else one now

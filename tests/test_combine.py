@@ -196,3 +196,17 @@ def test_adapters_combine_refuses(tmp_path, tiny_llama):
     combine_folders([str(d)], tmp_path / "withbase", base=str(tiny_llama), log=lambda m: None)
     assert json.loads((tmp_path / "withbase" / "adapter_config.json").read_text())["base_model_name_or_path"] \
         == str(tiny_llama)
+
+
+def test_large_matrices_use_a_randomised_svd_with_the_exact_error():
+    from modaltune.shared.combine import _dense_svd
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(1100, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 1050, generator=g,
+                                                                               dtype=torch.float64)
+    m += 0.01 * torch.randn(1100, 1050, generator=g, dtype=torch.float64)
+    B, A, k, error = _dense_svd(m, 12)
+    s = torch.linalg.svdvals(m)
+    best = float((s[12:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+    assert k == 12 and error == pytest.approx(best, rel=1e-6)
+    assert float(torch.linalg.norm(m - B @ A) / torch.linalg.norm(m)) == pytest.approx(best, rel=1e-3)

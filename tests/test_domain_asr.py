@@ -414,3 +414,26 @@ def test_half_fine_tuning_of_the_decoder_runs_and_reports_its_draw(tmp_path, tin
     saved = ckpt.read_trained(out / "checkpoint")
     assert saved and all(".decoder.layers." in k for k in saved)  # block weights only: no embeddings, no head
     assert report["metrics"]["after"]["test/wer"] is not None
+
+
+@pytest.mark.parametrize("method", ["lora_fa", "dylora"])
+def test_memory_methods_apply_to_a_whisper_component(method, tiny_whisper):
+    """LoRA-FA and DyLoRA on the decoder only: A fixed there / the rank controller over the decoder's layers."""
+    model, processor, _ = _build(tiny_whisper, "frozen", method)
+    lora_layers = [n for n, _ in model.named_modules() if n.endswith("lora_A.default")]
+    decoder = [n for n in lora_layers if ".decoder." in n]
+    assert decoder and len(decoder) == len(lora_layers)
+    if method == "lora_fa":
+        assert model.fixed_factors == {f"{n}.weight" for n in decoder}
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
+    else:
+        assert model.nested is not None and len(model.nested.layers) == len(decoder)
+        _, _, batch = _batch(processor)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_B." in n:
+                    p.normal_(0, 0.5)  # trained-looking: rank 1 then differs from rank 4
+            full = model(**batch)["loss"]
+            with model.nested.at(1):
+                one = model(**batch)["loss"]
+        assert torch.isfinite(one) and abs(float(one) - float(full)) > 1e-4

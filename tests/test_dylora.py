@@ -89,3 +89,8 @@ def test_text_sft_dylora_reports_each_rank_and_exports_it(tmp_path, tiny_llama, 
         assert (lm(IDS).logits - want).abs().max() < 1e-5
     with pytest.raises(ModaltuneError, match="outside"):
         export_rank(out / "checkpoint" / "adapter" / "llm", 9, tmp_path / "x")
+    # merged at its full rank: a plain model with the full-rank outputs
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        assert (merged(IDS).logits - model.llm(IDS).logits).abs().max() < 1e-4

@@ -41,6 +41,7 @@ def test_mezo_lowers_the_loss_without_gradients_or_optimizer_state(tmp_path, tin
                  "eval.max_examples=2", "eval.max_new_tokens=2"]) == 0
     ev = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert ev["metrics"]["after"]["test/loss"] == pytest.approx(after["test/loss"], rel=1e-5)
+    assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "merged")]) == 0
     # the same seed gives the same run; a resumed run replays the same directions
     _, again = _run(tmp_path, tiny_llama, sft_data, "mezo-again")
     assert again["metrics"]["after"]["test/loss"] == after["test/loss"]

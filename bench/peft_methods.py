@@ -1,0 +1,164 @@
+"""Benchmark: the memory-efficient PEFT methods' training step against LoRA's, and MeZO's against an evaluation pass.
+
+Same model, batches (the first of text-sft's training split) and adapter targets for every variant. Each variant runs
+in its own process, so its peak memory is its own; rounds interleave the variants (``bench/timing.py``).
+
+    python bench/peft_methods.py                      # gemma-3-270m, batch 8, 3 rounds x 6 timed steps
+    python bench/peft_methods.py --model PATH --rounds 5 --steps 8
+
+Variants (all through the recipe's Trainer and config, text-sft's defaults otherwise):
+    lora      the baseline: LoRA r=16 on every projection, AdamW
+    lora_fa   LoRA-FA: A fixed, B trained by peft's LoRA-FA optimizer
+    dylora    DyLoRA: r=16, a rank drawn per step
+    mezo      LoRA trained by MeZO: two forward passes, no backward, no optimizer state
+    eval      an evaluation pass: the same forward on the same batches, no gradients (MeZO's memory yardstick)
+
+Printed: step time as a ratio to LoRA's in the same round; peak resident memory, and its rise above the memory after
+the model was built (the step's own memory), each as a ratio to the evaluation pass; optimizer state; trainable
+parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ["lora", "lora_fa", "dylora", "mezo", "eval"]
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from text_sft import PeakRSS, _batches, rss_mb
+    from transformers import TrainerCallback, TrainingArguments
+
+    from modaltune.shared.config import load_config
+    from modaltune.shared.recipe import get_recipe
+    from modaltune.shared.training import ModaltuneTrainer, optimizer_state_mb, resolve_precision
+    from modaltune.text.data import PadCollator
+
+    torch.manual_seed(0)
+    recipe = get_recipe("text-sft")
+    method = {"eval": "lora", "mezo": "lora"}.get(args.variant, args.variant)
+    cfg = load_config(recipe.config_cls, recipe.default_config_path(),
+                      [f"model.name={args.model}", f"train.batch_size={args.batch_size}", f"llm.method={method}"])
+    model, tok, _ = recipe.build_model(cfg)
+    precision = resolve_precision(cfg.train.precision)
+    batches, ds = _batches(args, tok, cfg)
+    built = rss_mb()
+    times: list[float] = []
+    state_mb = 0.0
+    if args.variant == "eval":
+        model.eval()
+        with PeakRSS() as mem, torch.no_grad():
+            for batch in batches:
+                t = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    model(**batch)["loss"]
+                times.append(time.perf_counter() - t)
+    else:
+        subset = torch.utils.data.Subset(ds, range((args.warmup + args.steps) * args.batch_size))
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, a, state, control, **kw):
+                times.append(time.perf_counter() - self.t)
+
+        base = ModaltuneTrainer
+        extra = {}
+        if args.variant == "mezo":
+            from modaltune.shared.mezo import MeZOTrainer
+
+            base, extra = MeZOTrainer, {"mezo_eps": cfg.train.mezo_eps}
+        callbacks = [Clock()]
+        if model.nested is not None:
+            from modaltune.shared.dylora import NestedRankCallback
+
+            callbacks.append(NestedRankCallback(model.nested, cfg.train.seed))
+
+        class Sequential(base):  # the same batches, in the same order, for every variant
+            def _get_train_sampler(self, *a, **kw):
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        trainer = Sequential(
+            model=model,
+            args=TrainingArguments(output_dir="/tmp/modaltune-bench", per_device_train_batch_size=args.batch_size,
+                                   max_steps=args.warmup + args.steps, learning_rate=cfg.train.lr, save_strategy="no",
+                                   report_to=[], bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+                                   max_grad_norm=0.0 if args.variant == "mezo" else cfg.train.max_grad_norm,
+                                   disable_tqdm=True, logging_steps=1000, remove_unused_columns=False),
+            train_dataset=subset, data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks, **extra,
+        )
+        with PeakRSS() as mem:
+            trainer.train()
+        state_mb = optimizer_state_mb(trainer.optimizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"variant": args.variant, "precision": precision, "times": times[args.warmup:], "peak_rss_mb": mem.peak_mb,
+            "built_rss_mb": built, "optimizer_state_mb": state_mb, "trainable": trainable}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m", help="zoo name, local folder or hub id")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every variant once, interleaved")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1, --warmup at least 0")
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import summary, table
+
+    rounds: list[dict[str, list[float]]] = []
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for k in range(args.rounds):
+        rounds.append({})
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                return 1
+            r = json.loads(line[7:])
+            rounds[k][variant] = r["times"]
+            runs[variant].append(r)
+            print(f"round {k + 1}/{args.rounds} {variant}: median {statistics.median(r['times']):.2f} s/step, "
+                  f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    print(table(f"\nPEFT method step benchmark: {args.model}, batch {args.batch_size} (eval: forward only)", rounds,
+                "lora", label="x lora"))
+    peak = {v: statistics.median(r["peak_rss_mb"] for r in runs[v]) for v in VARIANTS}
+    rise = {v: statistics.median(r["peak_rss_mb"] - r["built_rss_mb"] for r in runs[v]) for v in VARIANTS}
+    print(f"\n{'variant':10s} {'peak RSS MB':>12s} {'x eval':>7s} {'rise MB':>9s} {'x eval':>7s} "
+          f"{'optimizer MB':>13s} {'trainable':>11s}")
+    for v in VARIANTS:
+        r0 = runs[v][0]
+        print(f"{v:10s} {peak[v]:12.0f} {peak[v] / peak['eval']:7.2f} {rise[v]:9.0f} "
+              f"{rise[v] / max(rise['eval'], 1e-9):7.2f} {r0['optimizer_state_mb']:13.2f} {r0['trainable']:11,d}")
+    print("(medians over rounds; rise = peak minus the resident memory once the model was built)")
+    if args.json:
+        result = summary(rounds, "lora")
+        for v in VARIANTS:
+            result[v].update(peak_rss_mb=[r["peak_rss_mb"] for r in runs[v]], rise_mb=rise[v],
+                             optimizer_state_mb=runs[v][0]["optimizer_state_mb"], trainable=runs[v][0]["trainable"])
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
