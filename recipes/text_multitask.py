@@ -90,7 +90,8 @@ class TextMultitask(TextSFT):
         start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         curve, stages, folders = [], [], {}
         steps = {**{t: cfg.train.max_steps for t in names},
-                 "joint": cfg.tasks.joint_max_steps or cfg.train.max_steps * len(names)}
+                 "joint": cfg.tasks.joint_max_steps or (cfg.train.max_steps * len(names) if cfg.train.max_steps > 0
+                                                        else -1)}  # by epochs: one pass over every task's data
         with timed(report, "train_seconds"):
             for label in [*names, "joint"]:
                 with torch.no_grad():  # every adapter starts from the same initial adapter
@@ -99,7 +100,8 @@ class TextMultitask(TextSFT):
                             p.copy_(start[n])
                 train = split[label]["train"] if label != "joint" else sets["train"].subset(in_tasks)
                 val = split[label]["validation"] if label != "joint" else sets["validation"].subset(in_tasks)
-                ctx.log(f"training the {label} adapter: {len(train)} examples, {steps[label]} steps")
+                ctx.log(f"training the {label} adapter: {len(train)} examples, "
+                        + (f"{steps[label]} steps" if steps[label] > 0 else f"{cfg.train.epochs:g} epochs"))
                 result = run_stages(
                     model, [StagePlan(label, train, val if len(val) else None, max_steps=steps[label])], cfg.train,
                     run_dir=ctx.run_dir / "adapters" / label, collator=PadCollator(tok.pad_token_id),
@@ -143,9 +145,11 @@ class TextMultitask(TextSFT):
                 else:
                     peft_model.load_adapter(str(folders[label]), adapter_name=f"eval-{label}")
                     peft_model.set_adapter(f"eval-{label}")
-                    columns[label], items[label] = measure()
-                    peft_model.set_adapter("default")
-                    peft_model.delete_adapter(f"eval-{label}")
+                    try:
+                        columns[label], items[label] = measure()
+                    finally:
+                        peft_model.set_adapter("default")
+                        peft_model.delete_adapter(f"eval-{label}")
                 ctx.log(f"{label:>12s}: " + metric_line(columns[label], lambda k: k.endswith(score)))
         own = {t: columns[t].get(f"{t}/{score}", 0.0) for t in names}
         for label in [*cfg.combine.methods, "joint"]:

@@ -31,6 +31,7 @@ all, the rank and the relative Frobenius distance of the result from ``T``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import math
 import re
@@ -48,13 +49,13 @@ from safetensors.torch import load_file, save_file
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
-from modaltune.shared.io import atomic_write_json, atomic_write_text
+from modaltune.shared.io import atomic_write, atomic_write_json, atomic_write_text
 
 HOW = ("cat", "linear", "svd", "ties", "dare")
 PREFIX = "base_model.model."
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
             ".lora_magnitude_vector.weight": "m"}
-REWRITES_BASE = ("pissa", "olora", "corda")  # initialisations that change the base weights themselves
+REWRITES_BASE = ("pissa", "olora", "corda", "loftq")  # initialisations that change the base weights themselves
 
 
 @dataclasses.dataclass
@@ -167,6 +168,9 @@ def read_adapter(source: str | Path, label: str | None = None) -> Adapter:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name.endswith(".bias"):
+            raise ModaltuneError(f"{where} holds {key}: it trains biases (bias='{config.get('bias')}'), which are "
+                                 "whole-module changes, not LoRA factors; train the adapters with bias='none'")
         for suffix, part in SUFFIXES.items():
             if name.endswith(suffix):
                 parts.setdefault(name[: -len(suffix)], {})[part] = tensor
@@ -176,8 +180,14 @@ def read_adapter(source: str | Path, label: str | None = None) -> Adapter:
                                  "convolution LoRA, trainable tokens); combine takes linear-layer adapters")
     modules: dict[str, Factors] = {}
     for name, found in sorted(parts.items()):
-        if "A" not in found or "B" not in found or found["A"].ndim != 2:
+        if "A" not in found or "B" not in found:
             raise ModaltuneError(f"{where}: module {name} lacks its lora_A or lora_B matrix")
+        if found["A"].ndim != 2 or found["B"].ndim != 2:
+            raise ModaltuneError(f"{where}: module {name} is a convolution LoRA (factors of shape "
+                                 f"{tuple(found['A'].shape)}); combine takes linear-layer adapters")
+        if found["B"].shape[1] != found["A"].shape[0] or ("m" in found and found["m"].shape[0] != found["B"].shape[0]):
+            raise ModaltuneError(f"{where}: module {name} has factors that do not fit together (A "
+                                 f"{tuple(found['A'].shape)}, B {tuple(found['B'].shape)}); the file is damaged")
         r = found["A"].shape[0]
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r)))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -213,14 +223,24 @@ class BaseWeights:
     def weight(self, module: str, fan_in_fan_out: bool = False) -> torch.Tensor:
         key = f"{module}.weight"
         if key not in self.where:
-            ends = [k for k in self.where if k.endswith("." + key)]
-            if len(ends) != 1:
-                raise ModaltuneError(f"base model {self.name} has no weight for adapted module {module} "
-                                     f"({len(ends)} candidates); pass the adapters' base model with --base")
-            key = ends[0]
+            key = self._find(module, key)
         with safe_open(str(self.where[key]), framework="pt") as f:
             w = f.get_tensor(key).double()
         return w.T if fan_in_fan_out else w
+
+    def _find(self, module: str, key: str) -> str:
+        """The stored key of ``module``'s weight when the names differ by leading parts: files may hold a model's
+        inner names (``h.0...``) where the adapter names the whole model's (``transformer.h.0...``), or the reverse."""
+        parts = key.split(".")
+        for start in range(len(parts) - 1):
+            tail = ".".join(parts[start:])
+            found = [k for k in self.where if k == tail or k.endswith("." + tail)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                break
+        raise ModaltuneError(f"base model {self.name} has no unambiguous weight for adapted module {module}; check "
+                             "that it is the adapters' base model (--base names it)")
 
 
 def _row_norm(matrix: torch.Tensor) -> torch.Tensor:
@@ -290,7 +310,11 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
     dora_out = dora and how in ("cat", "linear", "svd")
     if rank is not None and rank < 1:
         raise ModaltuneError(f"rank must be at least 1, got {rank}")
-    fan = bool(adapters[0].config.get("fan_in_fan_out"))
+    fans = {bool(a.config.get("fan_in_fan_out")) for a in adapters}
+    if len(fans) > 1:
+        raise ModaltuneError("the adapters disagree on fan_in_fan_out (Conv1D-style and Linear-style layers): they "
+                             "were trained on different model classes; combine adapters of one base model")
+    fan = fans.pop()
     names = sorted({m for a in adapters for m in a.modules})
     out_tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -298,9 +322,16 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
     sq_err = sq_target = 0.0
     for name in names:
         parts = [(w, a.modules[name]) for w, a in zip(weights, adapters) if name in a.modules]
+        shapes = {(f.B.shape[0], f.A.shape[1]) for _, f in parts}
+        if len(shapes) > 1:
+            raise ModaltuneError(f"module {name} has different shapes in the adapters ({sorted(shapes)}): they were "
+                                 "trained on different base models; combine adapters of one base model")
         # a DoRA result needs every module's magnitude (peft would start a missing one at ||W||), so every W
         W = base.weight(name, fan) if base is not None and (dora_out or any(f.magnitude is not None
                                                                              for _, f in parts)) else None
+        if W is not None and tuple(W.shape) != next(iter(shapes)):
+            raise ModaltuneError(f"base model {base.name}'s weight for {name} is {tuple(W.shape)}, the adapters' "
+                                 f"{next(iter(shapes))}: it is not their base model; pass the right one with --base")
         c = [f.magnitude / _row_norm(W + f.scale * f.B @ f.A) if f.magnitude is not None else None for _, f in parts]
         deltas = [f.scale * f.B @ f.A if ci is None else ci[:, None] * (W + f.scale * f.B @ f.A) - W
                   for (_, f), ci in zip(parts, c)]
@@ -386,7 +417,9 @@ def write_combined(combined: Combined, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(combined.tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the result is an ordinary folder
+        atomic_write(tmp / "adapter_model.safetensors",
+                     lambda f: save_file(combined.tensors, f, metadata={"format": "pt"}))
         atomic_write_json(tmp / "adapter_config.json", combined.config)
         atomic_write_json(tmp / "combine.json", combined.report)
         atomic_write_text(tmp / "combine.md", report_markdown(combined.report))
@@ -397,6 +430,12 @@ def write_combined(combined: Combined, out: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def report_markdown(report: dict[str, Any]) -> str:

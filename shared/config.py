@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -77,7 +78,15 @@ def from_dict(cls: type[C], data: Any, where: str = "") -> C:
     check = getattr(obj, "validate", None)
     if callable(check):
         check(where)
+    if not where:  # a whole config: checks across its sections
+        for cross in CROSS_CHECKS:
+            cross(obj)
     return obj
+
+
+# Checks of a whole config that involve more than one section (e.g. an optimizer that refuses a tuning method),
+# registered by the module that owns the rule; each raises ConfigError.
+CROSS_CHECKS: list[Callable[[Any], None]] = []
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

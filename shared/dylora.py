@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,22 @@ from modaltune.shared.io import atomic_write, atomic_write_json
 NESTED = "_modaltune_nested_ranks"  # on a transformers model: roots of its dylora components
 
 
+class _RankMask:
+    """A forward hook on ``lora_A``: zeroes its outputs above rank ``k`` (nothing to do at full rank)."""
+
+    def __init__(self, r: int) -> None:
+        self.r = self.k = r
+        self._masks: dict[tuple, torch.Tensor] = {}  # (k, device, dtype) -> mask, made once where it is used
+
+    def __call__(self, _module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        if self.k >= self.r:
+            return out
+        key = (self.k, out.device, out.dtype)
+        if key not in self._masks:
+            self._masks[key] = (torch.arange(self.r, device=out.device) < self.k).to(out.dtype)
+        return out * self._masks[key]
+
+
 class NestedRanks:
     """The rank every DyLoRA layer of a model runs at (:meth:`set_rank`), and the seeded draw per step."""
 
@@ -36,20 +53,23 @@ class NestedRanks:
         self.adapter = adapter
         self.rank = max(layer.r[adapter] for layer in layers)
         self.max_rank = self.rank
-        self.masks = {}
-        for layer in layers:
-            mask = torch.ones(layer.r[adapter], device=layer.lora_A[adapter].weight.device)
-            self.masks[id(layer)] = mask
-            layer.lora_A[adapter].register_forward_hook(lambda _m, _i, out, mask=mask: out * mask.to(out.device, out.dtype))
+        self.masks = {id(layer): _RankMask(layer.r[adapter]) for layer in layers}
+        self._hooks = [layer.lora_A[adapter].register_forward_hook(self.masks[id(layer)]) for layer in layers]
+
+    def remove(self) -> None:
+        """Take the hooks off (the layers are plain LoRA layers again, at their full rank)."""
+        self.set_rank(self.max_rank)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def set_rank(self, b: int) -> None:
         """Run every layer at rank ``b`` (its own rank when smaller): ranks above masked, scale alpha / b."""
         if not 1 <= b <= self.max_rank:
             raise ModaltuneError(f"DyLoRA rank {b} is outside 1..{self.max_rank} (the adapter's r)")
         for layer in self.layers:
-            r = layer.r[self.adapter]
-            k = min(b, r)
-            self.masks[id(layer)].fill_(0.0)[:k] = 1.0
+            k = min(b, layer.r[self.adapter])
+            self.masks[id(layer)].k = k
             layer.scaling[self.adapter] = layer.lora_alpha[self.adapter] / k
         self.rank = b
 
@@ -85,15 +105,19 @@ class NestedRankCallback(TrainerCallback):
 
     def __init__(self, nested: NestedRanks, seed: int) -> None:
         self.nested, self.seed = nested, seed
-        self.drawn: list[int] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        b = self.nested.draw(self.seed, state.global_step)
-        self.drawn.append(b)
-        self.nested.set_rank(b)
+        self.nested.set_rank(self.nested.draw(self.seed, state.global_step))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.nested.set_rank(self.nested.max_rank)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.nested.set_rank(self.nested.max_rank)
+
+    def counts(self, steps: int) -> dict[int, int]:
+        """How often each rank was trained in steps ``0..steps-1`` (a resumed run's earlier steps included)."""
+        return dict(sorted(Counter(self.nested.draw(self.seed, s) for s in range(steps)).items()))
 
 
 def eval_ranks(max_rank: int, wanted: list[int] | None) -> list[int]:

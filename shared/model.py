@@ -73,13 +73,16 @@ class ModaltuneModel(nn.Module):
 
     def record_trained(self, full_components: list[str] = ()) -> None:
         """Remember the currently trainable parameters (and buffers of fully-trained components) as trained."""
-        self._trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        # LoRA-FA's A matrices stay trained weights (saved) on a second call, though they never require grad
+        self._trained = {n for n, p in self.named_parameters() if p.requires_grad} | self.fixed_factors
         roots = [".".join(x for x in (path, root) if x) for path, module in self.named_modules()
                  for root in vars(module).get(FIXED_FACTORS, [])]  # peft wrappers forward getattr inward
         self.fixed_factors = {n for n in self._trained if ".lora_A." in n
                               and any(not r or n.startswith(r + ".") for r in roots)}
         from modaltune.shared.dylora import nested_ranks
 
+        if self.nested is not None:  # one rank controller: the previous one's hooks come off
+            self.nested.remove()
         self.nested = nested_ranks(self)
         self._half = {comp: (f"{path}.{prefix}" if path else prefix, blocks) for path, module in self.named_modules()
                       for comp, (prefix, blocks) in getattr(module, HALF_PLANS, {}).items()}

@@ -92,6 +92,13 @@ class ComponentConfig:
             if self.method in PROMPT_METHODS:
                 raise ConfigError(f"{where}.layers does not apply to {self.method} (it adds virtual tokens, not "
                                   "per-block weights)")
+        if self.eval_ranks is not None:
+            if self.method != "dylora":
+                raise ConfigError(f"{where}.eval_ranks applies to method dylora only ({where}.method is "
+                                  f"{self.method}); remove it or set {where}.method=dylora")
+            bad = [b for b in self.eval_ranks if not 1 <= b <= self.r]
+            if bad:
+                raise ConfigError(f"{where}.eval_ranks {bad} are outside 1..{self.r} (the adapter's rank, {where}.r)")
 
     @property
     def trains(self) -> bool:

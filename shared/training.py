@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import json
 import math
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
-from modaltune.shared.config import doc
+from modaltune.shared.config import CROSS_CHECKS, doc
 from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import IGNORE_INDEX
@@ -111,6 +110,19 @@ class StagePlan:
     # TrainingArguments keywords and ModaltuneTrainer's; default: a ModaltuneTrainer
     trainer: Callable[..., Trainer] | None = None
     collator: Callable | None = None  # this stage's batches (default: run_stages' collator)
+
+
+def _mezo_refuses_dylora(cfg: Any) -> None:
+    """MeZO's update moves every trainable weight along its perturbation, including the DyLoRA ranks a step masks."""
+    if getattr(getattr(cfg, "train", None), "optimizer", None) != "mezo" or not dataclasses.is_dataclass(cfg):
+        return
+    for f in dataclasses.fields(cfg):
+        if getattr(getattr(cfg, f.name), "method", None) == "dylora":
+            raise ConfigError(f"train.optimizer=mezo with {f.name}.method=dylora: MeZO's update would move the "
+                              f"ranks a step does not use; train DyLoRA with adamw, or use {f.name}.method=lora")
+
+
+CROSS_CHECKS.append(_mezo_refuses_dylora)
 
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
@@ -229,6 +241,8 @@ class ModaltuneTrainer(CheckpointingMixin, Trainer):
     """The transformers Trainer with component learning rates, modaltune checkpoints and a token-weighted
     validation loss."""
 
+    _uses_gradients = True  # False for gradient-free trainers (MeZO): a plain optimizer carries their learning rates
+
     def __init__(self, *args: Any, component_lrs: dict[str, float] | None = None, **kwargs) -> None:
         self.component_lrs = component_lrs or {}
         super().__init__(*args, **kwargs)
@@ -238,7 +252,7 @@ class ModaltuneTrainer(CheckpointingMixin, Trainer):
             return self.optimizer
         model = self.model
         decay_names = set(self.get_decay_parameter_names(model))
-        fixed = getattr(model, "fixed_factors", set())
+        fixed = getattr(model, "fixed_factors", set()) if self._uses_gradients else set()
         params = dict(model.named_parameters())
         groups: dict[tuple[str, bool], dict[str, Any]] = {}
         for name, param in params.items():
@@ -451,8 +465,13 @@ def run_stages(
             if stage.trainer is not None:
                 raise ConfigError(f"train.optimizer=mezo: stage {stage.name!r} trains with its own objective (e.g. "
                                   "preference pairs), which MeZO does not drive; use adamw for it")
+            if nested is not None:
+                raise ConfigError("train.optimizer=mezo with a dylora component: MeZO's update would move the ranks "
+                                  "a step does not use; train DyLoRA with adamw, or use lora with mezo")
             arguments["max_grad_norm"] = 0.0  # there are no gradients to clip
-        trainer = (stage.trainer or (_mezo_trainer(cfg.mezo_eps) if cfg.optimizer == "mezo" else _modaltune_trainer))(
+            arguments["fp16"] = False  # no backward, so no loss scaler: fp16 is the forward's autocast alone
+        trainer = (stage.trainer or (_mezo_trainer(cfg.mezo_eps, precision) if cfg.optimizer == "mezo"
+                                     else _modaltune_trainer))(
             model=model,
             arguments=arguments,
             train_dataset=stage.train_dataset,
@@ -477,8 +496,7 @@ def run_stages(
             "precision": precision,
             "optimizer_state_mb": round(optimizer_state_mb(trainer.optimizer), 3) if trainer.optimizer else None,
             **({"half_fine_tuning": drawn} if drawn else {}),
-            **({"dylora_ranks_drawn": dict(sorted(Counter(nested_callback.drawn).items()))}
-               if nested is not None else {}),
+            **({"dylora_ranks_drawn": nested_callback.counts(steps)} if nested is not None else {}),
         }
         if evaluate:  # the evaluation of the last step, if the schedule made one, else one now
             done = [r["eval_loss"] for r in rows if r.get("stage") == stage.name and "eval_loss" in r
@@ -504,10 +522,11 @@ def _modaltune_trainer(*, arguments: dict[str, Any], **kwargs) -> ModaltuneTrain
     return ModaltuneTrainer(args=TrainingArguments(**arguments), **kwargs)
 
 
-def _mezo_trainer(eps: float) -> Callable[..., Trainer]:
+def _mezo_trainer(eps: float, precision: str) -> Callable[..., Trainer]:
     from modaltune.shared.mezo import MeZOTrainer
 
-    return lambda *, arguments, **kwargs: MeZOTrainer(args=TrainingArguments(**arguments), mezo_eps=eps, **kwargs)
+    return lambda *, arguments, **kwargs: MeZOTrainer(args=TrainingArguments(**arguments), mezo_eps=eps,
+                                                      precision=precision, **kwargs)
 
 
 def _prior_loss_sum(checkpoint: Path | None) -> float:

@@ -94,3 +94,10 @@ def test_text_sft_dylora_reports_each_rank_and_exports_it(tmp_path, tiny_llama, 
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     with torch.no_grad():
         assert (merged(IDS).logits - model.llm(IDS).logits).abs().max() < 1e-4
+    # and combined (alone, weight 1) into a plain PEFT folder: the full-rank adapter again
+    assert main(["combine", "--adapter", f"{out / 'checkpoint'}:llm", "--how", "cat",
+                 "--out", str(tmp_path / "combined")]) == 0
+    combined = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
+                                              str(tmp_path / "combined")).eval()
+    with torch.no_grad():
+        assert (combined(IDS).logits - model.llm(IDS).logits).abs().max() < 1e-5

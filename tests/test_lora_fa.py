@@ -98,3 +98,16 @@ def test_lora_fa_resumes_and_refuses_mixing(tmp_path, tiny_llama, sft_data):
     with pytest.raises(ConfigError, match="one adapter type"):
         apply_peft(lm, [ComponentSpec("a", "model.layers.0", ComponentConfig(method="lora_fa", targets=["q_proj"])),
                         ComponentSpec("b", "model.layers.1", ComponentConfig(method="lora", targets=["q_proj"]))])
+
+
+def test_recording_the_trained_weights_again_keeps_fixed_factors_and_one_rank_controller(tiny_llama):
+    fa, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="lora_fa", r=4, alpha=8),
+                                compute_dtype=torch.float32)
+    fixed, trained = set(fa.fixed_factors), fa.trained_names
+    fa.record_trained()  # as a recipe that adds a stage does
+    assert fa.fixed_factors == fixed and fa.trained_names == trained  # A is still saved, still fixed
+    dy, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="dylora", r=4, alpha=8),
+                                compute_dtype=torch.float32)
+    layer = dy.nested.layers[0]
+    dy.record_trained()
+    assert len(layer.lora_A["default"]._forward_hooks) == 1  # the first controller's hooks came off

@@ -57,3 +57,29 @@ def test_mezo_refusals(tmp_path, tiny_llama, sft_data, capsys):
     code = main(["run", "text-sft", "--out", str(tmp_path / "x"), f"model.name={tiny_llama}",
                  f"data.source={sft_data}", "train.optimizer=mezo", "train.grad_accum=2"])
     assert code == 2 and "batch_size" in capsys.readouterr().err
+    code = main(["run", "text-sft", "--out", str(tmp_path / "y"), f"model.name={tiny_llama}",
+                 f"data.source={sft_data}", "train.optimizer=mezo", "llm.method=dylora", "train.max_steps=2",
+                 "train.precision=fp32"])
+    assert code == 2 and "dylora" in capsys.readouterr().err
+
+
+def test_mezo_restores_the_weights_exactly_and_drives_lora_fa(tmp_path, tiny_llama, sft_data):
+    from modaltune.shared.lm import ModelConfig, build_text_model
+    from modaltune.shared.peft import ComponentConfig
+    from modaltune.shared.recipe import seed_everything
+
+    seed_everything(42)  # as the run does before building its model: the same initial adapter
+    start = {n: p.detach().clone() for n, p in build_text_model(
+        ModelConfig(name=str(tiny_llama)), ComponentConfig(method="lora", r=16, alpha=32),
+        compute_dtype=torch.float32)[0].named_parameters() if "lora_" in n}
+    # at learning rate 0 every step perturbs and measures, and must leave each weight bit for bit where it was
+    out, _ = _run(tmp_path, tiny_llama, sft_data, "still", "train.lr=0", "train.max_steps=5")
+    trained = ckpt.read_trained(out / "checkpoint")
+    assert trained.keys() == start.keys() and all(torch.equal(trained[k], start[k]) for k in start)
+    # LoRA-FA under MeZO: A is never perturbed, B moves
+    out, report = _run(tmp_path, tiny_llama, sft_data, "fa", "llm.method=lora_fa", "train.max_steps=5")
+    trained = ckpt.read_trained(out / "checkpoint")
+    a_keys = [k for k in trained if ".lora_A." in k]
+    assert a_keys and all(torch.equal(trained[k], start[k]) for k in a_keys)
+    assert all(trained[k].abs().max() > 0 for k in trained if ".lora_B." in k)
+    assert report["training"]["stages"][0]["optimizer_state_mb"] == 0.0
