@@ -20,10 +20,8 @@ parameters.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,40 +104,16 @@ def run_variant(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gemma-3-270m", help="zoo name, local folder or hub id")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every variant once, interleaved")
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    p.add_argument("--json", help="also write the results here")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import check_step_arguments, step_arguments, summary, table, variant_rounds
+
+    p = step_arguments(__doc__.split("\n\n")[0], VARIANTS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-        p.error("--steps and --rounds must be at least 1, --warmup at least 0")
+    check_step_arguments(p, args)
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return 0
-    sys.path.insert(0, str(Path(__file__).parent))
-    from timing import summary, table
-
-    rounds: list[dict[str, list[float]]] = []
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for k in range(args.rounds):
-        rounds.append({})
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--batch-size",
-                   str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                return 1
-            r = json.loads(line[7:])
-            rounds[k][variant] = r["times"]
-            runs[variant].append(r)
-            print(f"round {k + 1}/{args.rounds} {variant}: median {statistics.median(r['times']):.2f} s/step, "
-                  f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    rounds, runs = variant_rounds(__file__, VARIANTS, args)
     print(table(f"\nPEFT method step benchmark: {args.model}, batch {args.batch_size} (eval: forward only)", rounds,
                 "lora", label="x lora"))
     peak = {v: statistics.median(r["peak_rss_mb"] for r in runs[v]) for v in VARIANTS}

@@ -149,3 +149,50 @@ def utilisation_table(rows: dict[str, dict[str, float]], precisions: dict[str, s
     lines.append("(FLOPs counted by torch's FlopCounterMode on one step, forward and backward; peak = the fastest "
                  "square matmul of that precision measured in this run, same threads)")
     return "\n".join(lines)
+
+
+def step_arguments(description: str, variants: list[str], *, model: str = "gemma-3-270m", batch_size: int = 8):
+    """The command line of a step benchmark whose variants each run in their own process (``--variant``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default=model, help="zoo name, local folder or hub id")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every variant once, interleaved")
+    p.add_argument("--variant", choices=variants, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the results here")
+    return p
+
+
+def check_step_arguments(p, args) -> None:
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be at least 1, --warmup at least 0")
+
+
+def variant_rounds(script: str, variants: list[str], args) -> tuple[list[dict[str, list[float]]], dict[str, list]]:
+    """Run ``script --variant V`` for every variant, ``args.rounds`` times interleaved, each in a fresh process (so
+    its peak memory is its own). Returns the step times per round and every process's ``RESULT`` dict per variant;
+    a process that printed no result stops the benchmark with its output."""
+    import json
+    import subprocess
+    import sys
+
+    rounds: list[dict[str, list[float]]] = []
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for k in range(args.rounds):
+        rounds.append({})
+        for variant in variants:
+            cmd = [sys.executable, script, "--variant", variant, "--model", args.model, "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+            r = json.loads(line[7:])
+            rounds[k][variant] = r["times"]
+            results[variant].append(r)
+            print(f"round {k + 1}/{args.rounds} {variant}: median {statistics.median(r['times']):.2f} s/step, "
+                  f"peak {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    return rounds, results
