@@ -123,4 +123,4 @@ def test_rows_with_line_separators_load_and_skipped_rows_are_named(trained):
 def test_unknown_recipes_list_the_known_ones(capsys):
     assert main(["run", "no-such-recipe"]) == 2
     err = capsys.readouterr().err
-    assert "known: audio-llm, domain-asr, med-vqa, text-dpo, text-sft" in err
+    assert "known: audio-llm, domain-asr, med-vqa, text-dpo, text-multitask, text-sft" in err
