@@ -79,6 +79,7 @@ def save_checkpoint(
         **meta,
         "parameters": model.parameter_report(),
         "tensors": len(state),
+        "components": dict(getattr(model, "components", {})),  # component -> its module path in the model
         "adapter_tensors": in_adapters,
         "versions": versions(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write, atomic_write_json, atomic_write_text
+from modaltune.shared.peft import LORA_FAMILY
 
 HOW = ("cat", "linear", "svd", "ties", "dare")
 PREFIX = "base_model.model."
@@ -118,6 +119,10 @@ def adapter_folder(source: str | Path, component: str | None = None) -> Path:
         if broken:
             raise ModaltuneError(f"checkpoint {path} is not usable: {broken}")
         found = sorted(p.parent.name for p in (path / "adapter").glob("*/adapter_config.json"))
+        inside = _wrapped_components(path)
+        if not found and (component in inside or (component is None and len(inside) == 1)):
+            return path  # adapters inside one PEFT wrapper of the whole model (Whisper): read from trained weights
+        found = found or sorted(inside)
         if component is None and len(found) == 1:
             component = found[0]
         if component is None or component not in found:
@@ -137,6 +142,47 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def _wrapped_components(checkpoint: Path) -> dict[str, str]:
+    """A checkpoint's LoRA-tuned components whose adapters sit in one PEFT wrapper of the whole model (Whisper's
+    encoder and decoder), not in PEFT folders of their own: ``{component: its path inside the wrapped model}``."""
+    from modaltune.shared.checkpoint import read_meta
+
+    meta = read_meta(checkpoint)
+    out = {}
+    for comp, root in (meta.get("components") or {}).items():
+        section = (meta.get("config") or {}).get(comp)
+        if isinstance(section, dict) and section.get("method") in LORA_FAMILY and PREFIX in root + ".":
+            out[comp] = (root + ".").split(PREFIX, 1)[1].rstrip(".")
+    return out
+
+
+def _from_checkpoint(path: Path, component: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The PEFT config and tensors of ``component``'s adapter read from a checkpoint's trained weights."""
+    from modaltune.shared.checkpoint import read_meta, read_trained
+
+    inside = _wrapped_components(path)
+    component = component or next(iter(inside))
+    root, meta = inside[component], read_meta(path)
+    section = meta["config"][component]
+    tensors = {}
+    for name, tensor in read_trained(path).items():
+        module = name.split(PREFIX, 1)[1] if PREFIX in name else ""
+        if module.startswith(root + ".") and ".lora_" in module:  # drop peft's adapter name, as its files do
+            tensors[PREFIX + re.sub(r"\.(lora_[A-Za-z_]+)\.default(\.|$)", r".\1\2", module)] = tensor
+    source = meta.get("model_source") or {}
+    try:
+        r, alpha = int(section["r"]), float(section["alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise ModaltuneError(f"checkpoint {path}: its config gives {component} no usable r and alpha; the record "
+                             "was changed after saving") from None
+    if not tensors:
+        raise ModaltuneError(f"checkpoint {path} holds no LoRA factors under {component} ({root})")
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": False,
+              "use_dora": section["method"] == "dora", "base_model_name_or_path": source.get("name") if isinstance(source, dict) else None,
+              "fan_in_fan_out": False}
+    return config, tensors
+
+
 def read_adapter(source: str | Path, label: str | None = None) -> Adapter:
     """Read a LoRA/rsLoRA/DoRA adapter (``source`` as for :func:`adapter_folder`, with ``:COMPONENT`` allowed)."""
     text = str(source)
@@ -144,6 +190,9 @@ def read_adapter(source: str | Path, label: str | None = None) -> Adapter:
     if ":" in text and not Path(text).exists():
         text, component = text.rsplit(":", 1)
     folder = adapter_folder(text, component)
+    if (folder / "modaltune.json").is_file():  # a checkpoint whose adapters live in its trained weights
+        config, tensors = _from_checkpoint(folder, component)
+        return _adapter_from(config, tensors, folder, f"adapter {component or ''} of checkpoint {folder}", label)
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -164,7 +213,11 @@ def read_adapter(source: str | Path, label: str | None = None) -> Adapter:
     if not files[0].is_file():
         raise ModaltuneError(f"{where} has no adapter_model.safetensors (a .bin adapter is not loaded: it could run "
                              "code; convert it to safetensors)")
-    tensors = load_file(str(files[0]))
+    return _adapter_from(config, load_file(str(files[0])), folder, where, label)
+
+
+def _adapter_from(config: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path, where: str,
+                  label: str | None) -> Adapter:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key

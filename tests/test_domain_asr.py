@@ -134,6 +134,23 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
     text = asr(np.zeros(16000, dtype=np.float32), generate_kwargs={"max_new_tokens": 8})["text"]
     assert isinstance(text, str)
 
+    # its decoder adapter combines like any other: alone at weight 1, a plain PEFT adapter with the merged outputs
+    import peft
+    from transformers import WhisperForConditionalGeneration
+
+    assert main(["combine", "--adapter", f"{out / 'checkpoint'}:decoder", "--out", str(tmp_path / "comb")]) == 0
+    base = WhisperForConditionalGeneration.from_pretrained(str(tiny_whisper)).eval()
+    combined = peft.PeftModel.from_pretrained(base, str(tmp_path / "comb")).eval()
+    plain = WhisperForConditionalGeneration.from_pretrained(str(merged), dtype=torch.float32).eval()
+    feats = torch.randn(1, base.config.num_mel_bins, 2 * base.config.max_source_positions,
+                        generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[base.config.decoder_start_token_id, 5, 6, 7]])
+    with torch.no_grad():
+        want = plain(input_features=feats, decoder_input_ids=ids).logits
+        assert (combined(input_features=feats, decoder_input_ids=ids).logits - want).abs().max() < 1e-4
+        with combined.disable_adapter():  # and the adapter is what moves them
+            assert (combined(input_features=feats, decoder_input_ids=ids).logits - want).abs().max() > 1e-3
+
     from modaltune.shared.recipe import generate
 
     row = json.loads(speech_manifests["test"].read_text().splitlines()[0])  # `modaltune generate --input FILE`
