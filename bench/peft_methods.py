@@ -33,13 +33,11 @@ def run_variant(args) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from text_sft import PeakRSS, _batches, rss_mb
-    from transformers import TrainerCallback, TrainingArguments
+    from text_sft import PeakRSS, _batches, rss_mb, trainer_steps
 
     from modaltune.shared.config import load_config
     from modaltune.shared.recipe import get_recipe
-    from modaltune.shared.training import ModaltuneTrainer, optimizer_state_mb, resolve_precision
-    from modaltune.text.data import PadCollator
+    from modaltune.shared.training import optimizer_state_mb, resolve_precision
 
     torch.manual_seed(0)
     recipe = get_recipe("text-sft")
@@ -61,42 +59,17 @@ def run_variant(args) -> dict:
                     model(**batch)["loss"]
                 times.append(time.perf_counter() - t)
     else:
-        subset = torch.utils.data.Subset(ds, range((args.warmup + args.steps) * args.batch_size))
-
-        class Clock(TrainerCallback):
-            def on_step_begin(self, a, state, control, **kw):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, a, state, control, **kw):
-                times.append(time.perf_counter() - self.t)
-
-        base = ModaltuneTrainer
-        extra = {}
+        trainer_cls, extra, callbacks = None, {}, []
         if args.variant == "mezo":
             from modaltune.shared.mezo import MeZOTrainer
 
-            base, extra = MeZOTrainer, {"mezo_eps": cfg.train.mezo_eps}
-        callbacks = [Clock()]
+            trainer_cls, extra = MeZOTrainer, {"mezo_eps": cfg.train.mezo_eps}
         if model.nested is not None:
             from modaltune.shared.dylora import NestedRankCallback
 
             callbacks.append(NestedRankCallback(model.nested, cfg.train.seed))
-
-        class Sequential(base):  # the same batches, in the same order, for every variant
-            def _get_train_sampler(self, *a, **kw):
-                return torch.utils.data.SequentialSampler(self.train_dataset)
-
-        trainer = Sequential(
-            model=model,
-            args=TrainingArguments(output_dir="/tmp/modaltune-bench", per_device_train_batch_size=args.batch_size,
-                                   max_steps=args.warmup + args.steps, learning_rate=cfg.train.lr, save_strategy="no",
-                                   report_to=[], bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
-                                   max_grad_norm=0.0 if args.variant == "mezo" else cfg.train.max_grad_norm,
-                                   disable_tqdm=True, logging_steps=1000, remove_unused_columns=False),
-            train_dataset=subset, data_collator=PadCollator(tok.pad_token_id), callbacks=callbacks, **extra,
-        )
-        with PeakRSS() as mem:
-            trainer.train()
+        trainer, mem = trainer_steps(args, model, tok, ds, cfg, precision, times, trainer_cls=trainer_cls,
+                                     callbacks=callbacks, **extra)
         state_mb = optimizer_state_mb(trainer.optimizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"variant": args.variant, "precision": precision, "times": times[args.warmup:], "peak_rss_mb": mem.peak_mb,

@@ -78,6 +78,43 @@ def _batches(args, tok, cfg):
     return [collate([ds[i] for i in range(k * n, (k + 1) * n)]) for k in range(args.warmup + args.steps)], ds
 
 
+def trainer_steps(args, model, tok, ds, cfg, precision: str, times: list[float], *, trainer_cls=None,
+                  callbacks=(), **trainer_kwargs):
+    """The recipe's Trainer (``trainer_cls``, ModaltuneTrainer by default) over the first ``warmup + steps`` batches
+    of ``ds``, in order, each optimizer step's seconds appended to ``times``. Returns the trainer and its PeakRSS."""
+    import torch
+    from transformers import TrainerCallback, TrainingArguments
+
+    from modaltune.shared.training import ModaltuneTrainer
+    from modaltune.text.data import PadCollator
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    class Sequential(trainer_cls or ModaltuneTrainer):  # the same batches, in the same order, for every variant
+        def _get_train_sampler(self, *a, **kw):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    mezo = getattr(trainer_cls, "_uses_gradients", True) is False
+    trainer = Sequential(
+        model=model,
+        args=TrainingArguments(output_dir="/tmp/modaltune-bench", per_device_train_batch_size=args.batch_size,
+                               max_steps=args.warmup + args.steps, learning_rate=cfg.train.lr, save_strategy="no",
+                               report_to=[], bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+                               max_grad_norm=0.0 if mezo else cfg.train.max_grad_norm, disable_tqdm=True,
+                               logging_steps=1000, remove_unused_columns=False),
+        train_dataset=torch.utils.data.Subset(ds, range((args.warmup + args.steps) * args.batch_size)),
+        data_collator=PadCollator(tok.pad_token_id), callbacks=[Clock(), *callbacks], **trainer_kwargs,
+    )
+    with PeakRSS() as mem:
+        trainer.train()
+    return trainer, mem
+
+
 def run_variant(args) -> dict:
     import torch
 
@@ -125,40 +162,12 @@ def run_variant(args) -> dict:
                 loss = model(**batches[args.warmup]).loss
             loss.backward()
     else:
-        from transformers import TrainerCallback, TrainingArguments
-
-        from modaltune.shared.training import ModaltuneTrainer
-        from modaltune.text.data import PadCollator
-
         from modaltune.shared.training import resolve_precision
 
         model, tok, _ = recipe.build_model(cfg)
         precision = resolve_precision(cfg.train.precision)
         batches, ds = _batches(args, tok, cfg)
-        subset = torch.utils.data.Subset(ds, range((args.warmup + args.steps) * args.batch_size))
-
-        class Clock(TrainerCallback):
-            def on_step_begin(self, a, state, control, **kw):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, a, state, control, **kw):
-                times.append(time.perf_counter() - self.t)
-
-        class Sequential(ModaltuneTrainer):  # the same batches, in the same order, as the plain loop
-            def _get_train_sampler(self, *a, **kw):
-                return torch.utils.data.SequentialSampler(self.train_dataset)
-
-        trainer = Sequential(
-            model=model,
-            args=TrainingArguments(output_dir="/tmp/modaltune-bench", per_device_train_batch_size=args.batch_size,
-                                   max_steps=args.warmup + args.steps, learning_rate=cfg.train.lr, save_strategy="no",
-                                   report_to=[], bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
-                                   max_grad_norm=cfg.train.max_grad_norm, disable_tqdm=True, logging_steps=1000,
-                                   remove_unused_columns=False),
-            train_dataset=subset, data_collator=PadCollator(tok.pad_token_id), callbacks=[Clock()],
-        )
-        with PeakRSS() as mem:
-            trainer.train()
+        _, mem = trainer_steps(args, model, tok, ds, cfg, precision, times)
 
         def one_step():  # the recipe's forward and backward (answer-position logits) on the first timed batch
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
