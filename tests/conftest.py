@@ -73,15 +73,25 @@ def tiny_gemma(tmp_path_factory) -> Path:
     return _make_model(tmp_path_factory.mktemp("tiny-gemma"), "gemma")
 
 
+def _builtin_slice(tmp_path_factory, name: str, rows: int = 40) -> Path:
+    from modaltune.text.data import builtin_path
+
+    lines = builtin_path(name).read_text(encoding="utf-8").splitlines()[:rows]
+    path = tmp_path_factory.mktemp("data") / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def sft_data(tmp_path_factory) -> Path:
     """A 40-example slice of the built-in instruction set as a JSONL file."""
-    from modaltune.text.data import builtin_path
+    return _builtin_slice(tmp_path_factory, "clinical_sft")
 
-    lines = builtin_path("clinical_sft").read_text(encoding="utf-8").splitlines()[:40]
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory) -> Path:
+    """The first 40 built-in preference pairs (the rows of ``sft_data``, in the same order)."""
+    return _builtin_slice(tmp_path_factory, "clinical_pref")
 
 
 @pytest.fixture(autouse=True)

@@ -15,17 +15,6 @@ from modaltune.shared.errors import DataError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def pair_data(tmp_path_factory) -> Path:
-    """The first 40 built-in pairs (the rows of ``sft_data``, in the same order)."""
-    from modaltune.text.data import builtin_path
-
-    lines = builtin_path("clinical_pref").read_text(encoding="utf-8").splitlines()[:40]
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def test_shipped_pairs_are_what_the_script_writes():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_clinical_pref.py"), "--check"],
                          capture_output=True, text=True)
