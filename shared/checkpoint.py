@@ -2,7 +2,8 @@
 
 A checkpoint folder holds:
 
-- ``adapter/<component>/``: each component's adapters as a standard PEFT folder, loadable outside modaltune.
+- ``adapter/<component>/``: each component's adapters as a standard PEFT folder, loadable outside modaltune (where
+  one PEFT wrapper holds several components, as Whisper's does, one folder named after it: ``adapter/whisper/``).
 - ``trained.safetensors``: every other trained tensor (a projector, a fully-trained module, anything a PEFT folder
   does not hold exactly), keyed by its name in the model. Each trained weight is stored once.
 - ``modaltune.json``: recipe name, the resolved config, per-component parameter counts, library versions, and
@@ -169,10 +170,13 @@ def _export_adapters(model: Any, folder: Path, state: dict[str, torch.Tensor],
     """
     by_storage = {(p.data_ptr(), tuple(p.shape)): name for name, p in model.named_parameters() if name in state}
     stored: dict[str, list[str]] = {}
-    for comp, root in model.components.items():
-        module = model.get_submodule(root)
-        if not (hasattr(module, "peft_config") and hasattr(module, "save_pretrained")):
-            continue
+    is_peft = lambda m: hasattr(m, "peft_config") and hasattr(m, "save_pretrained")  # noqa: E731
+    wrappers = {comp: model.get_submodule(root) for comp, root in model.components.items()}
+    wrappers = {comp: m for comp, m in wrappers.items() if is_peft(m)}
+    seen = {id(m) for m in wrappers.values()}
+    # one PEFT wrapper around several components (Whisper's encoder and decoder): one folder, named by its attribute
+    wrappers |= {name: m for name, m in model.named_children() if is_peft(m) and id(m) not in seen}
+    for comp, module in wrappers.items():
         module.save_pretrained(str(folder / comp))
         config = folder / comp / "adapter_config.json"
         if source and source.get("name") and config.is_file():

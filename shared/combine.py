@@ -120,9 +120,9 @@ def adapter_folder(source: str | Path, component: str | None = None) -> Path:
             raise ModaltuneError(f"checkpoint {path} is not usable: {broken}")
         found = sorted(p.parent.name for p in (path / "adapter").glob("*/adapter_config.json"))
         inside = _wrapped_components(path)
-        if not found and (component in inside or (component is None and len(inside) == 1)):
-            return path  # adapters inside one PEFT wrapper of the whole model (Whisper): read from trained weights
-        found = found or sorted(inside)
+        if (component in inside and component not in found) or (component is None and not found and len(inside) == 1):
+            return path  # one component of a PEFT wrapper around several (Whisper's): read from the trained weights
+        found = sorted(set(found) | set(inside))
         if component is None and len(found) == 1:
             component = found[0]
         if component is None or component not in found:

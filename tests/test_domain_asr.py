@@ -150,6 +150,12 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
         assert (combined(input_features=feats, decoder_input_ids=ids).logits - want).abs().max() < 1e-4
         with combined.disable_adapter():  # and the adapter is what moves them
             assert (combined(input_features=feats, decoder_input_ids=ids).logits - want).abs().max() > 1e-3
+    # the checkpoint's own PEFT folder (one for Whisper's wrapper, both components) loads outside modaltune
+    folder = out / "checkpoint" / "adapter" / "whisper"
+    saved = peft.PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(str(tiny_whisper)),
+                                           str(folder)).eval()
+    with torch.no_grad():
+        assert (saved(input_features=feats, decoder_input_ids=ids).logits - want).abs().max() < 1e-4
 
     from modaltune.shared.recipe import generate
 
