@@ -703,3 +703,46 @@ def test_our_preference_trainer_takes_the_same_step_as_trls(sft_weight, tiny_lla
     assert our_losses == pytest.approx(trl_losses, abs=1e-5)
     worst = max(float((trl_weights[k] - our_weights[k]).abs().max()) for k in trl_weights)
     assert worst < 1e-5, worst
+
+
+def test_closed_rationale_is_said_before_the_answer_and_scored_apart():
+    from modaltune.shared.skips import Skips
+    from modaltune.vision.data import VQAItem
+    from modaltune.vision.vqa import final_answer, vqa_metrics, vqa_pair_rows, vqa_rows
+
+    items = [VQAItem("a", "x.png", "is there a red shape?", "no", "closed", "A blue circle."),
+             VQAItem("b", "y.png", "is there not a circle?", "no", "closed", "A red circle."),
+             VQAItem("c", "z.png", "is there a circle?", "yes", "closed"),  # no caption: the plain answer
+             VQAItem("d", "x.png", "what color is the shape?", "blue", "open")]
+    rows = vqa_rows(items)
+    assert [r["target"] for r in rows] == ["A blue circle. Answer: no", "A red circle. Answer: no", "yes", "blue"]
+    assert [r["answer"] for r in rows] == ["no", "no", "yes", "blue"]
+    assert final_answer("A red circle. answer: Yes") == "Yes" and final_answer("no") == "no"
+    said = ["A blue circle. Answer: no",  # saw right, compared right
+            "A red square. Answer: no",  # saw wrong, answered right
+            "yes", "blue"]
+    m, per_item = vqa_metrics(rows, said)
+    assert m["closed_accuracy"] == 1.0 and m["accuracy"] == 1.0
+    assert m["closed_rationale_accuracy"] == 0.5  # only the two rows with a rationale count
+    assert per_item[1]["prediction"] == said[1] and per_item[1]["answer"] == "no"
+    m, _ = vqa_metrics(rows, ["A blue circle. Answer: yes", "A red circle. Answer: no", "no", "red"])
+    assert m["closed_accuracy"] == pytest.approx(1 / 3) and m["closed_rationale_accuracy"] == 1.0
+    good, bad = vqa_pair_rows(items, 0, Skips())  # the rejected answer keeps the rationale, flips the answer
+    assert bad[0]["target"] == "A blue circle. Answer: yes" and good[0]["target"] == rows[0]["target"]
+
+
+def test_closed_rationale_comes_from_captions_of_the_same_images(tiny_llama, vqa_files, tmp_path):
+    captions = tmp_path / "captions.txt"  # ROCO-style: id -> images/<id>.png; img5 has no caption
+    captions.write_text("".join(f"img{i}\tA {['red', 'blue', 'green'][i % 3]} square.\n" for i in range(5)))
+    extra = [f"data.captions={captions}", f"data.caption_images={vqa_files / 'images'}"]
+    cfg = _cfg(tiny_llama, vqa_files, *extra, "data.closed_rationale=caption")
+    sets, counts = load_vqa_sets(cfg.data)
+    said = {it.image.rsplit("/", 1)[-1]: it.rationale for it in sets["vqa_train"] if it.answer_type == "closed"}
+    assert said == {"img0.png": "A red square.", "img1.png": "A blue square.", "img2.png": "A green square.",
+                    "img3.png": "A red square.", "img4.png": "A blue square.", "img5.png": None}
+    assert all(it.rationale is None for it in sets["vqa_train"] if it.answer_type == "open")
+    assert counts["vqa_train"]["closed_rationale"] == {"with": 5, "without (no caption of the image)": 1}
+    plain, plain_counts = load_vqa_sets(_cfg(tiny_llama, vqa_files, *extra).data)
+    assert all(it.rationale is None for it in plain["vqa_train"]) and "closed_rationale" not in plain_counts["vqa_train"]
+    with pytest.raises(ConfigError, match="closed_rationale"):
+        _cfg(tiny_llama, vqa_files, "data.closed_rationale=always")

@@ -56,6 +56,7 @@ class VQAItem:
         question: The question text.
         answer: The reference answer.
         answer_type: ``"closed"`` (yes/no style, a fixed answer set) or ``"open"``.
+        rationale: What the image shows, said before the answer (``data.closed_rationale``), or None.
     """
 
     id: str
@@ -63,6 +64,7 @@ class VQAItem:
     question: str
     answer: str
     answer_type: str
+    rationale: str | None = None
 
 
 @dataclasses.dataclass

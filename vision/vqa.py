@@ -53,7 +53,15 @@ class VQADataConfig:
                "(as many yes as no) | presence (as many 'the asked thing is there' as 'it is not', reading "
                "negations: 'is there not a ...? no' means present)")
 
+    closed_rationale: str = doc(
+        "none", "closed questions are answered after saying what the image shows: none | caption (the image's "
+                "caption, then the answer: 'A red circle. Answer: no'); needs captions of the VQA images (easy-vqa "
+                "derives them; a caption file naming the same images works); questions whose image has none keep "
+                "the plain answer, counted in the report")
+
     def validate(self, where: str) -> None:
+        if self.closed_rationale not in {"none", "caption"}:
+            raise ConfigError(f"{where}.closed_rationale must be none or caption, got {self.closed_rationale!r}")
         if self.layout not in {"easy-vqa", "vqa-rad", "slake", "pathvqa", "jsonl"}:
             raise ConfigError(f"{where}.layout must be easy-vqa, vqa-rad, slake, pathvqa or jsonl")
         if self.balance_closed not in {"none", "answer", "presence"}:
@@ -64,7 +72,7 @@ class VQADataConfig:
 class VQAEvalConfig:
     """Generation for evaluation."""
 
-    max_new_tokens: int = doc(8, "longest answer, in tokens")
+    max_new_tokens: int = doc(10, "longest answer, in tokens (a rationale included)")
     caption_max_new_tokens: int = doc(16, "longest caption, in tokens")
     num_beams: int = doc(1, "1: greedy")
     batch_size: int = doc(32, "prompts per generation batch")
@@ -115,6 +123,11 @@ def load_vqa_sets(d: VQADataConfig) -> tuple[dict[str, list], dict[str, dict]]:
         skipped["caption_train"].update(s4)
         skipped["caption_test"].update(s5)
     # questions are sampled after captions were derived, so each image keeps all its facts
+    if d.closed_rationale == "caption":
+        said = {Path(c.image).resolve(): c.caption for c in cap_train + cap_test}
+        for item in train + test:
+            if item.answer_type == "closed":
+                item.rationale = said.get(Path(item.image).resolve())
     train = balance_closed(train, d.balance_closed, rng, skipped["vqa_train"])
     train = sample(train, d.max_train_questions, rng, skipped["vqa_train"], "max_train_questions")
     test = sample(test, d.max_test_questions, rng, skipped["vqa_test"], "max_test_questions")
@@ -125,7 +138,14 @@ def load_vqa_sets(d: VQADataConfig) -> tuple[dict[str, list], dict[str, dict]]:
         sets[name] = vdata.validate_images(sets[name], skipped[name])
     if not sets["vqa_train"]:
         raise DataError(f"no usable training questions: {dict(skipped['vqa_train'])}")
-    return sets, {n: skipped[n].summary(len(v)) for n, v in sets.items()}
+    counts = {n: skipped[n].summary(len(v)) for n, v in sets.items()}
+    if d.closed_rationale != "none":  # how many closed questions are answered with a rationale
+        for name in ("vqa_train", "vqa_test"):
+            closed = [it for it in sets[name] if it.answer_type == "closed"]
+            counts[name]["closed_rationale"] = {"with": sum(it.rationale is not None for it in closed),
+                                                "without (no caption of the image)":
+                                                    sum(it.rationale is None for it in closed)}
+    return sets, counts
 
 
 def sample(items: list, cap: int | None, rng: random.Random, skipped: Skips, name: str) -> list:
@@ -262,10 +282,26 @@ def caption_rows(items, seed: int) -> list[dict[str, Any]]:
             for it in items]
 
 
+ANSWER_CUE = "Answer:"
+
+
+def with_rationale(rationale: str | None, answer: str) -> str:
+    """The text a model is trained to say: the answer, after the rationale when there is one."""
+    return f"{rationale.strip()} {ANSWER_CUE} {answer}" if rationale else answer
+
+
+def final_answer(said: str) -> str:
+    """The answer in a generated text: what follows the last ``Answer:`` cue, else the whole text."""
+    at = said.lower().rfind(ANSWER_CUE.lower())
+    return said[at + len(ANSWER_CUE):].strip() if at >= 0 else said
+
+
 def vqa_rows(items) -> list[dict[str, Any]]:
-    """Stage-2 rows from VQA items."""
+    """Stage-2 rows from VQA items: ``target`` is what the model says (a rationale, then the answer, when the
+    item has one), ``answer`` what is scored."""
     return [{"id": it.id, "image": it.image, "input": it.image, "prompt": vqa_prompt(it.question),
-             "target": it.answer, "type": it.answer_type, "question": it.question} for it in items]
+             "target": with_rationale(it.rationale, it.answer), "answer": it.answer, "rationale": it.rationale,
+             "type": it.answer_type, "question": it.question} for it in items]
 
 
 def vqa_pair_rows(items, seed: int, skipped: Skips) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -289,7 +325,7 @@ def vqa_pair_rows(items, seed: int, skipped: Skips) -> tuple[list[dict[str, Any]
                 continue
             wrong = rng.choice(pool)
         chosen.append(row)
-        rejected.append({**row, "target": wrong})
+        rejected.append({**row, "target": with_rationale(it.rationale, wrong)})
     return chosen, rejected
 
 
@@ -312,8 +348,9 @@ def closed_image_margin(model, tokenizer, dataset: ComposedDataset, *, batch_siz
 
     yes = tokenizer(" yes", add_special_tokens=False)["input_ids"][0]
     no = tokenizer(" no", add_special_tokens=False)["input_ids"][0]
-    idx = [i for i, row in enumerate(dataset.rows)
-           if row.get("type") == "closed" and normalize_answer(row["target"]) in {"yes", "no"}]
+    idx = [i for i, row in enumerate(dataset.rows)  # a rationale comes first: its answer token is not the first
+           if row.get("type") == "closed" and not row.get("rationale")
+           and normalize_answer(row["target"]) in {"yes", "no"}]
     if not idx:
         return {}
     model.eval()
@@ -359,16 +396,24 @@ def closed_class(question: str, answer: str, answer_type: str, mode: str = "pres
 def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float], list[dict]]:
     """Accuracy overall and per answer type (closed, open), open-ended token recall; per-question rows.
 
+    An answer is what follows the last ``Answer:`` of the generated text (:func:`final_answer`). Rows with a
+    rationale also score it: ``closed_rationale_accuracy`` is the share of them whose generated rationale is the
+    image's caption (what the model saw), so a wrong closed answer is told apart as misseen or miscompared.
+
     ``closed_balanced_accuracy`` is the mean of the closed accuracies on questions about something present and
     about something absent (see :func:`closed_class`): a model that never looks and always answers "absent" scores
     0.5 there whatever the share of absent questions, so it exposes the shortcut plain closed accuracy hides.
     """
     per_item = []
-    for row, ans in zip(rows, answers):
-        correct = normalize_answer(ans) == normalize_answer(row["target"])
+    for row, said in zip(rows, answers):
+        ref, ans = row.get("answer", row["target"]), final_answer(said)
+        correct = normalize_answer(ans) == normalize_answer(ref)
         per_item.append({"id": row["id"], "image": row["image"], "type": row["type"], "question": row["question"],
-                         "reference": row["target"], "prediction": ans, "correct": correct,
-                         "token_recall": round(token_recall(ans, row["target"]), 4)})
+                         "reference": ref, "prediction": said, "answer": ans, "correct": correct,
+                         "token_recall": round(token_recall(ans, ref), 4)})
+        if row.get("rationale"):  # what the model said it saw, against the image's caption
+            seen = said[: max(said.lower().rfind(ANSWER_CUE.lower()), 0)]
+            per_item[-1]["rationale_correct"] = normalize_answer(seen) == normalize_answer(row["rationale"])
     metrics: dict[str, float] = {}
     if per_item:
         metrics["accuracy"] = sum(r["correct"] for r in per_item) / len(per_item)
@@ -378,9 +423,12 @@ def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float],
             metrics[f"{kind}_accuracy"] = sum(r["correct"] for r in sub) / len(sub)
             if kind == "open":
                 metrics["open_token_recall"] = sum(r["token_recall"] for r in sub) / len(sub)
+    reasoned = [r["rationale_correct"] for r in per_item if "rationale_correct" in r]
+    if reasoned:
+        metrics["closed_rationale_accuracy"] = sum(reasoned) / len(reasoned)
     by_class: dict[str, list[bool]] = {}
     for row, item in zip(rows, per_item):
-        label = closed_class(row["question"], row["target"], row["type"])
+        label = closed_class(row["question"], row.get("answer", row["target"]), row["type"])
         if label is not None:
             by_class.setdefault(label, []).append(item["correct"])
     if len(by_class) == 2:
@@ -402,7 +450,7 @@ def closed_confusion(per_item: list[dict]) -> dict[str, dict[str, int]]:
     labels = sorted({normalize_answer(r["reference"]) for r in closed})
     table: dict[str, dict[str, int]] = {ref: {lab: 0 for lab in labels + ["other"]} for ref in labels}
     for r in closed:
-        pred = normalize_answer(r["prediction"])
+        pred = normalize_answer(r["answer"])
         table[normalize_answer(r["reference"])][pred if pred in labels else "other"] += 1
     return table
 
