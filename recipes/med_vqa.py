@@ -150,7 +150,8 @@ class MedVQA(Recipe):
                       training={"stages": result.stages, "curve": result.rows},
                       plots=confusion_plot(ctx.run_dir, items[list(items)[-1]]),
                       notes=["before = untrained projector and fresh LoRA; after_<stage> = after that stage.",
-                             "accuracy: exact match after answer normalisation (lower case, no punctuation/articles)."])
+                             "accuracy: exact match after answer normalisation (lower case, no punctuation/articles) of the "
+                             "text after the last 'Answer:' (a closed rationale comes before it)."])
 
     def evaluate(self, cfg: MedVQAConfig, checkpoint: Path, ctx: RunContext) -> None:
         report, log = ctx.report, ctx.log

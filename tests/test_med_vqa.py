@@ -746,3 +746,19 @@ def test_closed_rationale_comes_from_captions_of_the_same_images(tiny_llama, vqa
     assert all(it.rationale is None for it in plain["vqa_train"]) and "closed_rationale" not in plain_counts["vqa_train"]
     with pytest.raises(ConfigError, match="closed_rationale"):
         _cfg(tiny_llama, vqa_files, "data.closed_rationale=always")
+
+
+def test_recipe_trains_and_scores_closed_rationales(tiny_llama, vqa_files, tmp_path):
+    from modaltune.shared.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"img{i}\tA {['red', 'blue', 'green'][i % 3]} square.\n" for i in range(6)))
+    out = tmp_path / "run"
+    assert main(_tiny_run(out, tiny_llama, vqa_files, f"data.captions={captions}",
+                          f"data.caption_images={vqa_files / 'images'}", "data.closed_rationale=caption",
+                          "stages[0].max_steps=1", "stages[1].max_steps=2", "eval.max_new_tokens=3")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "ok", report.get("error")
+    assert "test/closed_rationale_accuracy" in report["metrics"]["after"]
+    assert "test/closed_image_margin" not in report["metrics"]["after"]  # the first answer token is the rationale's
+    assert report["data"]["vqa_train"]["closed_rationale"]["with"] == 6
