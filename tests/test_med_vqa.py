@@ -340,7 +340,9 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     from modaltune.shared.cli import main
 
     out = tmp_path / "run"
-    assert main(_tiny_run(out, tiny_llama, vqa_files, "stages[0].max_steps=2", "stages[1].max_steps=3")) == 0
+    # 6 new tokens: a random tiny LLM's near-tied logits part batched and single decoding further on
+    assert main(_tiny_run(out, tiny_llama, vqa_files, "stages[0].max_steps=2", "stages[1].max_steps=3",
+                          "eval.max_new_tokens=6")) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok", report.get("error")
     m = report["metrics"]
