@@ -710,7 +710,7 @@ def test_our_preference_trainer_takes_the_same_step_as_trls(sft_weight, tiny_lla
 def test_closed_rationale_is_said_before_the_answer_and_scored_apart():
     from modaltune.shared.skips import Skips
     from modaltune.vision.data import VQAItem
-    from modaltune.vision.vqa import final_answer, vqa_metrics, vqa_pair_rows, vqa_rows
+    from modaltune.vision.vqa import split_answer, vqa_metrics, vqa_pair_rows, vqa_rows
 
     items = [VQAItem("a", "x.png", "is there a red shape?", "no", "closed", "A blue circle."),
              VQAItem("b", "y.png", "is there not a circle?", "no", "closed", "A red circle."),
@@ -719,7 +719,7 @@ def test_closed_rationale_is_said_before_the_answer_and_scored_apart():
     rows = vqa_rows(items)
     assert [r["target"] for r in rows] == ["A blue circle. Answer: no", "A red circle. Answer: no", "yes", "blue"]
     assert [r["answer"] for r in rows] == ["no", "no", "yes", "blue"]
-    assert final_answer("A red circle. answer: Yes") == "Yes" and final_answer("no") == "no"
+    assert split_answer("A red circle. answer: Yes") == ("A red circle.", "Yes") and split_answer("no") == ("", "no")
     said = ["A blue circle. Answer: no",  # saw right, compared right
             "A red square. Answer: no",  # saw wrong, answered right
             "yes", "blue"]

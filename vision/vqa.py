@@ -9,6 +9,7 @@ answer type, balanced closed accuracy, the closed image margin, caption BLEU/ROU
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import re
 from pathlib import Path
@@ -124,10 +125,10 @@ def load_vqa_sets(d: VQADataConfig) -> tuple[dict[str, list], dict[str, dict]]:
         skipped["caption_test"].update(s5)
     # questions are sampled after captions were derived, so each image keeps all its facts
     if d.closed_rationale == "caption":
-        said = {Path(c.image).resolve(): c.caption for c in cap_train + cap_test}
+        said = {os.path.abspath(c.image): c.caption for c in cap_train + cap_test}  # a string op: no file access
         for item in train + test:
             if item.answer_type == "closed":
-                item.rationale = said.get(Path(item.image).resolve())
+                item.rationale = said.get(os.path.abspath(item.image))
     train = balance_closed(train, d.balance_closed, rng, skipped["vqa_train"])
     train = sample(train, d.max_train_questions, rng, skipped["vqa_train"], "max_train_questions")
     test = sample(test, d.max_test_questions, rng, skipped["vqa_test"], "max_test_questions")
@@ -290,10 +291,10 @@ def with_rationale(rationale: str | None, answer: str) -> str:
     return f"{rationale.strip()} {ANSWER_CUE} {answer}" if rationale else answer
 
 
-def final_answer(said: str) -> str:
-    """The answer in a generated text: what follows the last ``Answer:`` cue, else the whole text."""
+def split_answer(said: str) -> tuple[str, str]:
+    """``(rationale, answer)`` of a generated text: around the last ``Answer:`` cue, else ``("", the whole text)``."""
     at = said.lower().rfind(ANSWER_CUE.lower())
-    return said[at + len(ANSWER_CUE):].strip() if at >= 0 else said
+    return (said[:at].strip(), said[at + len(ANSWER_CUE):].strip()) if at >= 0 else ("", said)
 
 
 def vqa_rows(items) -> list[dict[str, Any]]:
@@ -396,7 +397,7 @@ def closed_class(question: str, answer: str, answer_type: str, mode: str = "pres
 def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float], list[dict]]:
     """Accuracy overall and per answer type (closed, open), open-ended token recall; per-question rows.
 
-    An answer is what follows the last ``Answer:`` of the generated text (:func:`final_answer`). Rows with a
+    An answer is what follows the last ``Answer:`` of the generated text (:func:`split_answer`). Rows with a
     rationale also score it: ``closed_rationale_accuracy`` is the share of them whose generated rationale is the
     image's caption (what the model saw), so a wrong closed answer is told apart as misseen or miscompared.
 
@@ -406,13 +407,12 @@ def vqa_metrics(rows: list[dict], answers: list[str]) -> tuple[dict[str, float],
     """
     per_item = []
     for row, said in zip(rows, answers):
-        ref, ans = row.get("answer", row["target"]), final_answer(said)
+        ref, (seen, ans) = row.get("answer", row["target"]), split_answer(said)
         correct = normalize_answer(ans) == normalize_answer(ref)
         per_item.append({"id": row["id"], "image": row["image"], "type": row["type"], "question": row["question"],
                          "reference": ref, "prediction": said, "answer": ans, "correct": correct,
                          "token_recall": round(token_recall(ans, ref), 4)})
         if row.get("rationale"):  # what the model said it saw, against the image's caption
-            seen = said[: max(said.lower().rfind(ANSWER_CUE.lower()), 0)]
             per_item[-1]["rationale_correct"] = normalize_answer(seen) == normalize_answer(row["rationale"])
     metrics: dict[str, float] = {}
     if per_item:
