@@ -253,7 +253,7 @@ class CascadeConfig:
     """The cascade baseline: Whisper's zero-shot transcript -> the same LLM tuned on gold transcripts."""
 
     enabled: bool = doc(True, "measure it (zero-shot Whisper WER and the cascade's extraction scores)")
-    max_steps: int = doc(120, "LoRA steps of the text-only LLM on gold transcripts")
+    max_steps: int = doc(80, "LoRA steps of the text-only LLM on gold transcripts")
     lr: float = doc(5.0e-4, "its learning rate")
     num_beams: int = doc(4, "Whisper's beams for the zero-shot transcripts")
     language: str = doc("en", "multilingual Whisper models: the spoken language")
@@ -343,6 +343,23 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
     model = None
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return metrics, items + rows
+
+
+def reading_scores(model, tokenizer, rows: list[dict[str, Any]], states: Callable[[str], Any], *,
+                   normalizer) -> dict[str, float]:
+    """WER/CER of what the word tokens spell by themselves (``test/words_wer``, ``test/words_cer``): the greedy
+    CTC reading a collapsing projector shows the LLM, on the transcription rows. It tells a misheard clip from
+    one the LLM misread."""
+    from modaltune.audio.eval import score
+    from modaltune.shared.compose import read_words
+
+    refs = [r for r in rows if r["task"] == "transcribe"]
+    if not refs:
+        return {}
+    read = read_words(model, [states(r["input"]) for r in refs])
+    got = score([tokenizer.decode(t).strip() for t in read], [r["target"] for r in refs], 0.0, 1.0,
+                normalizer=normalizer, terms=[])
+    return {"test/words_wer": got["wer"], "test/words_cer": got["cer"]}
 
 
 def pair_task_items(items: dict[str, list[dict]]) -> list[dict]:

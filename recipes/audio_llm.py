@@ -15,12 +15,14 @@ from typing import Any
 from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
 from modaltune.audio.io import read_recording
 from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES, AudioLLMEvalConfig, AudioTasksConfig,
-                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, task_plots, task_rows)
+                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, reading_scores,
+                                 task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
-                                      composed_report, save_composed)
-from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_about, generate_composed
+                                      composed_report, save_composed, word_projector)
+from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
+                                           stage_collator)
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.features import CacheConfig, FeatureCache
 from modaltune.shared.harness import data_line, measure_before, metric_line, timed
@@ -42,16 +44,18 @@ class AudioLLMConfig:
     encoder_tuning: ComponentConfig = doc(help="how the encoder is tuned (frozen: states cached once)",
                                           factory=lambda: ComponentConfig(method="frozen", targets=["q_proj", "v_proj"]))
     projector: ProjectorConfig = doc(help="projector and frame stacking",
-                                     factory=lambda: ProjectorConfig(kind="swiglu", group=8, norm="both",
-                                                                     anchor_words=1024, word_grounding=1.0,
-                                                                     grounding="ctc"))
+                                     factory=lambda: ProjectorConfig(kind="swiglu", group=8, norm="words",
+                                                                     anchor_words=2048, word_grounding=1.0,
+                                                                     grounding="ctc", collapse=True,
+                                                                     word_dropout=0.2))
     model: ModelConfig = doc(ModelConfig, "the causal LLM")
     llm: ComponentConfig = doc(help="how the LLM is tuned", factory=lambda: ComponentConfig(method="lora"))
     data: ASRDataConfig = doc(ASRDataConfig, "speech data (the domain-asr builder and checks)")
     tasks: AudioTasksConfig = doc(AudioTasksConfig, "tasks and prompt phrasings")
     stages: list[StageConfig] = doc(help="training stages in order", factory=lambda: [
-        StageConfig(name="projector", data="transcribe", components=["projector"]),
-        StageConfig(name="tasks", data="all", components=["projector", "llm"])])
+        StageConfig(name="words", data="transcribe", loss="grounding", max_steps=600, lr=5e-3,
+                    components=["projector"]),
+        StageConfig(name="tasks", data="all", max_steps=250, components=["projector", "llm"])])
     train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
     eval: AudioLLMEvalConfig = doc(AudioLLMEvalConfig, "generation for evaluation")
     cascade: CascadeConfig = doc(CascadeConfig, "the cascade baseline (Whisper transcript -> tuned LLM)")
@@ -115,9 +119,9 @@ class AudioLLM(Recipe):
             report["data"][f"{name} rows"] = Skips().summary(len(rows[name]))
         log(data_line(report["data"]))
         encoder = model.encoder if cache is None else None
-        return rows, dataset, clips, encoder, load
+        return rows, dataset, clips, encoder, load, cache
 
-    def measurer(self, cfg: AudioLLMConfig, model, tok, rows, dataset, clips, encoder, load, source):
+    def measurer(self, cfg: AudioLLMConfig, model, tok, rows, dataset, clips, encoder, load, cache):
         precision = resolve_precision(cfg.train.precision)
         _, normalizer = normalizer_for("auto", {"multilingual": False}, None)
         seconds = {i: c.seconds for i, c in clips.items()}
@@ -129,7 +133,13 @@ class AudioLLM(Recipe):
         def measure(shuffle: bool = False):  # rank 0 evaluates under a launcher; every rank gets the result
             return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate,
                                 shuffle=shuffle, normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed))
-        return measure, normalizer
+        reads = (cfg.projector.collapse and cache is not None and cache.complete
+                 and min(word_projector(model.projector).word_ids.tolist()) >= 0)
+
+        def reading() -> dict:  # what the word tokens spell alone (a run: the anchors' ids are known)
+            return dist.on_main(lambda: reading_scores(model, tok, rows["test"], cache.get,
+                                                       normalizer=normalizer)) if reads else {}
+        return measure, normalizer, reading
 
     def run(self, cfg: AudioLLMConfig, ctx: RunContext) -> None:
         report, log = ctx.report, ctx.log
@@ -140,8 +150,8 @@ class AudioLLM(Recipe):
                                                            cache=cfg.cache.mode == "auto"),
                                "precision": precision, "llm_method": cfg.llm.method}
             report["parameters"] = model.parameter_report()
-        rows, dataset, clips, encoder, load = self.prepare(cfg, model, tok, report, log, training=True)
-        measure, normalizer = self.measurer(cfg, model, tok, rows, dataset, clips, encoder, load, source)
+        rows, dataset, clips, encoder, load, cache = self.prepare(cfg, model, tok, report, log, training=True)
+        measure, normalizer, reading = self.measurer(cfg, model, tok, rows, dataset, clips, encoder, load, cache)
         columns, items = {}, {}
         if cfg.cascade.enabled:
             with timed(report, "cascade_seconds"):
@@ -152,22 +162,25 @@ class AudioLLM(Recipe):
             log("cascade: " + _line(columns["cascade"]))
         with timed(report, "eval_before_seconds"):
             columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)
+            columns["before"].update(reading())
         log("before: " + _line(columns["before"]))
-        plans = [StagePlan(s.name, dataset(rows[s.data], s.name), None, s.components, s.max_steps, s.lr)
-                 for s in cfg.stages]
+        collator = ComposedCollator(tok.pad_token_id, encoder, load=load)
+        plans = [StagePlan(s.name, dataset(rows[s.data], s.name), None, s.components, s.max_steps, s.lr,
+                           collator=stage_collator(s.loss, collator)) for s in cfg.stages]
 
         def after(stage: StagePlan) -> None:
             last = stage is plans[-1]
             label = "after" if last else f"after_{stage.name}"
             with timed(report, f"eval_{label}_seconds"):
                 columns[label], items[label] = measure(shuffle=last)
+                columns[label].update(reading())
             log(f"{label}: " + _line(columns[label]))
 
         lrs = {n: lr for n, lr in (("projector", cfg.projector.lr), ("llm", cfg.llm.lr),
                                     ("encoder", cfg.encoder_tuning.lr)) if lr}
         with timed(report, "train_and_stage_eval_seconds"):
             result = run_stages(model, plans, cfg.train, run_dir=ctx.run_dir, tokenizer=tok, after_stage=after,
-                                collator=ComposedCollator(tok.pad_token_id, encoder, load=load), component_lrs=lrs,
+                                collator=collator, component_lrs=lrs,
                                 checkpoint_meta={"recipe": self.name, "config": to_dict(cfg), "model_source": source},
                                 log=log)
         report.update(checkpoint=str(result.checkpoint), metrics=columns, items=pair_task_items(items),
@@ -178,8 +191,8 @@ class AudioLLM(Recipe):
         report, log = ctx.report, ctx.log
         model, tok, source = self.build_model(cfg, log)
         report["model"] = {**source, "precision": resolve_precision(cfg.train.precision)}
-        rows, dataset, clips, encoder, load = self.prepare(cfg, model, tok, report, log, training=False)
-        measure, _ = self.measurer(cfg, model, tok, rows, dataset, clips, encoder, load, source)
+        rows, dataset, clips, encoder, load, cache = self.prepare(cfg, model, tok, report, log, training=False)
+        measure, _, _ = self.measurer(cfg, model, tok, rows, dataset, clips, encoder, load, cache)
         with timed(report, "eval_seconds"):
             ckpt.load_trained(model, checkpoint)
             after, items = measure(shuffle=True)
@@ -201,7 +214,7 @@ class AudioLLM(Recipe):
 
 
 def _line(metrics: dict) -> str:
-    return metric_line(metrics, keys=lambda k: k in {"test/wer", "test/wer_shuffled", "orders/drug_accuracy",
+    return metric_line(metrics, keys=lambda k: k in {"test/wer", "test/words_wer", "test/wer_shuffled", "orders/drug_accuracy",
                                                      "orders/drug_accuracy_shuffled", "orders/valid_json"})
 
 

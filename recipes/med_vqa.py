@@ -22,6 +22,7 @@ from modaltune.shared.lm import ModelConfig
 from modaltune.shared.loss import unwrap_peft
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
+from modaltune.shared.compose_data import stage_collator
 from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
 from modaltune.shared.compose_data import generate_about
 from modaltune.vision.data import PLACEHOLDER, VQA_TEMPLATE
@@ -62,6 +63,8 @@ class MedVQAConfig:
         for i, stage in enumerate(self.stages):
             if stage.data not in {"caption", "vqa", "vqa_pairs"}:
                 raise ConfigError(f"stages[{i}].data must be caption, vqa or vqa_pairs, got {stage.data!r}")
+            if stage.loss == "grounding" and stage.data == "vqa_pairs":
+                raise ConfigError(f"stages[{i}]: preference pairs train with their own loss; use loss: model")
 
 
 class MedVQA(Recipe):
@@ -128,7 +131,8 @@ class MedVQA(Recipe):
             if len(sets[f"{s.data}_train"]):
                 plans.append(StagePlan(s.name, sets[f"{s.data}_train"], None, s.components, s.max_steps, s.lr,
                                        trainer=preference_stage_trainer(cfg.preference) if pairs else None,
-                                       collator=PairCollator(image_collator(tok, encoder)) if pairs else None))
+                                       collator=PairCollator(image_collator(tok, encoder)) if pairs
+                                       else stage_collator(s.loss, image_collator(tok, encoder))))
             else:
                 log(f"stage {s.name}: no {s.data} data, skipped")
         if not plans:

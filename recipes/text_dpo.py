@@ -63,6 +63,9 @@ class TextDPOConfig:
         for i, stage in enumerate(self.stages):
             if stage.data not in KINDS:
                 raise ConfigError(f"{where}.stages[{i}].data must be one of {', '.join(KINDS)}, got {stage.data!r}")
+            if stage.loss != "model":
+                raise ConfigError(f"{where}.stages[{i}].loss={stage.loss}: a text model has no projector to ground; "
+                                  "use loss: model")
         if not any(s.data == "pairs" for s in self.stages):
             raise ConfigError(f"{where}.stages has no stage on pairs: add one (data: pairs), or use text-sft")
         if self.llm.method in ("prompt_tuning", "prefix_tuning"):

@@ -60,6 +60,13 @@ class ProjectorConfig:
     grounding: str = doc("bag", "word_grounding's target: bag (an input's word tokens as a whole are its caption's "
                                 "words, in any order) | ctc (they spell its transcript in order, with blanks between: "
                                 "speech)")
+    collapse: bool = doc(False, "grounding=ctc: the LLM is given only the word tokens a CTC reading keeps (not "
+                                "blank, not a repeat of the token before): a clip reads as its words, not as one "
+                                "token per frame stack")
+    word_dropout: float = doc(0.0, "collapse: in training, each kept word token is left out with this probability, "
+                                   "so the LLM also learns from the feature tokens and its own knowledge of the words "
+                                   "around a gap (the word tokens of held-out speech misread more than those of "
+                                   "training clips)")
 
     def validate(self, where: str) -> None:
         if self.norm not in {"none", "rms", "words", "both"}:
@@ -70,6 +77,13 @@ class ProjectorConfig:
             raise ConfigError(f"{where}.words must be soft or hard, got {self.words!r}")
         if self.grounding not in {"bag", "ctc"}:
             raise ConfigError(f"{where}.grounding must be bag or ctc, got {self.grounding!r}")
+        if self.collapse and not (self.uses_words and self.grounding == "ctc"):
+            raise ConfigError(f"{where}.collapse needs word tokens read as CTC: set {where}.norm to words or both "
+                              f"and {where}.grounding to ctc, or collapse to false")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ConfigError(f"{where}.word_dropout must be in [0, 1), got {self.word_dropout}")
+        if self.word_dropout and not self.collapse:
+            raise ConfigError(f"{where}.word_dropout needs {where}.collapse: true")
         if self.anchor_words < 2:
             raise ConfigError(f"{where}.anchor_words must be at least 2")
         if self.group < 1:
@@ -173,10 +187,17 @@ class WordAnchoredProjector(nn.Module):
     that comparison to 0.95 test accuracy in 300 LoRA steps.
     """
 
-    def __init__(self, inner: nn.Module, words: torch.Tensor, hard: bool = False, blank: bool = False) -> None:
+    def __init__(self, inner: nn.Module, words: torch.Tensor, hard: bool = False, blank: bool = False,
+                 collapse: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.hard = hard
+        if collapse and not blank:
+            raise ConfigError("collapsing word tokens needs the CTC blank (grounding: ctc)")
+        self.collapse = collapse  # which word tokens the LLM sees: those a CTC reading keeps (see `kept`)
+        self.dropout = 0.0  # collapse: share of kept word tokens left out in training
+        self.kept: torch.Tensor | None = None  # (B, M) bool, set by each forward when collapsing
+        self.chosen: torch.Tensor | None = None  # (B, M) the best choice of each word token, likewise
         # ctc grounding: one more choice, "no word here" (a zero vector), so frames between words can stay silent
         self.blank = nn.Linear(words.size(1), 1) if blank else None
         self.register_buffer("words", words.detach().float().clone())  # (K, D); saved with the projector
@@ -200,6 +221,12 @@ class WordAnchoredProjector(nn.Module):
             logits = torch.cat([logits, self.blank(h)], dim=-1)  # (B, M, K+1): the last is "no word"
         weights = torch.softmax(logits, dim=-1)
         self.last_weights = weights if self.training and self.record else None
+        if self.collapse:  # a greedy CTC reading: a word where the best choice is not blank and not a repeat
+            choice = weights.detach().argmax(-1)  # (B, M)
+            before = nn.functional.pad(choice[:, :-1], (1, 0), value=-1)
+            self.kept, self.chosen = (choice != words.size(0)) & (choice != before), choice
+            if self.training and self.dropout:
+                self.kept &= torch.rand(choice.shape, device=choice.device) >= self.dropout
         if self.hard:  # exactly one word each; gradients as if soft (straight-through)
             one_hot = torch.nn.functional.one_hot(weights.argmax(-1), weights.size(-1)).to(weights.dtype)
             weights = one_hot + weights - weights.detach()
@@ -217,9 +244,9 @@ class WordAndFeatureProjector(nn.Module):
     """
 
     def __init__(self, words_inner: nn.Module, features_inner: nn.Module, dim: int, scale: float,
-                 words: torch.Tensor, hard: bool = False, blank: bool = False) -> None:
+                 words: torch.Tensor, hard: bool = False, blank: bool = False, collapse: bool = False) -> None:
         super().__init__()
-        self.words = WordAnchoredProjector(words_inner, words, hard, blank)
+        self.words = WordAnchoredProjector(words_inner, words, hard, blank, collapse)
         self.features = NormedProjector(features_inner, dim, scale)
 
     def set_words(self, words: torch.Tensor, ids: list[int] | None = None) -> None:
@@ -309,6 +336,33 @@ def _ctc_grounding(weights: torch.Tensor, ids: torch.Tensor, labels: torch.Tenso
                                   blank=k, reduction="mean", zero_infinity=True)
 
 
+@torch.no_grad()
+def read_words(model: "ComposedLM", features: list[torch.Tensor]) -> list[list[int]]:
+    """The token ids a collapsing word projector reads from each input's encoder states (its greedy CTC reading:
+    the words the LLM is shown). Needs the anchors' token ids (:func:`anchor_on_text`, i.e. a training run).
+
+    Args:
+        model: a composed model with ``projector.collapse``.
+        features: one ``(N, D_enc)`` tensor of encoder output states per input.
+    """
+    words = word_projector(model.projector)
+    if words is None or not words.collapse:
+        raise ConfigError("reading words needs a collapsing word projector (projector.collapse: true)")
+    ids = words.word_ids.tolist()
+    if min(ids) < 0:
+        raise ModaltuneError("the anchors' token ids are unknown here (a checkpoint does not carry them)")
+    was, dtype = model.training, next(model.projector.parameters()).dtype
+    model.eval()
+    read = []
+    for f in features:
+        model.project(features=f.unsqueeze(0).to(dtype), features_lengths=torch.tensor([f.size(0)]))
+        kept, chosen = words.kept[0], words.chosen[0]
+        words.kept = words.chosen = None
+        read.append([ids[c] for c in chosen[kept].tolist()])
+    model.train(was)
+    return read
+
+
 def anchor_embeddings(lm: nn.Module, token_ids: list[int]) -> torch.Tensor:
     """The LM's input embeddings (as it sees them, Gemma's scaling included) of ``token_ids``: ``(K, D)``."""
     emb = unwrap_peft(lm).get_input_embeddings()
@@ -328,13 +382,14 @@ def embedding_rms(lm: nn.Module, samples: int = 4096) -> float:
 
 def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, norm: str = "none",
                     scale: float | None = None, words: torch.Tensor | None = None,
-                    hard_words: bool = False, blank: bool = False) -> nn.Module:
+                    hard_words: bool = False, blank: bool = False, collapse: bool = False) -> nn.Module:
     """A registered projector taking ``group`` concatenated encoder tokens of width ``in_dim``.
 
     ``norm="rms"`` wraps it in :class:`NormedProjector` with its output scale starting at ``scale`` (typically
     :func:`embedding_rms` of the LLM); ``norm="words"`` in :class:`WordAnchoredProjector` over ``words``
     (``(K, out_dim)``, e.g. from :func:`anchor_embeddings`); ``norm="both"`` in :class:`WordAndFeatureProjector`
-    (two projectors of ``kind``: twice the tokens).
+    (two projectors of ``kind``: twice the tokens). ``blank`` adds CTC's "no word" choice to the word tokens and
+    ``collapse`` shows the LLM only the word tokens a greedy CTC reading keeps.
     """
     def make() -> nn.Module:
         return PROJECTORS.get(kind)(in_dim=in_dim * group, out_dim=out_dim)
@@ -348,10 +403,10 @@ def build_projector(kind: str, *, in_dim: int, out_dim: int, group: int = 1, nor
     if norm in {"rms", "both"} and (scale is None or not scale > 0):
         raise ConfigError(f"projector norm={norm} needs a positive output scale (the LLM's embedding RMS)")
     if norm == "words":
-        return WordAnchoredProjector(make(), words, hard_words, blank)
+        return WordAnchoredProjector(make(), words, hard_words, blank, collapse)
     if norm == "rms":
         return NormedProjector(make(), out_dim, scale)
-    return WordAndFeatureProjector(make(), make(), out_dim, scale, words, hard_words, blank)
+    return WordAndFeatureProjector(make(), make(), out_dim, scale, words, hard_words, blank, collapse)
 
 
 def splice(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor,
@@ -494,11 +549,30 @@ class ComposedLM(ModaltuneModel):
         lm = unwrap_peft(self.llm)
         embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
         prefix, real = self.project(encoder_inputs, features, features_depth, features_lengths)  # (B, M, D)
-        return (*splice(embeds, attention_mask, labels, placeholder_positions, prefix, real, left=left), real)
+        shown = self._shown(prefix, real)
+        return (*splice(embeds, attention_mask, labels, placeholder_positions, prefix, shown, left=left), real)
+
+    def _shown(self, prefix: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
+        """Which projected tokens go into the prompt: the real ones, less the word tokens a collapsing word
+        projector drops (at least one token per row is kept)."""
+        words = word_projector(self.projector)
+        if words is None or not words.collapse or words.kept is None:
+            return real
+        kept, words.kept, words.chosen = words.kept.to(prefix.device), None, None  # (B, M): the first M tokens
+        shown = (real.clone() if real is not None
+                 else torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device))  # (B, r*M)
+        m = kept.size(1)
+        shown[:, :m] &= kept
+        empty = ~shown.any(dim=1)
+        shown[empty, 0] = True  # nothing read and nothing else: one (blank) token keeps the row well formed
+        return shown
 
     def forward(self, input_ids, attention_mask, placeholder_positions, labels=None, encoder_inputs=None, features=None,
-                features_depth=None, features_lengths=None, ground_words=None, **kwargs):
+                features_depth=None, features_lengths=None, ground_words=None, objective=None, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
+        if objective == "grounding":  # the projector's word-grounding loss alone: the LLM does not run
+            return {"loss": self._grounding_only(labels, ground_words, encoder_inputs, features, features_depth,
+                                                 features_lengths)}
         embeds, mask, labels, real = self._embed(input_ids, attention_mask, placeholder_positions, labels,
                                                  encoder_inputs, features, features_depth, features_lengths, False)
         if labels is None:
@@ -511,6 +585,17 @@ class ComposedLM(ModaltuneModel):
             if extra is not None:
                 loss = loss + self.word_grounding * extra
         return {"loss": loss}
+
+    def _grounding_only(self, labels, ground_words, encoder_inputs, features, features_depth, features_lengths):
+        if not self.word_grounding or word_projector(self.projector) is None:
+            raise ConfigError("a stage with loss: grounding needs word tokens and a grounding loss: set projector.norm "
+                              "to words or both and projector.word_grounding above 0")
+        prefix, real = self.project(encoder_inputs, features, features_depth, features_lengths)
+        word_projector(self.projector).kept = None
+        rows = ground_words if ground_words is not None else torch.zeros(prefix.size(0), dtype=torch.bool)
+        extra = word_grounding_loss(self.projector, labels, rows, real) if labels is not None else None
+        # a batch with nothing to ground still returns a loss that reaches the projector (a zero gradient)
+        return self.word_grounding * extra if extra is not None else prefix.sum() * 0.0
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, placeholder_positions, encoder_inputs=None, features=None,
@@ -559,7 +644,9 @@ def build_composed_lm(*, encoder: nn.Module, encoder_tuning, model, llm, project
     words = torch.zeros(projector.anchor_words, hidden) if projector.uses_words else None
     proj = build_projector(projector.kind, in_dim=unwrap_peft(encoder).out_dim, out_dim=hidden, group=projector.group,
                            norm=projector.norm, scale=scale, words=words, hard_words=projector.words == "hard",
-                           blank=projector.uses_words and projector.grounding == "ctc")
+                           blank=projector.uses_words and projector.grounding == "ctc", collapse=projector.collapse)
+    if word_projector(proj) is not None:
+        word_projector(proj).dropout = projector.word_dropout
     composed = ComposedLM(encoder, proj, lm, group=projector.group, group_mode=projector.group_mode,
                           label_logits_only=label_logits_only, encoder_train_mode=encoder_tuning.method == "full",
                           word_grounding=projector.word_grounding if projector.uses_words else 0.0)

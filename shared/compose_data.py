@@ -126,6 +126,23 @@ class ComposedCollator:
         return out
 
 
+class ObjectiveCollator:
+    """A collator whose batches also name the loss the model computes (``objective``, e.g. ``grounding``: see
+    :class:`~modaltune.shared.compose.ComposedLM`)."""
+
+    def __init__(self, collator: Callable, objective: str) -> None:
+        self.collator = collator
+        self.objective = objective
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**self.collator(batch), "objective": self.objective}
+
+
+def stage_collator(loss: str, collator: Callable) -> Callable | None:
+    """The collator of a stage whose ``loss`` is not the model's own (None: the run's collator)."""
+    return None if loss == "model" else ObjectiveCollator(collator, loss)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors of a batch on ``device``; other values as they are."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

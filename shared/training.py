@@ -94,6 +94,13 @@ class StageConfig:
     max_steps: int | None = doc(None, "optimizer steps (null: train.max_steps)")
     lr: float | None = doc(None, "learning rate for this stage (null: train.lr)")
     components: list[str] | None = doc(None, "components that train in this stage (null: every trained one)")
+    loss: str = doc("model", "model: the model's own loss | grounding: only the projector's word-grounding loss "
+                             "(composed models with projector.word_grounding; the LLM does not run, so a step costs "
+                             "about a projector pass)")
+
+    def validate(self, where: str) -> None:
+        if self.loss not in {"model", "grounding"}:
+            raise ConfigError(f"{where}.loss must be model or grounding, got {self.loss!r}")
 
 
 @dataclasses.dataclass

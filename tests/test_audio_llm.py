@@ -182,11 +182,12 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
                 "orders/valid_json", "qa/accuracy", "qa/accuracy_shuffled"):
         assert key in after, key
     assert {"test/wer", "orders/drug_accuracy", "orders/valid_json"} <= set(report["metrics"]["cascade"])
-    assert {"before", "after_projector", "after", "cascade"} <= set(report["metrics"])
+    assert {"before", "after_words", "after", "cascade"} <= set(report["metrics"])
+    assert all("test/words_wer" in report["metrics"][c] for c in ("before", "after_words", "after"))
     assert report["data"]["test rows"]["kept"] == 4 + 2 + 1  # 4 transcripts, 2 orders, 1 spoken question
     assert all(it["shuffled"] is not None for it in report["items"]) and report["plots"]
     stages = {s["stage"]: s for s in report["training"]["stages"]}
-    assert set(stages) == {"projector", "tasks"}
+    assert set(stages) == {"words", "tasks"}
 
     ev, code = execute("audio-llm", mode="eval", overrides=overrides, out=str(tmp_path / "eval"),
                        checkpoint=report["checkpoint"])
@@ -281,3 +282,117 @@ def test_ctc_grounding_prefers_word_tokens_that_spell_the_transcript_in_order():
     assert right < 0.5 < wrong
     built = build_projector("linear", in_dim=3, out_dim=8, group=2, norm="both", scale=1.0, words=words, blank=True)
     assert built.words.blank is not None and built(torch.randn(1, 5, 6)).shape == (1, 10, 8)
+
+
+def test_collapse_keeps_the_word_tokens_a_greedy_ctc_reading_keeps():
+    """``projector.collapse``: a word token is shown when its best choice is a word, not blank, and not the word
+    of the token before (repeats merge, as a CTC decoder reads them)."""
+    from modaltune.shared.compose import WordAnchoredProjector
+
+    words = torch.eye(4, 8)
+    proj = WordAnchoredProjector(torch.nn.Identity(), words, blank=True, collapse=True)
+    with torch.no_grad():
+        proj.blank.weight.zero_()
+        proj.blank.bias.zero_()
+        proj.blank.weight[0, 7] = 10.0  # coordinate 7 says "no word"
+    choices = [0, 0, "blank", 2, 2, "blank", 2, 1]
+    x = torch.zeros(1, len(choices), 8)
+    for t, c in enumerate(choices):
+        x[0, t, 7 if c == "blank" else c] = 10.0
+    proj(x)
+    assert proj.kept.tolist() == [[True, False, False, True, False, False, True, True]]
+    with pytest.raises(Exception, match="blank"):
+        WordAnchoredProjector(torch.nn.Identity(), words, blank=False, collapse=True)
+    proj.dropout = 0.5  # training leaves out about half of the kept words; evaluation none
+    x = x.repeat(256, 1, 1)
+    proj.train()
+    proj(x)
+    assert 0.35 < proj.kept.sum().item() / (4 * 256) < 0.65
+    proj.eval()
+    proj(x)
+    assert proj.kept.sum().item() == 4 * 256
+
+
+def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whisper, tiny_gemma):
+    """With ``collapse``, a row's prompt holds its kept word tokens (only real frames) and all its real feature
+    tokens; the grounding loss still sees every word token of the clip."""
+    from modaltune.shared.compose import anchor_on_text, read_words
+    from modaltune.shared.compose_data import ComposedCollator, ComposedDataset
+    from modaltune.shared.skips import Skips
+
+    model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=1.0, anchor_words=16,
+                              grounding="ctc", collapse=True)
+    waves = _clips((0.4, 2.0))
+    rows = task_rows([_clip(k, text) for k, text in zip(waves, ("take aspirin daily", "hold heparin today"))],
+                     AudioTasksConfig(orders=False), train=False)
+    anchor_on_text(model, tok, [r["target"] for r in rows], 16, **QUIET)
+    cache = FeatureCache(model.encoder, load=waves.__getitem__)
+    cache.fill(list(waves))
+    ds = ComposedDataset(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
+    batch = ComposedCollator(tok.pad_token_id)([ds[0], ds[1]])
+    model.eval()
+    with torch.no_grad():
+        prefix, real = model.project(features=batch["features"], features_lengths=batch["features_lengths"])
+        kept = model.projector.words.kept
+        m = kept.size(1)
+        _, mask, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["placeholder_positions"],
+                                 features=batch["features"], features_lengths=batch["features_lengths"])
+    prompt = batch["attention_mask"].sum(1) - 1
+    expected = prompt + (kept & real[:, :m]).sum(1).clamp(min=1) + real[:, m:].sum(1)
+    assert mask.sum(1).tolist() == expected.tolist()
+    assert (kept & real[:, :m]).sum(1).tolist() != real[:, :m].sum(1).tolist()  # something was dropped
+    read = read_words(model, [cache.get(k) for k in waves])  # each clip alone: the words the LLM is shown
+    anchors = set(model.projector.words.word_ids.tolist())
+    assert [len(r) for r in read] == (kept & real[:, :m]).sum(1).tolist() and all(t in anchors for r in read for t in r)
+    model.train()
+    assert model(**batch)["loss"].requires_grad  # training with the CTC loss over the uncollapsed tokens runs
+
+
+def test_a_grounding_stage_trains_the_projector_without_running_the_llm(tiny_whisper, tiny_gemma, monkeypatch):
+    """``loss: grounding``: the batch's loss is the weighted word-grounding loss alone, the LLM never runs, and
+    only projector weights get gradients."""
+    from modaltune.shared.compose import anchor_on_text, word_grounding_loss
+    from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, stage_collator
+    from modaltune.shared.skips import Skips
+
+    model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=0.5, anchor_words=16,
+                              grounding="ctc")
+    waves = _clips((0.4, 2.0))
+    rows = task_rows([_clip(k, text) for k, text in zip(waves, ("take aspirin daily", "hold heparin today"))],
+                     AudioTasksConfig(orders=False), train=False)
+    anchor_on_text(model, tok, [r["target"] for r in rows], 16, **QUIET)
+    cache = FeatureCache(model.encoder, load=waves.__getitem__)
+    cache.fill(list(waves))
+    ds = ComposedDataset(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
+    plain = ComposedCollator(tok.pad_token_id)
+    assert stage_collator("model", plain) is None
+    batch = stage_collator("grounding", plain)([ds[0], ds[1]])
+    assert batch["objective"] == "grounding"
+    model.train()
+    torch.manual_seed(1)
+    model.project(features=batch["features"], features_lengths=batch["features_lengths"])
+    _, real = model.project(features=batch["features"], features_lengths=batch["features_lengths"])
+    expected = 0.5 * word_grounding_loss(model.projector, batch["labels"], batch["ground_words"], real)
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM ran in a grounding stage")
+
+    monkeypatch.setattr(model.llm, "forward", no_llm)
+    loss = model(**batch)["loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    loss.backward()
+    grads = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"projector"}
+
+
+def test_stage_loss_is_checked_by_the_config():
+    """A stage's ``loss`` is model or grounding; text-dpo, which has no projector, refuses grounding."""
+    from modaltune.shared.config import ConfigError, from_dict
+    from modaltune.recipes.text_dpo import TextDPOConfig
+    from modaltune.shared.training import StageConfig
+
+    with pytest.raises(ConfigError, match="loss must be model or grounding"):
+        from_dict(StageConfig, {"loss": "ctc"}, "stages[0]")
+    with pytest.raises(ConfigError, match="no projector"):
+        from_dict(TextDPOConfig, {"stages": [{"name": "sft", "data": "instructions", "loss": "grounding"},
+                                             {"name": "dpo", "data": "pairs"}]}, "")
