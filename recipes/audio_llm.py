@@ -46,8 +46,7 @@ class AudioLLMConfig:
     projector: ProjectorConfig = doc(help="projector and frame stacking",
                                      factory=lambda: ProjectorConfig(kind="swiglu", group=8, norm="words",
                                                                      anchor_words=2048, word_grounding=1.0,
-                                                                     grounding="ctc", collapse=True,
-                                                                     word_dropout=0.2))
+                                                                     grounding="ctc", collapse=True))
     model: ModelConfig = doc(ModelConfig, "the causal LLM")
     llm: ComponentConfig = doc(help="how the LLM is tuned", factory=lambda: ComponentConfig(method="lora"))
     data: ASRDataConfig = doc(ASRDataConfig, "speech data (the domain-asr builder and checks)")

@@ -9,6 +9,7 @@ a temporary directory and renamed into place, so an interrupted install never le
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -111,7 +112,8 @@ def _install(name: str, *, force: bool, log: Callable[[str], None]) -> Path:
     started = time.time()
     log(f"building {name} into {target} (one time)")
     try:
-        entry.build(tmp)
+        with _rng_untouched():  # a first run (which builds) draws the same random numbers as every later run
+            entry.build(tmp)
         info = {
             "name": name,
             "kind": entry.kind,
@@ -130,6 +132,26 @@ def _install(name: str, *, force: bool, log: Callable[[str], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Run the body without moving the global random generators (Python's, NumPy's, torch's CPU one).
+
+    Building a model can initialise layers at random before their weights are loaded; a run seeded beforehand would
+    then draw different LoRA and projector initialisations on the machine's first run than on every later one."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 def resolve_model(name: str, *, log: Callable[[str], None] = print, revision: str | None = None) -> tuple[str, str]:

@@ -117,6 +117,33 @@ def test_zoo_install_is_atomic_and_idempotent(tmp_path, monkeypatch):
     assert not list(zoo.model_dir("toy-broken").parent.glob(".toy-broken*"))
 
 
+def test_zoo_install_leaves_the_seeded_random_streams_alone(monkeypatch):
+    """A build that initialises layers at random must not make a machine's first run differ from the later ones."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from modaltune.shared import zoo
+
+    def build(folder):
+        torch.nn.Linear(64, 64)  # random init, as from_pretrained does before loading weights
+        random.random(), np.random.rand(3)
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setitem(zoo.ZOO._items, "toy-rng", zoo.ZooEntry("toy-rng", "causal_lm", "d", "MIT", build=build))
+
+    def draws():
+        return torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    zoo.install("toy-rng", log=lambda m: None)  # builds
+    first = draws()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    zoo.install("toy-rng", log=lambda m: None)  # already there
+    assert draws() == first
+
+
 def test_plugins_register_through_entry_points(monkeypatch):
     import sys
     import types
