@@ -345,21 +345,48 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
     return metrics, items + rows
 
 
-def reading_scores(model, tokenizer, rows: list[dict[str, Any]], states: Callable[[str], Any], *,
-                   normalizer) -> dict[str, float]:
+def reading_scores(model, tokenizer, rows: list[dict[str, Any]], cache, *, normalizer) -> dict[str, float]:
     """WER/CER of what the word tokens spell by themselves (``test/words_wer``, ``test/words_cer``): the greedy
     CTC reading a collapsing projector shows the LLM, on the transcription rows. It tells a misheard clip from
-    one the LLM misread."""
+    one the LLM misread. Empty where there is no such reading: no collapse, no complete feature ``cache`` of
+    encoder output states, or anchors whose token ids are unknown (a model loaded from a checkpoint)."""
     from modaltune.audio.eval import score
-    from modaltune.shared.compose import read_words
+    from modaltune.shared.compose import read_words, word_projector
 
+    words = word_projector(model.projector)
     refs = [r for r in rows if r["task"] == "transcribe"]
-    if not refs:
+    if (not refs or words is None or not words.collapse or cache is None or not cache.complete
+            or min(words.word_ids.tolist()) < 0):
         return {}
-    read = read_words(model, [states(r["input"]) for r in refs])
+    read = read_words(model, [cache.get(r["input"]) for r in refs])
     got = score([tokenizer.decode(t).strip() for t in read], [r["target"] for r in refs], 0.0, 1.0,
                 normalizer=normalizer, terms=[])
     return {"test/words_wer": got["wer"], "test/words_cer": got["cer"]}
+
+
+def speech_cache(model, cfg, ids: list[str], load: Callable[[str], Any], *, batch_size: int, dtype=None):
+    """The encoder-feature cache of a composed speech model, filled for the clips ``ids`` (``load``: id -> wave), or
+    None where ``cfg`` (a :class:`~modaltune.shared.features.CacheConfig`) turns it off or nothing of the encoder
+    is frozen. It holds what the frozen part of the encoder gives, trimmed to each clip."""
+    from modaltune.shared.features import FeatureCache
+    from modaltune.shared.loss import unwrap_peft
+
+    depth = unwrap_peft(model.encoder).cache_depth() if cfg.mode == "auto" else None
+    if depth is None:
+        return None
+    cache = FeatureCache(model.encoder, depth=depth, batch_size=batch_size, autocast_dtype=dtype, directory=cfg.dir,
+                         load=load)
+    cache.fill(ids, desc="encoding speech (once)")
+    return cache
+
+
+def task_line(metrics: dict) -> str:
+    """The headline figures of one evaluation, for the log."""
+    from modaltune.shared.harness import metric_line
+
+    return metric_line(metrics, keys=lambda k: k in {"test/wer", "test/words_wer", "test/wer_shuffled",
+                                                     "orders/drug_accuracy", "orders/drug_accuracy_shuffled",
+                                                     "orders/valid_json"})
 
 
 def pair_task_items(items: dict[str, list[dict]]) -> list[dict]:

@@ -16,18 +16,17 @@ from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
 from modaltune.audio.io import read_recording
 from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES, AudioLLMEvalConfig, AudioTasksConfig,
                                  CascadeConfig, cascade, measure_audio_llm, pair_task_items, reading_scores,
-                                 task_plots, task_rows)
+                                 speech_cache, task_line, task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
-                                      composed_report, save_composed, word_projector)
+                                      composed_report, save_composed)
 from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
                                            stage_collator)
 from modaltune.shared.config import ConfigError, doc, to_dict
-from modaltune.shared.features import CacheConfig, FeatureCache
-from modaltune.shared.harness import data_line, measure_before, metric_line, timed
+from modaltune.shared.features import CacheConfig
+from modaltune.shared.harness import data_line, measure_before, timed
 from modaltune.shared.lm import ModelConfig
-from modaltune.shared.loss import unwrap_peft
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.skips import Skips
@@ -98,14 +97,10 @@ class AudioLLM(Recipe):
         if cfg.projector.uses_words and training:
             anchors = anchor_on_text(model, tok, [r["target"] for r in rows["all"]], cfg.projector.anchor_words, log)
             report["model"]["anchor_words"] = [tok.decode([t]) for t in dict.fromkeys(anchors)]
-        depth = unwrap_peft(model.encoder).cache_depth() if cfg.cache.mode == "auto" else None
         load = lambda clip_id: clips[clip_id].wave  # noqa: E731
-        cache = None
         with timed(report, "feature_cache_seconds"):
-            if depth is not None:
-                cache = FeatureCache(model.encoder, depth=depth, batch_size=cfg.train.eval_batch_size,
-                                     autocast_dtype=autocast_dtype(precision), directory=cfg.cache.dir, load=load)
-                cache.fill(list(clips) if training else [c.id for c in sets["test"]], desc="encoding speech (once)")
+            cache = speech_cache(model, cfg.cache, list(clips) if training else [c.id for c in sets["test"]], load,
+                                 batch_size=cfg.train.eval_batch_size, dtype=autocast_dtype(precision))
 
         def dataset(rows_: list[dict], name: str = "test") -> ComposedDataset:
             skipped = Skips()
@@ -132,12 +127,9 @@ class AudioLLM(Recipe):
         def measure(shuffle: bool = False):  # rank 0 evaluates under a launcher; every rank gets the result
             return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate,
                                 shuffle=shuffle, normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed))
-        reads = (cfg.projector.collapse and cache is not None and cache.complete
-                 and min(word_projector(model.projector).word_ids.tolist()) >= 0)
 
-        def reading() -> dict:  # what the word tokens spell alone (a run: the anchors' ids are known)
-            return dist.on_main(lambda: reading_scores(model, tok, rows["test"], cache.get,
-                                                       normalizer=normalizer)) if reads else {}
+        def reading() -> dict:  # what the word tokens spell alone, where they can be read
+            return dist.on_main(lambda: reading_scores(model, tok, rows["test"], cache, normalizer=normalizer))
         return measure, normalizer, reading
 
     def run(self, cfg: AudioLLMConfig, ctx: RunContext) -> None:
@@ -158,11 +150,11 @@ class AudioLLM(Recipe):
                     model_cfg=cfg.model, llm_cfg=cfg.llm, train_cfg=cfg.train, cfg=cfg.cascade, train_rows=rows["all"],
                     test_rows=rows["test"], clips=clips, whisper_name=cfg.encoder.name or "whisper-tiny.en",
                     normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log), name="cascade.json", collective=True)
-            log("cascade: " + _line(columns["cascade"]))
+            log("cascade: " + task_line(columns["cascade"]))
         with timed(report, "eval_before_seconds"):
             columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)
             columns["before"].update(reading())
-        log("before: " + _line(columns["before"]))
+        log("before: " + task_line(columns["before"]))
         collator = ComposedCollator(tok.pad_token_id, encoder, load=load)
         plans = [StagePlan(s.name, dataset(rows[s.data], s.name), None, s.components, s.max_steps, s.lr,
                            collator=stage_collator(s.loss, collator)) for s in cfg.stages]
@@ -173,7 +165,7 @@ class AudioLLM(Recipe):
             with timed(report, f"eval_{label}_seconds"):
                 columns[label], items[label] = measure(shuffle=last)
                 columns[label].update(reading())
-            log(f"{label}: " + _line(columns[label]))
+            log(f"{label}: " + task_line(columns[label]))
 
         lrs = {n: lr for n, lr in (("projector", cfg.projector.lr), ("llm", cfg.llm.lr),
                                     ("encoder", cfg.encoder_tuning.lr)) if lr}
@@ -197,7 +189,7 @@ class AudioLLM(Recipe):
             after, items = measure(shuffle=True)
         report.update(metrics={"after": after}, items=pair_task_items({"after": items}),
                       plots=task_plots(ctx.run_dir, {"after": after}))
-        log("checkpoint: " + _line(after))
+        log("checkpoint: " + task_line(after))
 
     def generate(self, cfg: AudioLLMConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
         wave = read_recording(input_file)
@@ -210,11 +202,6 @@ class AudioLLM(Recipe):
     def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
                                                "template": AUDIO_TEMPLATE, "placeholder": AUDIO_PLACEHOLDER}, dtype)
-
-
-def _line(metrics: dict) -> str:
-    return metric_line(metrics, keys=lambda k: k in {"test/wer", "test/words_wer", "test/wer_shuffled", "orders/drug_accuracy",
-                                                     "orders/drug_accuracy_shuffled", "orders/valid_json"})
 
 
 register_recipe(AudioLLM())
