@@ -20,7 +20,7 @@ from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
-                                      composed_report, save_composed)
+                                      check_stage_losses, composed_report, save_composed)
 from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
                                            stage_collator)
 from modaltune.shared.config import ConfigError, doc, to_dict
@@ -64,9 +64,9 @@ class AudioLLMConfig:
     def validate(self, where: str) -> None:
         if self.encoder.kind != "whisper":
             raise ConfigError(f"{where}.encoder.kind must be whisper (a speech encoder), got {self.encoder.kind!r}")
-        for i, stage in enumerate(self.stages):
-            if stage.data not in {"transcribe", "all"}:
-                raise ConfigError(f"stages[{i}].data must be transcribe or all, got {stage.data!r}")
+        if bad := [f"stages[{i}].data={s.data!r}" for i, s in enumerate(self.stages) if s.data not in {"transcribe", "all"}]:
+            raise ConfigError(f"{bad[0]}: must be transcribe or all")
+        check_stage_losses(self.stages, self.projector)
         if self.llm.trains and not any(s.components is None or "llm" in s.components for s in self.stages):
             raise ConfigError("llm.method trains, but no stage trains the llm: add llm to a stage's components")
 

@@ -13,7 +13,7 @@ from typing import Any
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
-                                      composed_report, save_composed)
+                                      check_stage_losses, composed_report, save_composed)
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.features import CacheConfig
@@ -22,9 +22,8 @@ from modaltune.shared.lm import ModelConfig
 from modaltune.shared.loss import unwrap_peft
 from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
-from modaltune.shared.compose_data import stage_collator
 from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
-from modaltune.shared.compose_data import generate_about
+from modaltune.shared.compose_data import generate_about, stage_collator
 from modaltune.vision.data import PLACEHOLDER, VQA_TEMPLATE
 from modaltune.vision.images import load_image
 from modaltune.shared.preference import PairCollator, PreferenceConfig, preference_stage_trainer
@@ -63,8 +62,10 @@ class MedVQAConfig:
         for i, stage in enumerate(self.stages):
             if stage.data not in {"caption", "vqa", "vqa_pairs"}:
                 raise ConfigError(f"stages[{i}].data must be caption, vqa or vqa_pairs, got {stage.data!r}")
-            if stage.loss == "grounding" and stage.data == "vqa_pairs":
-                raise ConfigError(f"stages[{i}]: preference pairs train with their own loss; use loss: model")
+            if stage.loss == "grounding" and stage.data != "caption":
+                raise ConfigError(f"stages[{i}].loss=grounding grounds the projector on captions: use it on a caption "
+                                  "stage, or loss: model")
+        check_stage_losses(self.stages, self.projector)
 
 
 class MedVQA(Recipe):

@@ -657,6 +657,15 @@ def build_composed_lm(*, encoder: nn.Module, encoder_tuning, model, llm, project
     return composed, tok, source
 
 
+def check_stage_losses(stages: Iterable[Any], projector: ProjectorConfig) -> None:
+    """Refuse, when the config loads, a stage with ``loss: grounding`` whose projector has no grounding loss."""
+    for i, stage in enumerate(stages):
+        if stage.loss == "grounding" and not (projector.uses_words and projector.word_grounding > 0):
+            raise ConfigError(f"stages[{i}].loss=grounding trains the projector's word grounding alone, and this "
+                              "projector has none: set projector.norm to words or both and projector.word_grounding "
+                              "above 0, or use loss: model")
+
+
 def anchor_on_text(model: ComposedLM, tokenizer, texts: Iterable[str], k: int,
                    log: Callable[[str], None] = print) -> list[int]:
     """Anchor a word projector (``norm=words/both``) on the ``k`` most frequent tokens of ``texts`` (the training

@@ -396,3 +396,12 @@ def test_stage_loss_is_checked_by_the_config():
     with pytest.raises(ConfigError, match="no projector"):
         from_dict(TextDPOConfig, {"stages": [{"name": "sft", "data": "instructions", "loss": "grounding"},
                                              {"name": "dpo", "data": "pairs"}]}, "")
+    from modaltune.recipes.audio_llm import AudioLLMConfig
+    from modaltune.recipes.med_vqa import MedVQAConfig
+
+    words = [{"name": "words", "data": "transcribe", "loss": "grounding"}]
+    assert from_dict(AudioLLMConfig, {"stages": words}, "").stages[0].loss == "grounding"
+    with pytest.raises(ConfigError, match=r"stages\[0\].loss=grounding .* has none"):  # no word tokens to ground
+        from_dict(AudioLLMConfig, {"stages": words, "projector": {"norm": "rms", "collapse": False}}, "")
+    with pytest.raises(ConfigError, match="on a caption stage"):  # med-vqa grounds on captions only
+        from_dict(MedVQAConfig, {"stages": [{"name": "vqa", "data": "vqa", "loss": "grounding"}]}, "")
