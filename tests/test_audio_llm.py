@@ -313,22 +313,31 @@ def test_collapse_keeps_the_word_tokens_a_greedy_ctc_reading_keeps():
     assert proj.kept.sum().item() == 4 * 256
 
 
-def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whisper, tiny_gemma):
-    """With ``collapse``, a row's prompt holds its kept word tokens (only real frames) and all its real feature
-    tokens; the grounding loss still sees every word token of the clip."""
-    from modaltune.shared.compose import anchor_on_text, read_words
-    from modaltune.shared.compose_data import ComposedCollator, ComposedDataset
+def _two_clips(model, tok):
+    """Two transcribed clips for a word-anchored model: anchors on their text, their cached states, their rows."""
+    from modaltune.shared.compose import anchor_on_text
+    from modaltune.shared.compose_data import ComposedDataset
     from modaltune.shared.skips import Skips
 
-    model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=1.0, anchor_words=16,
-                              grounding="ctc", collapse=True)
     waves = _clips((0.4, 2.0))
     rows = task_rows([_clip(k, text) for k, text in zip(waves, ("take aspirin daily", "hold heparin today"))],
                      AudioTasksConfig(orders=False), train=False)
     anchor_on_text(model, tok, [r["target"] for r in rows], 16, **QUIET)
     cache = FeatureCache(model.encoder, load=waves.__getitem__)
     cache.fill(list(waves))
-    ds = ComposedDataset(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
+    return waves, cache, ComposedDataset(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64,
+                                         skipped=Skips())
+
+
+def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whisper, tiny_gemma):
+    """With ``collapse``, a row's prompt holds its kept word tokens (only real frames) and all its real feature
+    tokens; the grounding loss still sees every word token of the clip."""
+    from modaltune.shared.compose import read_words
+    from modaltune.shared.compose_data import ComposedCollator
+
+    model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=1.0, anchor_words=16,
+                              grounding="ctc", collapse=True)
+    waves, cache, ds = _two_clips(model, tok)
     batch = ComposedCollator(tok.pad_token_id)([ds[0], ds[1]])
     model.eval()
     with torch.no_grad():
@@ -351,19 +360,12 @@ def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whis
 def test_a_grounding_stage_trains_the_projector_without_running_the_llm(tiny_whisper, tiny_gemma, monkeypatch):
     """``loss: grounding``: the batch's loss is the weighted word-grounding loss alone, the LLM never runs, and
     only projector weights get gradients."""
-    from modaltune.shared.compose import anchor_on_text, word_grounding_loss
-    from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, stage_collator
-    from modaltune.shared.skips import Skips
+    from modaltune.shared.compose import word_grounding_loss
+    from modaltune.shared.compose_data import ComposedCollator, stage_collator
 
     model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=0.5, anchor_words=16,
                               grounding="ctc")
-    waves = _clips((0.4, 2.0))
-    rows = task_rows([_clip(k, text) for k, text in zip(waves, ("take aspirin daily", "hold heparin today"))],
-                     AudioTasksConfig(orders=False), train=False)
-    anchor_on_text(model, tok, [r["target"] for r in rows], 16, **QUIET)
-    cache = FeatureCache(model.encoder, load=waves.__getitem__)
-    cache.fill(list(waves))
-    ds = ComposedDataset(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
+    waves, cache, ds = _two_clips(model, tok)
     plain = ComposedCollator(tok.pad_token_id)
     assert stage_collator("model", plain) is None
     batch = stage_collator("grounding", plain)([ds[0], ds[1]])
