@@ -332,7 +332,8 @@ def _ctc_grounding(weights: torch.Tensor, ids: torch.Tensor, labels: torch.Tenso
     m = weights.size(1)
     lengths = real[:, :m].sum(1) if real is not None else torch.full((weights.size(0),), m)
     log_probs = weights[keep].clamp_min(1e-8).log().transpose(0, 1)  # (M, B', K+1)
-    return nn.functional.ctc_loss(log_probs, torch.tensor(targets), lengths[keep].cpu(), torch.tensor(target_lengths),
+    return nn.functional.ctc_loss(log_probs, torch.tensor(targets, device=log_probs.device), lengths[keep].cpu(),
+                                  torch.tensor(target_lengths),
                                   blank=k, reduction="mean", zero_infinity=True)
 
 
@@ -351,11 +352,12 @@ def read_words(model: "ComposedLM", features: list[torch.Tensor]) -> list[list[i
     ids = words.word_ids.tolist()
     if min(ids) < 0:
         raise ModaltuneError("the anchors' token ids are unknown here (a checkpoint does not carry them)")
-    was, dtype = model.training, next(model.projector.parameters()).dtype
+    was, weight = model.training, next(model.projector.parameters())
     model.eval()
     read = []
-    for f in features:
-        model.project(features=f.unsqueeze(0).to(dtype), features_lengths=torch.tensor([f.size(0)]))
+    for f in features:  # cached states may sit on the CPU while the model is on a GPU
+        model.project(features=f.unsqueeze(0).to(weight.device, weight.dtype),
+                      features_lengths=torch.tensor([f.size(0)], device=weight.device))
         kept, chosen = words.kept[0], words.chosen[0]
         words.kept = words.chosen = None
         read.append([ids[c] for c in chosen[kept].tolist()])
@@ -592,7 +594,8 @@ class ComposedLM(ModaltuneModel):
                               "to words or both and projector.word_grounding above 0")
         prefix, real = self.project(encoder_inputs, features, features_depth, features_lengths)
         word_projector(self.projector).kept = None
-        rows = ground_words if ground_words is not None else torch.zeros(prefix.size(0), dtype=torch.bool)
+        rows = (ground_words if ground_words is not None
+                else torch.zeros(prefix.size(0), dtype=torch.bool, device=prefix.device))
         extra = word_grounding_loss(self.projector, labels, rows, real) if labels is not None else None
         # a batch with nothing to ground still returns a loss that reaches the projector (a zero gradient)
         return self.word_grounding * extra if extra is not None else prefix.sum() * 0.0
