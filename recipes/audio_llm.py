@@ -109,8 +109,7 @@ class AudioLLM(Recipe):
             report["data"][f"{name} rows"] = skipped.summary(len(made))
             return made
 
-        for name in ("transcribe", "all", "test"):
-            report["data"][f"{name} rows"] = Skips().summary(len(rows[name]))
+        report["data"].update({f"{name} rows": Skips().summary(len(rows[name])) for name in ("transcribe", "all", "test")})
         log(data_line(report["data"]))
         encoder = model.encoder if cache is None else None
         return rows, dataset, clips, encoder, load, cache
@@ -121,8 +120,8 @@ class AudioLLM(Recipe):
         seconds = {i: c.seconds for i, c in clips.items()}
 
         def generate(ds, label):
-            return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load,
-                                     max_new_tokens=cfg.eval.max_new_tokens, desc=label, precision=precision)
+            return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load, desc=label,
+                                     max_new_tokens=cfg.eval.max_new_tokens, precision=precision, no_repeat_ngram=cfg.eval.no_repeat_ngram)
 
         def measure(shuffle: bool = False):  # rank 0 evaluates under a launcher; every rank gets the result
             return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate,
@@ -149,7 +148,8 @@ class AudioLLM(Recipe):
                 columns["cascade"], items["cascade"] = measure_before(ctx.run_dir, cfg.train.resume, lambda: cascade(
                     model_cfg=cfg.model, llm_cfg=cfg.llm, train_cfg=cfg.train, cfg=cfg.cascade, train_rows=rows["all"],
                     test_rows=rows["test"], clips=clips, whisper_name=cfg.encoder.name or "whisper-tiny.en",
-                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log), name="cascade.json", collective=True)
+                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log, no_repeat_ngram=cfg.eval.no_repeat_ngram),
+                    name="cascade.json", collective=True)
             log("cascade: " + task_line(columns["cascade"]))
         with timed(report, "eval_before_seconds"):
             columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)

@@ -151,8 +151,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size: int, max_new_tokens: int,
                       num_beams: int = 1, encoder=None, load: Callable[[Any], Any] | None = None,
-                      desc: str = "generating", precision: str = "fp32") -> list[str]:
-    """Generated text for every row of ``dataset`` (left-padded batches, greedy or beam).
+                      desc: str = "generating", precision: str = "fp32", no_repeat_ngram: int = 0) -> list[str]:
+    """Generated text for every row of ``dataset`` (left-padded batches, greedy or beam; ``no_repeat_ngram`` > 0:
+    no n-gram of that size twice in an answer, which stops greedy decoding's loops).
 
     Short answers after long prompts make this prefill-bound, so it runs under the training precision's autocast.
     """
@@ -166,7 +167,8 @@ def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size:
                           model.device)
         with autocast(precision, model.device):
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 **({"no_repeat_ngram_size": no_repeat_ngram} if no_repeat_ngram > 0 else {}))
         out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     return out
 

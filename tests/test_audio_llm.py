@@ -84,6 +84,17 @@ def test_generation_of_a_mixed_length_batch_matches_each_clip_alone(tiny_whisper
                                max_new_tokens=5)[0] for r in rows]
     assert together == alone
 
+    seen, made = [], []  # eval.no_repeat_ngram reaches generate only when set, and no token pair comes twice
+    real_generate = model.generate
+    model.generate = lambda **kw: seen.append(kw.get("no_repeat_ngram_size")) or made.append(real_generate(**kw)) \
+        or made[-1]
+    generate_composed(model, tok, ds, batch_size=3, max_new_tokens=12)
+    generate_composed(model, tok, ds, batch_size=3, max_new_tokens=12, no_repeat_ngram=2)
+    assert seen == [None, 2]
+    for row in made[1].tolist():
+        ids = [t for t in row if t not in (tok.pad_token_id, tok.eos_token_id)]
+        assert len(ids) > 2 and len(set(zip(ids, ids[1:]))) == len(ids) - 1
+
 
 def _clip(cid, text="", **meta):
     from modaltune.audio.data import Clip
@@ -405,5 +416,7 @@ def test_stage_loss_is_checked_by_the_config():
     assert from_dict(AudioLLMConfig, {"stages": words}, "").stages[0].loss == "grounding"
     with pytest.raises(ConfigError, match=r"stages\[0\].loss=grounding .* has none"):  # no word tokens to ground
         from_dict(AudioLLMConfig, {"stages": words, "projector": {"norm": "rms", "collapse": False}}, "")
+    with pytest.raises(ConfigError, match="no_repeat_ngram must be 0"):
+        from_dict(AudioLLMConfig, {"eval": {"no_repeat_ngram": -1}}, "")
     with pytest.raises(ConfigError, match="on a caption stage"):  # med-vqa grounds on captions only
         from_dict(MedVQAConfig, {"stages": [{"name": "vqa", "data": "vqa", "loss": "grounding"}]}, "")

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from modaltune.shared.config import doc
+from modaltune.shared.config import ConfigError, doc
 from modaltune.shared.training import autocast
 from modaltune.shared.metrics import exact_match, normalize_answer, perplexity, rouge_l
 from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset
@@ -21,6 +21,11 @@ class GenerationEvalConfig:
     num_beams: int = doc(1, "1: greedy decoding; more: beam search")
     batch_size: int = doc(8, "prompts per generation batch")
     max_examples: int | None = doc(None, "generate for at most this many test examples (loss uses all)")
+    no_repeat_ngram: int = doc(0, "above 0: no n-gram of this size twice in a response (stops greedy loops; 0: off)")
+
+    def validate(self, where: str) -> None:
+        if self.no_repeat_ngram < 0:
+            raise ConfigError(f"{where}.no_repeat_ngram must be 0 (off) or a positive n-gram size")
 
 
 @torch.no_grad()
@@ -70,6 +75,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConf
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
+                **({"no_repeat_ngram_size": cfg.no_repeat_ngram} if cfg.no_repeat_ngram > 0 else {}),
             )
         for row, i in enumerate(idx):
             results[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
