@@ -246,7 +246,7 @@ class AudioLLMEvalConfig:
     max_new_tokens: int = doc(64, "longest answer in tokens (transcripts, JSON)")
     batch_size: int = doc(64, "prompts per generation batch")
     shuffle_seed: int = doc(0, "seed of the audio shuffle of the last evaluation")
-    no_repeat_ngram: int = doc(0, "above 0: no n-gram of this size twice in an answer (stops greedy loops; 0: off)")
+    no_repeat_ngram: int = doc(6, "above 0: no n-gram of this size twice in an answer (stops greedy loops; 0: off)")
 
     def validate(self, where: str) -> None:
         if self.no_repeat_ngram < 0:
