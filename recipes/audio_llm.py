@@ -187,8 +187,7 @@ class AudioLLM(Recipe):
         with timed(report, "eval_seconds"):
             ckpt.load_trained(model, checkpoint)
             after, items = measure(shuffle=True)
-        report.update(metrics={"after": after}, items=pair_task_items({"after": items}),
-                      plots=task_plots(ctx.run_dir, {"after": after}))
+        report.update(metrics={"after": after}, items=pair_task_items({"after": items}), plots=task_plots(ctx.run_dir, {"after": after}))
         log("checkpoint: " + task_line(after))
 
     def generate(self, cfg: AudioLLMConfig, checkpoint: Path, prompts: list[str], input_file, log) -> list[str]:
@@ -197,7 +196,8 @@ class AudioLLM(Recipe):
         ckpt.load_trained(model, checkpoint)
         return generate_about(model, tok, input_file, prompts, template=AUDIO_TEMPLATE, placeholder=AUDIO_PLACEHOLDER,
                               load=lambda _: wave, max_length=cfg.max_length, batch_size=cfg.eval.batch_size,
-                              max_new_tokens=cfg.eval.max_new_tokens, precision=resolve_precision(cfg.train.precision))
+                              max_new_tokens=cfg.eval.max_new_tokens, precision=resolve_precision(cfg.train.precision),
+                              no_repeat_ngram=cfg.eval.no_repeat_ngram)
 
     def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),

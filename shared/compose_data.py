@@ -175,9 +175,10 @@ def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size:
 
 def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template: str, placeholder: str,
                    load: Callable[[Any], Any], max_length: int, batch_size: int, max_new_tokens: int,
-                   num_beams: int = 1, precision: str = "fp32") -> list[str]:
+                   num_beams: int = 1, precision: str = "fp32", no_repeat_ngram: int = 0) -> list[str]:
     """The composed model's answer to each prompt about one input ``item`` (an image or clip path; ``load`` reads
-    it), each prompt put into ``template`` (``{instruction}`` or ``{question}``) as in training.
+    it), each prompt put into ``template`` (``{instruction}`` or ``{question}``) as in training, decoded as the
+    recipe's evaluation decodes (``num_beams``, ``no_repeat_ngram``: see :func:`generate_composed`).
 
     Raises:
         ModaltuneError: a prompt is longer than ``max_length`` tokens.
@@ -195,4 +196,4 @@ def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template:
                              "recipe's max_length with --set")
     return generate_composed(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              num_beams=num_beams, encoder=model.encoder, load=load, desc="answering",
-                             precision=precision)
+                             precision=precision, no_repeat_ngram=no_repeat_ngram)
