@@ -168,7 +168,7 @@ def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size:
         with autocast(precision, model.device):
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 **({"no_repeat_ngram_size": no_repeat_ngram} if no_repeat_ngram > 0 else {}))
+                                 no_repeat_ngram_size=no_repeat_ngram)  # 0: off, as in transformers
         out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
     return out
 

@@ -21,7 +21,8 @@ class GenerationEvalConfig:
     num_beams: int = doc(1, "1: greedy decoding; more: beam search")
     batch_size: int = doc(8, "prompts per generation batch")
     max_examples: int | None = doc(None, "generate for at most this many test examples (loss uses all)")
-    no_repeat_ngram: int = doc(0, "above 0: no n-gram of this size twice in a response (stops greedy loops; 0: off)")
+    no_repeat_ngram: int = doc(0, "above 0: no n-gram of this size twice in prompt and response together (stops "
+                                  "greedy loops; 0: off)")
 
     def validate(self, where: str) -> None:
         if self.no_repeat_ngram < 0:
@@ -75,7 +76,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConf
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
-                **({"no_repeat_ngram_size": cfg.no_repeat_ngram} if cfg.no_repeat_ngram > 0 else {}),
+                no_repeat_ngram_size=cfg.no_repeat_ngram,  # 0: off, as in transformers
             )
         for row, i in enumerate(idx):
             results[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
