@@ -281,7 +281,7 @@ def cascade_rows(rows: list[dict[str, Any]], transcripts: dict[str, str]) -> lis
 
 def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: list[dict], test_rows: list[dict],
             clips: dict[str, Clip], whisper_name: str, normalizer, run_dir: Path, precision: str,
-            no_repeat_ngram: int = 0, log: Callable[[str], None] = print) -> tuple[dict[str, float], list[dict]]:
+            log: Callable[[str], None] = print) -> tuple[dict[str, float], list[dict]]:
     """Zero-shot Whisper transcripts of the test clips (``test/wer``), then the LLM with a fresh LoRA tuned on the
     gold transcripts of ``train_rows`` for their tasks, reading those transcripts (``orders/*``, ...).
 
@@ -341,8 +341,7 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
                run_dir=run_dir / "cascade", collator=PadCollator(tok.pad_token_id), component_lrs={},
                checkpoint_meta={"recipe": "audio-llm cascade baseline"}, log=log)
     prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in tests]
-    answers = dist.on_main(lambda: generate(model, tok, prompts, GenerationEvalConfig(max_new_tokens=48, batch_size=16,
-                                                                                  no_repeat_ngram=no_repeat_ngram),
+    answers = dist.on_main(lambda: generate(model, tok, prompts, GenerationEvalConfig(max_new_tokens=48, batch_size=16),
                                             precision=precision, desc="cascade: extraction"))
     more, rows = score_rows(tests, answers, normalizer=normalizer, seconds={})
     metrics.update({k: v for k, v in more.items() if not k.startswith("test/")})

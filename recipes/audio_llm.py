@@ -148,8 +148,7 @@ class AudioLLM(Recipe):
                 columns["cascade"], items["cascade"] = measure_before(ctx.run_dir, cfg.train.resume, lambda: cascade(
                     model_cfg=cfg.model, llm_cfg=cfg.llm, train_cfg=cfg.train, cfg=cfg.cascade, train_rows=rows["all"],
                     test_rows=rows["test"], clips=clips, whisper_name=cfg.encoder.name or "whisper-tiny.en",
-                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log, no_repeat_ngram=cfg.eval.no_repeat_ngram),
-                    name="cascade.json", collective=True)
+                    normalizer=normalizer, run_dir=ctx.run_dir, precision=precision, log=log), name="cascade.json", collective=True)
             log("cascade: " + task_line(columns["cascade"]))
         with timed(report, "eval_before_seconds"):
             columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)
