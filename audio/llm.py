@@ -385,6 +385,25 @@ def speech_cache(model, cfg, ids: list[str], load: Callable[[str], Any], *, batc
     return cache
 
 
+def heldout_for(cfg, model, dataset: Callable[..., Any], rows: dict[str, list[dict]], *, precision: str,
+                log: Callable[[str], None], report: dict) -> dict[str, dict[str, Any]]:
+    """Stage name -> the cross-fitted readings of every training clip, for the stages ``cfg.heldout`` names (none
+    when off): see :func:`~modaltune.shared.compose_data.heldout_readings`. Each fold reader trains like the first
+    ``loss: grounding`` stage, on the transcription rows of the other folds."""
+    from modaltune.shared.compose_data import check_heldout, heldout_readings
+    from modaltune.shared.harness import timed
+
+    used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector)
+    if not used:
+        return {}
+    with timed(report, "heldout_seconds"):
+        readings = heldout_readings(model, dataset(rows["transcribe"], "transcribe"),
+                                    [r["input"] for r in rows["all"]], folds=cfg.heldout.folds, steps=steps, lr=lr,
+                                    batch_size=cfg.train.batch_size * cfg.train.grad_accum, seed=cfg.train.seed,
+                                    precision=precision, max_grad_norm=cfg.train.max_grad_norm, log=log)
+    return dict.fromkeys(used, readings)
+
+
 def task_line(metrics: dict) -> str:
     """The headline figures of one evaluation, for the log."""
     from modaltune.shared.harness import metric_line

@@ -1,9 +1,9 @@
 """audio-llm: a speech LLM composed from Whisper's encoder, a projector and a LoRA LLM, trained in two stages.
 
-Build the speech encoder (frozen, cached, frames trimmed to each clip), the projector and the LLM; build task rows
-(transcription, medication orders as JSON, a manifest's own tasks); measure the cascade baseline and the untrained
-model; train the projector alone on transcription, then projector and LoRA on the task mix; evaluate after each
-stage, the last time also with the audio shuffled across the test set; report.
+Build the encoder (frozen, cached, frames trimmed to each clip), the projector and the LLM; build task rows
+(transcription, medication orders as JSON, a manifest's tasks); measure the cascade and the untrained model; train
+the projector alone on transcription, then projector and LoRA on the task mix (shown held-out readings); evaluate
+after each stage, the last time also with the audio shuffled across the test set; report.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
 from modaltune.audio.io import read_recording
 from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES, AudioLLMEvalConfig, AudioTasksConfig,
-                                 CascadeConfig, cascade, measure_audio_llm, pair_task_items, reading_scores,
-                                 speech_cache, task_line, task_plots, task_rows)
+                                 CascadeConfig, cascade, heldout_for, measure_audio_llm, pair_task_items,
+                                 reading_scores, speech_cache, task_line, task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
                                       check_stage_losses, composed_report, save_composed)
-from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
-                                           stage_collator)
+from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, HeldoutConfig, check_heldout,
+                                           generate_about, generate_composed, stage_collator)
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, timed
@@ -54,6 +54,7 @@ class AudioLLMConfig:
         StageConfig(name="words", data="transcribe", loss="grounding", max_steps=600, lr=5e-3,
                     components=["projector"]),
         StageConfig(name="tasks", data="all", max_steps=250, components=["projector", "llm"])])
+    heldout: HeldoutConfig = doc(help="cross-fitting: the LLM learns from unheard clips' readings", factory=lambda: HeldoutConfig(folds=2))
     train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
     eval: AudioLLMEvalConfig = doc(AudioLLMEvalConfig, "generation for evaluation")
     cascade: CascadeConfig = doc(CascadeConfig, "the cascade baseline (Whisper transcript -> tuned LLM)")
@@ -67,6 +68,7 @@ class AudioLLMConfig:
         if bad := [f"stages[{i}].data={s.data!r}" for i, s in enumerate(self.stages) if s.data not in {"transcribe", "all"}]:
             raise ConfigError(f"{bad[0]}: must be transcribe or all")
         check_stage_losses(self.stages, self.projector)
+        check_heldout(self.heldout, self.stages, self.projector)
         if self.llm.trains and not any(s.components is None or "llm" in s.components for s in self.stages):
             raise ConfigError("llm.method trains, but no stage trains the llm: add llm to a stage's components")
 
@@ -92,8 +94,7 @@ class AudioLLM(Recipe):
         sets, report["data"] = load_asr_sets(cfg.data, log, need_text=False)
         clips = {c.id: c for name in ("train", "test") for c in sets[name]}
         rows = {"transcribe": task_rows(sets["train"], cfg.tasks, train=True, tasks=("transcribe",)),
-                "all": task_rows(sets["train"], cfg.tasks, train=True),
-                "test": task_rows(sets["test"], cfg.tasks, train=False)}
+                "all": task_rows(sets["train"], cfg.tasks, train=True), "test": task_rows(sets["test"], cfg.tasks, train=False)}
         if cfg.projector.uses_words and training:
             anchors = anchor_on_text(model, tok, [r["target"] for r in rows["all"]], cfg.projector.anchor_words, log)
             report["model"]["anchor_words"] = [tok.decode([t]) for t in dict.fromkeys(anchors)]
@@ -102,10 +103,10 @@ class AudioLLM(Recipe):
             cache = speech_cache(model, cfg.cache, list(clips) if training else [c.id for c in sets["test"]], load,
                                  batch_size=cfg.train.eval_batch_size, dtype=autocast_dtype(precision))
 
-        def dataset(rows_: list[dict], name: str = "test") -> ComposedDataset:
+        def dataset(rows_: list[dict], name: str = "test", readings: dict | None = None) -> ComposedDataset:
             skipped = Skips()
             made = ComposedDataset(rows_, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=cfg.max_length,
-                                   skipped=skipped)
+                                   skipped=skipped, readings=readings, readings_captions=cfg.heldout.captions)
             report["data"][f"{name} rows"] = skipped.summary(len(made))
             return made
 
@@ -154,9 +155,10 @@ class AudioLLM(Recipe):
             columns["before"], items["before"] = measure_before(ctx.run_dir, cfg.train.resume, measure)
             columns["before"].update(reading())
         log("before: " + task_line(columns["before"]))
+        heard = heldout_for(cfg, model, dataset, rows, precision=precision, log=log, report=report)
         collator = ComposedCollator(tok.pad_token_id, encoder, load=load)
-        plans = [StagePlan(s.name, dataset(rows[s.data], s.name), None, s.components, s.max_steps, s.lr,
-                           collator=stage_collator(s.loss, collator)) for s in cfg.stages]
+        plans = [StagePlan(s.name, dataset(rows[s.data], s.name, heard.get(s.name)), None,
+                           s.components, s.max_steps, s.lr, collator=stage_collator(s.loss, collator)) for s in cfg.stages]
 
         def after(stage: StagePlan) -> None:
             last = stage is plans[-1]
@@ -166,8 +168,7 @@ class AudioLLM(Recipe):
                 columns[label].update(reading())
             log(f"{label}: " + task_line(columns[label]))
 
-        lrs = {n: lr for n, lr in (("projector", cfg.projector.lr), ("llm", cfg.llm.lr),
-                                    ("encoder", cfg.encoder_tuning.lr)) if lr}
+        lrs = {n: lr for n, lr in (("projector", cfg.projector.lr), ("llm", cfg.llm.lr), ("encoder", cfg.encoder_tuning.lr)) if lr}
         with timed(report, "train_and_stage_eval_seconds"):
             result = run_stages(model, plans, cfg.train, run_dir=ctx.run_dir, tokenizer=tok, after_stage=after,
                                 collator=collator, component_lrs=lrs,

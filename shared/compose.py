@@ -466,12 +466,31 @@ def token_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def _with_readings(prefix: torch.Tensor, shown: torch.Tensor | None, readings: torch.Tensor,
+                   lengths: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens to splice and which are real: ``readings`` on ``rows`` (None: all), ``prefix`` elsewhere."""
+    readings = readings.to(prefix.device, prefix.dtype)  # (B, R, D)
+    given = token_mask(lengths.to(prefix.device), readings.size(1))  # (B, R)
+    if rows is None:
+        return readings, given
+    own = shown if shown is not None else torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+    width = max(prefix.size(1), readings.size(1))
+    widen = lambda t, value: nn.functional.pad(t, (0, 0, 0, width - t.size(1)) if t.dim() == 3  # noqa: E731
+                                               else (0, width - t.size(1)), value=value)
+    use = rows.to(prefix.device)
+    return (torch.where(use[:, None, None], widen(readings, 0.0), widen(prefix, 0.0)),
+            torch.where(use[:, None], widen(given, False), widen(own, False)))
+
+
 class ComposedLM(ModaltuneModel):
     """``encoder -> grouping -> projector -> causal LM``; components ``encoder``, ``projector``, ``llm``.
 
     ``forward`` takes ``input_ids``/``attention_mask`` with one placeholder per row at ``placeholder_positions`` and
     either the encoder's inputs (``encoder_inputs``: pixels, log-mel features) or states from a
     :class:`~modaltune.shared.features.FeatureCache` (``features``, ``(B, N, D_enc)``, at ``features_depth``).
+    In training, ``readings`` (``(B, R, D)``, ``readings_lengths`` ``(B,)``) are word tokens another reader gave
+    each input (:func:`~modaltune.shared.compose_data.heldout_readings`); on the rows ``readings_rows`` (``(B,)``
+    bool; None: all) the LLM is shown them instead of this projector's own.
     """
 
     def __init__(self, encoder: nn.Module, projector: nn.Module, llm: nn.Module, *, group: int = 1,
@@ -547,11 +566,14 @@ class ComposedLM(ModaltuneModel):
                            features_depth, features_lengths, left)[:3]
 
     def _embed(self, input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features,
-               features_depth, features_lengths, left):
+               features_depth, features_lengths, left, readings=None, readings_lengths=None, readings_rows=None):
         lm = unwrap_peft(self.llm)
         embeds = lm.get_input_embeddings()(input_ids)  # (B, T, D); Gemma scales inside this lookup
         prefix, real = self.project(encoder_inputs, features, features_depth, features_lengths)  # (B, M, D)
         shown = self._shown(prefix, real)
+        if readings is not None:  # held-out readings (see heldout_readings) stand in for this reader's own words
+            # on the rows that have one; the projector still ran above, so its grounding loss sees every input
+            prefix, shown = _with_readings(prefix, shown, readings, readings_lengths, readings_rows)
         return (*splice(embeds, attention_mask, labels, placeholder_positions, prefix, shown, left=left), real)
 
     def _shown(self, prefix: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
@@ -570,13 +592,15 @@ class ComposedLM(ModaltuneModel):
         return shown
 
     def forward(self, input_ids, attention_mask, placeholder_positions, labels=None, encoder_inputs=None, features=None,
-                features_depth=None, features_lengths=None, ground_words=None, objective=None, **kwargs):
+                features_depth=None, features_lengths=None, ground_words=None, objective=None, readings=None,
+                readings_lengths=None, readings_rows=None, **kwargs):
         num_items = kwargs.pop("num_items_in_batch", None)
         if objective == "grounding":  # the projector's word-grounding loss alone: the LLM does not run
             return {"loss": self._grounding_only(labels, ground_words, encoder_inputs, features, features_depth,
                                                  features_lengths)}
         embeds, mask, labels, real = self._embed(input_ids, attention_mask, placeholder_positions, labels,
-                                                 encoder_inputs, features, features_depth, features_lengths, False)
+                                                 encoder_inputs, features, features_depth, features_lengths, False,
+                                                 readings, readings_lengths, readings_rows)
         if labels is None:
             return self.llm(inputs_embeds=embeds, attention_mask=mask)
         per_row = bool(kwargs.pop("per_row", False))  # each row's summed loss (preference training)
@@ -667,6 +691,30 @@ def check_stage_losses(stages: Iterable[Any], projector: ProjectorConfig) -> Non
             raise ConfigError(f"stages[{i}].loss=grounding trains the projector's word grounding alone, and this "
                               "projector has none: set projector.norm to words or both and projector.word_grounding "
                               "above 0, or use loss: model")
+
+
+@torch.no_grad()
+def read_tokens(model: "ComposedLM", features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The word tokens (``(R, D)``, float32 on the CPU) a collapsing word projector shows the LLM for each input's
+    encoder states: the embeddings of :func:`read_words`'s reading, as the model splices them in (one token where
+    nothing is read)."""
+    words = word_projector(model.projector)
+    if words is None or not words.collapse or words is not model.projector:
+        raise ConfigError("reading word tokens needs a projector of word tokens only that collapses them "
+                          "(projector.norm: words, collapse: true)")
+    was, weight = model.training, next(model.projector.parameters())
+    model.eval()
+    out = []
+    for f in features:
+        prefix, _ = model.project(features=f.unsqueeze(0).to(weight.device, weight.dtype),
+                                  features_lengths=torch.tensor([f.size(0)], device=weight.device))
+        kept = words.kept[0].clone()
+        words.kept = words.chosen = None
+        if not bool(kept.any()):
+            kept[0] = True  # nothing read: one (blank) token keeps the row well formed, as in training
+        out.append(prefix[0][kept].float().cpu())
+    model.train(was)
+    return out
 
 
 def anchor_on_text(model: ComposedLM, tokenizer, texts: Iterable[str], k: int,

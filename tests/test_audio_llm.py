@@ -199,6 +199,7 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
     assert all(it["shuffled"] is not None for it in report["items"]) and report["plots"]
     stages = {s["stage"]: s for s in report["training"]["stages"]}
     assert set(stages) == {"words", "tasks"}
+    assert report["timing"]["heldout_seconds"] > 0  # the tasks stage learned from held-out readings (the default)
 
     ev, code = execute("audio-llm", mode="eval", overrides=overrides, out=str(tmp_path / "eval"),
                        checkpoint=report["checkpoint"])
@@ -396,6 +397,124 @@ def test_a_grounding_stage_trains_the_projector_without_running_the_llm(tiny_whi
     loss.backward()
     grads = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads == {"projector"}
+
+
+def test_heldout_readings_replace_the_words_the_llm_is_shown(tiny_whisper, tiny_gemma):
+    """A batch's ``readings`` are what the LLM is shown in place of the projector's own word tokens: given the
+    model's own reading the loss is unchanged, given another it changes; the grounding loss still reaches the
+    projector through the clip's own tokens."""
+    from modaltune.shared.compose import read_tokens
+    from modaltune.shared.compose_data import ComposedCollator, ComposedDataset
+    from modaltune.shared.errors import DataError
+    from modaltune.shared.skips import Skips
+
+    model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="words", word_grounding=1.0, anchor_words=16,
+                              grounding="ctc", collapse=True)
+    waves, cache, ds = _two_clips(model, tok)
+    own = dict(zip(waves, read_tokens(model, [cache.get(k) for k in waves])))
+    assert all(t.ndim == 2 and t.size(0) >= 1 and t.size(1) == model.config.hidden_size for t in own.values())
+    collate = ComposedCollator(tok.pad_token_id)
+
+    def loss(readings):
+        data = ComposedDataset(ds.rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+                               readings=readings)
+        batch = collate([data[0], data[1]])
+        assert ("readings" in batch) == (readings is not None)
+        model.eval()
+        with torch.no_grad():
+            return model(**batch)["loss"].item()
+
+    plain = loss(None)
+    assert loss(own) == pytest.approx(plain, rel=1e-5)
+    torch.manual_seed(2)
+    other = {k: 30.0 * torch.randn(v.size(0) + 3, v.size(1)) for k, v in own.items()}
+    assert abs(loss(other) - plain) > 1e-3
+    # rows of other tasks only (readings_captions=False): the transcript row keeps the model's own reading
+    mixed = [dict(ds.rows[0]), {**ds.rows[1], "type": "orders"}]
+    data = ComposedDataset(mixed, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+                           readings=other, readings_captions=False)
+    batch = collate([data[0], data[1]])
+    assert batch["readings_rows"].tolist() == [False, True]
+    model.eval()
+    with torch.no_grad():
+        first, second = (model(**collate([data[i]]))["loss"].item() for i in range(2))
+        alone = [_loss_of(model, collate, ds, i) for i in range(2)]
+    assert first == pytest.approx(alone[0], rel=1e-5) and abs(second - alone[1]) > 1e-3
+    together = ComposedDataset(mixed, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+                               readings=own, readings_captions=False)
+    with torch.no_grad():  # own readings on one row, the model's own tokens on the other: the plain batch loss
+        assert model(**collate([together[0], together[1]]))["loss"].item() == pytest.approx(plain, rel=1e-5)
+    with pytest.raises(DataError, match="no held-out reading of 1 inputs"):
+        ComposedDataset(ds.rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+                        readings={list(waves)[0]: own[list(waves)[0]]})
+    model.train()
+    data = ComposedDataset(ds.rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+                           readings=other)
+    model(**collate([data[0], data[1]]))["loss"].backward()
+    assert next(model.projector.inner.parameters()).grad.abs().sum() > 0  # the CTC loss trains the reader
+
+
+def _loss_of(model, collate, data, i):
+    with torch.no_grad():
+        return model(**collate([data[i]]))["loss"].item()
+
+
+def test_each_heldout_reader_never_trains_on_the_inputs_it_reads(tiny_whisper, tiny_gemma):
+    """Cross-fitting: every input is left out of exactly one fold reader's training, that reader reads it, and the
+    projector comes back with its weights and trainability unchanged."""
+    from modaltune.shared.compose_data import ComposedDataset, heldout_readings
+    from modaltune.shared.skips import Skips
+
+    model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="words", word_grounding=1.0, anchor_words=16,
+                              grounding="ctc", collapse=True)
+    waves = _clips((0.4, 0.9, 1.3, 2.0))
+    texts = ("take aspirin daily", "hold heparin today", "start insulin now", "stop warfarin soon")
+    rows = task_rows([_clip(k, t) for k, t in zip(waves, texts)], AudioTasksConfig(orders=False), train=False)
+    from modaltune.shared.compose import anchor_on_text
+
+    anchor_on_text(model, tok, list(texts), 16, **QUIET)
+    cache = FeatureCache(model.encoder, load=waves.__getitem__)
+    cache.fill(list(waves))
+
+    seen, bounds = [], [0]  # the inputs of the training batches; where each fold's log line came
+
+    class Spy(ComposedDataset):
+        def __getitem__(self, i):
+            seen.append(self.items[i]["input"])
+            return super().__getitem__(i)
+
+    data = Spy(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
+    before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    model.projector.requires_grad_(False)
+    readings = heldout_readings(model, data, list(waves), folds=2, steps=12, lr=1e-2, batch_size=2, seed=0,
+                                log=lambda _: bounds.append(len(seen)))
+    folds = [set(seen[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert set(readings) == set(waves) and len(folds) == 2
+    assert all(len(f) == 2 for f in folds) and not folds[0] & folds[1]  # each reader trained on the other half
+    assert all(torch.equal(v, before[k]) for k, v in model.projector.state_dict().items())
+    assert not any(p.requires_grad for p in model.projector.parameters())
+    again = heldout_readings(model, data, list(waves), folds=2, steps=12, lr=1e-2, batch_size=2, seed=0, **QUIET)
+    assert all(torch.equal(readings[k], again[k]) for k in waves)  # deterministic
+
+
+def test_heldout_config_is_checked_against_stages_and_projector():
+    from modaltune.recipes.audio_llm import AudioLLMConfig
+    from modaltune.shared.compose_data import check_heldout
+    from modaltune.shared.config import ConfigError, from_dict
+
+    cfg = from_dict(AudioLLMConfig, {}, "")
+    used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector)
+    assert used == ["tasks"] and (steps, lr) == (cfg.stages[0].max_steps // 2, cfg.stages[0].lr)  # as many epochs
+    assert check_heldout(from_dict(AudioLLMConfig, {"heldout": {"folds": 0}}, "").heldout, cfg.stages,
+                         cfg.projector)[0] == []
+    with pytest.raises(ConfigError, match="folds must be 0"):
+        from_dict(AudioLLMConfig, {"heldout": {"folds": 1}}, "")
+    with pytest.raises(ConfigError, match="'answers', which is not a stage"):
+        from_dict(AudioLLMConfig, {"heldout": {"stages": ["answers"]}}, "")
+    with pytest.raises(ConfigError, match="stage 'words' has loss: grounding"):
+        from_dict(AudioLLMConfig, {"heldout": {"stages": ["words"]}}, "")
+    with pytest.raises(ConfigError, match="needs a reading to hold out"):
+        from_dict(AudioLLMConfig, {"projector": {"norm": "both"}}, "")
 
 
 def test_stage_loss_is_checked_by_the_config():
