@@ -393,7 +393,7 @@ def heldout_for(cfg, model, dataset: Callable[..., Any], rows: dict[str, list[di
     from modaltune.shared.compose_data import check_heldout, heldout_readings
     from modaltune.shared.harness import timed
 
-    used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector)
+    used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector, cfg.train)
     if not used:
         return {}
     with timed(report, "heldout_seconds"):

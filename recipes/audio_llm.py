@@ -68,7 +68,7 @@ class AudioLLMConfig:
         if bad := [f"stages[{i}].data={s.data!r}" for i, s in enumerate(self.stages) if s.data not in {"transcribe", "all"}]:
             raise ConfigError(f"{bad[0]}: must be transcribe or all")
         check_stage_losses(self.stages, self.projector)
-        check_heldout(self.heldout, self.stages, self.projector)
+        check_heldout(self.heldout, self.stages, self.projector, self.train)
         if self.llm.trains and not any(s.components is None or "llm" in s.components for s in self.stages):
             raise ConfigError("llm.method trains, but no stage trains the llm: add llm to a stage's components")
 

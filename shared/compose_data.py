@@ -242,7 +242,7 @@ class HeldoutConfig:
                                 "unsure); off: only the other tasks' rows (extraction, questions)")
     steps: int | None = doc(None, "each fold reader's optimizer steps (null: the first loss: grounding stage's, "
                                   "scaled by the share of inputs a reader trains on, so it sees as many epochs)")
-    lr: float | None = doc(None, "its learning rate (null: that stage's)")
+    lr: float | None = doc(None, "its learning rate (null: as that stage trains the projector)")
 
     def validate(self, where: str) -> None:
         if self.folds == 1 or self.folds < 0:
@@ -253,10 +253,11 @@ class HeldoutConfig:
             raise ConfigError(f"{where}.lr must be positive (or null)")
 
 
-def check_heldout(cfg: HeldoutConfig, stages: list[Any], projector: Any) -> tuple[list[str], int, float]:
-    """A held-out config checked against the run's stages and projector: the stages whose LLM is shown held-out
-    readings (none when off), and each fold reader's steps and learning rate (by default those of the first stage
-    with ``loss: grounding``, its steps scaled by the share of the inputs a reader trains on)."""
+def check_heldout(cfg: HeldoutConfig, stages: list[Any], projector: Any, train: Any) -> tuple[list[str], int, float]:
+    """A held-out config checked against the run's stages, projector and ``train`` config (``lr``, ``max_steps``):
+    the stages whose LLM is shown held-out readings (none when off), and each fold reader's steps and learning rate
+    (by default as the first stage with ``loss: grounding`` trains the projector, its steps scaled by the share of
+    the inputs a reader trains on)."""
     if not cfg.folds:
         return [], 0, 0.0
     if not (projector.collapse and projector.norm == "words"):
@@ -275,13 +276,12 @@ def check_heldout(cfg: HeldoutConfig, stages: list[Any], projector: Any) -> tupl
             raise ConfigError(f"heldout.stages: stage {name!r} has loss: {stage.loss}; held-out readings are for "
                               "stages that train the LLM")
     grounding = next((s for s in stages if s.loss == "grounding"), None)
-    steps = cfg.steps or (max(1, round(grounding.max_steps * (cfg.folds - 1) / cfg.folds))
-                          if grounding and grounding.max_steps > 0 else None)
-    lr = cfg.lr or (grounding.lr if grounding else None)
-    if used and (steps is None or lr is None):
-        raise ConfigError("heldout.steps and heldout.lr are needed when no stage has loss: grounding (with "
-                          "max_steps and lr set)")
-    return used, steps or 0, lr or 0.0
+    base = (train.max_steps if grounding.max_steps is None else grounding.max_steps) if grounding else None
+    steps = cfg.steps or (max(1, round(base * (cfg.folds - 1) / cfg.folds)) if base and base > 0 else None)
+    lr = cfg.lr or projector.lr or (grounding.lr if grounding else None) or train.lr
+    if used and steps is None:
+        raise ConfigError("heldout.steps is needed: no stage with loss: grounding and max_steps to take it from")
+    return used, steps or 0, lr
 
 
 def heldout_readings(model, data: ComposedDataset, inputs: list[Any], *, folds: int, steps: int, lr: float,

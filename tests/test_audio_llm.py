@@ -503,10 +503,17 @@ def test_heldout_config_is_checked_against_stages_and_projector():
     from modaltune.shared.config import ConfigError, from_dict
 
     cfg = from_dict(AudioLLMConfig, {}, "")
-    used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector)
+    used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector, cfg.train)
     assert used == ["tasks"] and (steps, lr) == (cfg.stages[0].max_steps // 2, cfg.stages[0].lr)  # as many epochs
     assert check_heldout(from_dict(AudioLLMConfig, {"heldout": {"folds": 0}}, "").heldout, cfg.stages,
-                         cfg.projector)[0] == []
+                         cfg.projector, cfg.train)[0] == []
+    custom = from_dict(AudioLLMConfig, {"projector": {"lr": 2e-3}, "stages": [
+        {"name": "words", "data": "transcribe", "loss": "grounding", "max_steps": 90},
+        {"name": "tasks", "data": "all", "components": ["projector", "llm"]}]}, "")
+    assert check_heldout(custom.heldout, custom.stages, custom.projector, custom.train)[1:] == (45, 2e-3)  # as words trains
+    with pytest.raises(ConfigError, match="heldout.steps is needed"):  # a grounding stage that trains by epochs
+        from_dict(AudioLLMConfig, {"stages": [{"name": "words", "data": "transcribe", "loss": "grounding",
+                                               "max_steps": -1}, {"name": "tasks", "data": "all"}]}, "")
     with pytest.raises(ConfigError, match="folds must be 0"):
         from_dict(AudioLLMConfig, {"heldout": {"folds": 1}}, "")
     with pytest.raises(ConfigError, match="'answers', which is not a stage"):
