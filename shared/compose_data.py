@@ -237,9 +237,9 @@ class HeldoutConfig:
     stages: list[str] | None = doc(None, "stages whose LLM is shown held-out readings (null: every stage that "
                                          "trains the LLM)")
     captions: bool = doc(False, "also on rows whose target is the input's own transcript or caption (audio-llm, "
-                                "seed 42: test WER 0.714 -> 0.877: shown misread speech with the right transcript as "
-                                "the answer, the LLM learnt to write fluent text of its own where the reading is "
-                                "unsure); off: only the other tasks' rows (extraction, questions)")
+                                "seed 42: test WER 0.877 against 0.721 without: shown misread speech with the right "
+                                "transcript as the answer, the LLM learnt to write fluent text of its own where the "
+                                "reading is unsure); off: only the other tasks' rows (extraction, questions)")
     steps: int | None = doc(None, "each fold reader's optimizer steps (null: the first loss: grounding stage's, "
                                   "scaled by the share of inputs a reader trains on, so it sees as many epochs)")
     lr: float | None = doc(None, "its learning rate (null: as that stage trains the projector)")
