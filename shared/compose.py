@@ -338,6 +338,22 @@ def _ctc_grounding(weights: torch.Tensor, ids: torch.Tensor, labels: torch.Tenso
 
 
 @torch.no_grad()
+def _each_reading(model: "ComposedLM", words: WordAnchoredProjector, features: list[torch.Tensor]):
+    """For each input's encoder states alone: its projected tokens ``(M, D)``, which a greedy CTC reading keeps
+    ``(M,)`` and their best choices ``(M,)`` (the model in eval mode meanwhile)."""
+    was, weight = model.training, next(model.projector.parameters())
+    model.eval()
+    try:
+        for f in features:  # cached states may sit on the CPU while the model is on a GPU
+            prefix, _ = model.project(features=f.unsqueeze(0).to(weight.device, weight.dtype),
+                                      features_lengths=torch.tensor([f.size(0)], device=weight.device))
+            kept, chosen = words.kept[0], words.chosen[0]
+            words.kept = words.chosen = None
+            yield prefix[0], kept, chosen
+    finally:
+        model.train(was)
+
+
 def read_words(model: "ComposedLM", features: list[torch.Tensor]) -> list[list[int]]:
     """The token ids a collapsing word projector reads from each input's encoder states (its greedy CTC reading:
     the words the LLM is shown). Needs the anchors' token ids (:func:`anchor_on_text`, i.e. a training run).
@@ -352,17 +368,7 @@ def read_words(model: "ComposedLM", features: list[torch.Tensor]) -> list[list[i
     ids = words.word_ids.tolist()
     if min(ids) < 0:
         raise ModaltuneError("the anchors' token ids are unknown here (a checkpoint does not carry them)")
-    was, weight = model.training, next(model.projector.parameters())
-    model.eval()
-    read = []
-    for f in features:  # cached states may sit on the CPU while the model is on a GPU
-        model.project(features=f.unsqueeze(0).to(weight.device, weight.dtype),
-                      features_lengths=torch.tensor([f.size(0)], device=weight.device))
-        kept, chosen = words.kept[0], words.chosen[0]
-        words.kept = words.chosen = None
-        read.append([ids[c] for c in chosen[kept].tolist()])
-    model.train(was)
-    return read
+    return [[ids[c] for c in chosen[kept].tolist()] for _, kept, chosen in _each_reading(model, words, features)]
 
 
 def anchor_embeddings(lm: nn.Module, token_ids: list[int]) -> torch.Tensor:
@@ -693,7 +699,6 @@ def check_stage_losses(stages: Iterable[Any], projector: ProjectorConfig) -> Non
                               "above 0, or use loss: model")
 
 
-@torch.no_grad()
 def read_tokens(model: "ComposedLM", features: list[torch.Tensor]) -> list[torch.Tensor]:
     """The word tokens (``(R, D)``, float32 on the CPU) a collapsing word projector shows the LLM for each input's
     encoder states: the embeddings of :func:`read_words`'s reading, as the model splices them in (one token where
@@ -702,18 +707,12 @@ def read_tokens(model: "ComposedLM", features: list[torch.Tensor]) -> list[torch
     if words is None or not words.collapse or words is not model.projector:
         raise ConfigError("reading word tokens needs a projector of word tokens only that collapses them "
                           "(projector.norm: words, collapse: true)")
-    was, weight = model.training, next(model.projector.parameters())
-    model.eval()
     out = []
-    for f in features:
-        prefix, _ = model.project(features=f.unsqueeze(0).to(weight.device, weight.dtype),
-                                  features_lengths=torch.tensor([f.size(0)], device=weight.device))
-        kept = words.kept[0].clone()
-        words.kept = words.chosen = None
+    for prefix, kept, _ in _each_reading(model, words, features):
         if not bool(kept.any()):
+            kept = kept.clone()
             kept[0] = True  # nothing read: one (blank) token keeps the row well formed, as in training
-        out.append(prefix[0][kept].float().cpu())
-    model.train(was)
+        out.append(prefix[kept].float().cpu())
     return out
 
 
