@@ -247,10 +247,18 @@ class AudioLLMEvalConfig:
     batch_size: int = doc(64, "prompts per generation batch")
     shuffle_seed: int = doc(0, "seed of the audio shuffle of the last evaluation")
     no_repeat_ngram: int = doc(6, "above 0: no n-gram of this size twice in an answer (stops greedy loops; 0: off)")
+    num_beams: int = doc(1, "1: greedy decoding; more: beam search (each beam costs about one more greedy pass)")
 
     def validate(self, where: str) -> None:
+        if self.num_beams < 1:
+            raise ConfigError(f"{where}.num_beams must be 1 (greedy) or more (beam search)")
         if self.no_repeat_ngram < 0:
             raise ConfigError(f"{where}.no_repeat_ngram must be 0 (off) or a positive n-gram size")
+
+    def decoding(self) -> dict[str, int]:
+        """The generation arguments every evaluation (and ``modaltune generate``) decodes with."""
+        return {"max_new_tokens": self.max_new_tokens, "no_repeat_ngram": self.no_repeat_ngram,
+                "num_beams": self.num_beams}
 
 
 @dataclasses.dataclass

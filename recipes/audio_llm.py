@@ -121,8 +121,8 @@ class AudioLLM(Recipe):
         seconds = {i: c.seconds for i, c in clips.items()}
 
         def generate(ds, label):
-            return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load, desc=label,
-                                     max_new_tokens=cfg.eval.max_new_tokens, precision=precision, no_repeat_ngram=cfg.eval.no_repeat_ngram)
+            return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load,
+                                     desc=label, precision=precision, **cfg.eval.decoding())
 
         def measure(shuffle: bool = False):  # rank 0 evaluates under a launcher; every rank gets the result
             return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate,
@@ -196,8 +196,7 @@ class AudioLLM(Recipe):
         ckpt.load_trained(model, checkpoint)
         return generate_about(model, tok, input_file, prompts, template=AUDIO_TEMPLATE, placeholder=AUDIO_PLACEHOLDER,
                               load=lambda _: wave, max_length=cfg.max_length, batch_size=cfg.eval.batch_size,
-                              max_new_tokens=cfg.eval.max_new_tokens, precision=resolve_precision(cfg.train.precision),
-                              no_repeat_ngram=cfg.eval.no_repeat_ngram)
+                              precision=resolve_precision(cfg.train.precision), **cfg.eval.decoding())
 
     def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AudioTasksConfig, cascade_rows, order_answer, order_scores,
-                                 shuffled, task_rows)
+from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AudioLLMEvalConfig, AudioTasksConfig, cascade_rows, order_answer,
+                                 order_scores, shuffled, task_rows)
 from modaltune.shared.features import FeatureCache
 
 QUIET = {"log": lambda *_: None}
@@ -78,19 +78,21 @@ def test_generation_of_a_mixed_length_batch_matches_each_clip_alone(tiny_whisper
     rows = [{"id": k, "input": k, "prompt": f"{AUDIO_PLACEHOLDER} say:" + " more" * i, "target": "x"}
             for i, k in enumerate(waves)]
     ds = ComposedDataset(rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
-    together = generate_composed(model, tok, ds, batch_size=3, max_new_tokens=5)
-    alone = [generate_composed(model, tok, ComposedDataset([r], tok, cache, placeholder=AUDIO_PLACEHOLDER,
-                                                          max_length=64, skipped=Skips()), batch_size=1,
-                               max_new_tokens=5)[0] for r in rows]
-    assert together == alone
+    for beams in (1, 3):  # greedy and beam search (eval.num_beams) alike
+        together = generate_composed(model, tok, ds, batch_size=3, max_new_tokens=5, num_beams=beams)
+        alone = [generate_composed(model, tok, ComposedDataset([r], tok, cache, placeholder=AUDIO_PLACEHOLDER,
+                                                              max_length=64, skipped=Skips()), batch_size=1,
+                                   max_new_tokens=5, num_beams=beams)[0] for r in rows]
+        assert together == alone
 
     seen, made = [], []  # eval.no_repeat_ngram reaches generate (0: off), and with 2 no token pair comes twice
     real_generate = model.generate
-    model.generate = lambda **kw: seen.append(kw.get("no_repeat_ngram_size")) or made.append(real_generate(**kw)) \
-        or made[-1]
+    model.generate = lambda **kw: seen.append((kw.get("no_repeat_ngram_size"), kw.get("num_beams"))) \
+        or made.append(real_generate(**kw)) or made[-1]
     generate_composed(model, tok, ds, batch_size=3, max_new_tokens=12)
     generate_composed(model, tok, ds, batch_size=3, max_new_tokens=12, no_repeat_ngram=2)
-    assert seen == [0, 2]
+    generate_composed(model, tok, ds, batch_size=3, **AudioLLMEvalConfig(max_new_tokens=12, num_beams=2).decoding())
+    assert seen == [(0, 1), (2, 1), (6, 2)]  # the recipe's evaluation decodes with every eval.* setting
     for row in made[1].tolist():
         ids = [t for t in row if t not in (tok.pad_token_id, tok.eos_token_id)]
         assert len(ids) > 2 and len(set(zip(ids, ids[1:]))) == len(ids) - 1
@@ -544,5 +546,7 @@ def test_stage_loss_is_checked_by_the_config():
         from_dict(AudioLLMConfig, {"stages": words, "projector": {"norm": "rms", "collapse": False}}, "")
     with pytest.raises(ConfigError, match="no_repeat_ngram must be 0"):
         from_dict(AudioLLMConfig, {"eval": {"no_repeat_ngram": -1}}, "")
+    with pytest.raises(ConfigError, match="num_beams must be 1"):
+        from_dict(AudioLLMConfig, {"eval": {"num_beams": 0}}, "")
     with pytest.raises(ConfigError, match="on a caption stage"):  # med-vqa grounds on captions only
         from_dict(MedVQAConfig, {"stages": [{"name": "vqa", "data": "vqa", "loss": "grounding"}]}, "")
