@@ -77,6 +77,7 @@ class AudioLLM(Recipe):
     """Frozen Whisper encoder -> stacked frames -> projector -> LoRA LLM; transcription, then a task mix."""
 
     name = "audio-llm"
+    regression_margins = {"test/wer": 0.02}  # worse than before by more than this: status "regressed"
     description = "speech LLM from parts (Whisper encoder + projector + LoRA LLM): transcripts, spoken orders -> JSON"
     config_cls = AudioLLMConfig
     config_file = "audio-llm.yaml"

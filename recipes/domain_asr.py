@@ -66,6 +66,7 @@ class DomainASR(Recipe):
     """Whisper with per-component methods (frozen encoder + decoder LoRA by default) on domain speech."""
 
     name = "domain-asr"
+    regression_margins = {"test/wer": 0.02}  # worse than before by more than this: status "regressed"
     description = "Whisper fine-tuning for domain speech (frozen encoder + decoder LoRA by default); WER/CER reports"
     config_cls = DomainASRConfig
     config_file = "domain-asr.yaml"

@@ -72,6 +72,7 @@ class MedVQA(Recipe):
     """Frozen image encoder -> grouped tokens -> projector -> LoRA LLM, trained on captions then on VQA."""
 
     name = "med-vqa"
+    regression_margins = {"test/accuracy": 0.02}  # worse than before by more than this: status "regressed"
     description = "vision-language model from parts (frozen encoder + projector + LoRA LLM), captions then VQA"
     config_cls = MedVQAConfig
     config_file = "med-vqa.yaml"

@@ -78,6 +78,7 @@ class TextDPO(TextSFT):
     reward margin, ROUGE-L and loss reported."""
 
     name = "text-dpo"
+    regression_margins = {"test/preference_accuracy": 0.02}  # worse than before by more than this: status "regressed"
     description = "preference tuning (DPO/IPO/hinge on trl) after SFT; preference accuracy, reward margin, ROUGE-L"
     config_cls = TextDPOConfig
     config_file = "text-dpo.yaml"

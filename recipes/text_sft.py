@@ -46,6 +46,7 @@ class TextSFT(Recipe):
     """A causal LM tuned on instruction/response pairs with any core PEFT method; EM, ROUGE-L and loss reported."""
 
     name = "text-sft"
+    regression_margins = {"test/loss": 0.02}  # worse than before by more than this: status "regressed"
     description = "instruction tuning of a causal LM (LoRA/QLoRA/DoRA/IA3/prompt/prefix/full); EM, ROUGE-L, loss"
     config_cls = TextSFTConfig
     config_file = "text-sft.yaml"

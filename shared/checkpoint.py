@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.io import atomic_write, atomic_write_json
+from modaltune.shared.io import atomic_write, atomic_write_json, write_failure
 
 WEIGHTS = "trained.safetensors"
 META = "modaltune.json"
@@ -67,11 +67,33 @@ def save_checkpoint(
     first (the Trainer's optimizer and state) and then calls :func:`write_marker`.
     """
     path = Path(path)
+    state = model.trained_state_dict()
+    try:
+        _write(model, path, state, meta, tokenizer, mark_complete)
+    except OSError as exc:
+        discard(path)
+        raise write_failure(exc, path.parent, needed=state_bytes(state) + 2**20) from exc
+    return path
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes the tensors of ``state`` take on disk."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def discard(path: str | Path) -> None:
+    """Remove a checkpoint folder whose write failed (no marker: it would never load), and so free its space."""
+    path = Path(path)
+    if path.is_dir() and _marker(path) is None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write(model: Any, path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], tokenizer: Any,
+           mark_complete: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
     marker = path / MARKER
     if marker.exists():
         marker.unlink()  # being rewritten: not complete until the end
-    state = model.trained_state_dict()
     in_adapters = _export_adapters(model, path / "adapter", state, meta.get("model_source"))
     own = {name: tensor for name, tensor in state.items() if name not in in_adapters}
     atomic_write(path / WEIGHTS, lambda tmp: save_file(own, tmp, metadata={"format": "pt"}))
@@ -90,7 +112,6 @@ def save_checkpoint(
         tokenizer.save_pretrained(str(path / "tokenizer"))
     if mark_complete:
         write_marker(path)
-    return path
 
 
 def _digest(file: Path) -> str:

@@ -201,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                      dtype=args.dtype)
         print(path)
         return 0
-    from modaltune.shared.recipe import execute, execute_seeds
+    from modaltune.shared.recipe import FINISHED, execute, execute_seeds
 
     if getattr(args, "seeds", None):
         summary, code = execute_seeds(args.recipe, args.seeds, config=args.config, out=args.out, quick=args.quick,
@@ -210,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if dist.is_main():
             _print_spread(summary)
+            if summary.get("regression"):
+                print(f"modaltune: regressed: {summary['regression']}", file=sys.stderr)
         return code
     report, code = execute(
         args.recipe,
@@ -224,11 +226,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if not dist.is_main():  # rank 0 prints the run's summary; the others printed their own errors
         return code
-    if report.get("status") != "ok":
+    if report.get("status") not in FINISHED:
         print(f"modaltune: {report.get('status')}: {report.get('error')} (see {report['run_dir']}/report.md)",
               file=sys.stderr)
     else:
         _print_summary(report)
+        if report.get("regression"):
+            print(f"modaltune: regressed: {report['regression']} (exit {code})", file=sys.stderr)
     return code
 
 

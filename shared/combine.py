@@ -465,6 +465,8 @@ def write_combined(combined: Combined, out: str | Path) -> Path:
     """Write the PEFT folder (``adapter_config.json``, ``adapter_model.safetensors``) and ``combine.json``/``.md``
     into ``out``; it is built beside ``out`` and moved into place, so a folder that exists is whole."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModaltuneError(f"--out {str(out)!r} is a file, not a folder; give a new folder")
     if out.exists() and any(out.iterdir()):
         raise ModaltuneError(f"{out} exists and is not empty; choose a new --out folder")
     out.parent.mkdir(parents=True, exist_ok=True)

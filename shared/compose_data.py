@@ -21,6 +21,7 @@ from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, DataError
 from modaltune.shared.features import FeatureCache, token_count
 from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.provenance import fingerprint
 from modaltune.shared.skips import Skips
 
 
@@ -71,6 +72,11 @@ class ComposedDataset(torch.utils.data.Dataset):
         if readings is not None and (missing := [it["input"] for it in self.items if self._reads(it)
                                                  and it["input"] not in readings]):
             raise DataError(f"no held-out reading of {len(missing)} inputs, e.g. {missing[0]!r}")
+
+    def fingerprint(self) -> str:
+        """The training content: every row's tokens and its input's content key (not the cached encoder states)."""
+        key = self.features.key if self.features is not None else (lambda x: x)
+        return fingerprint([(it["input_ids"], it["labels"], key(it["input"]), it["caption"]) for it in self.items])
 
     def _reads(self, item: dict[str, Any]) -> bool:
         return self.readings is not None and (self.readings_captions or not item["caption"])

@@ -12,14 +12,21 @@ design, the same in every recipe:
 - **files**: only rank 0 writes the run folder (report, logs, plots, the resolved config, checkpoints outside the
   Trainer's own) and only rank 0 prints: :func:`is_main`.
 
-A failure on one rank reaches the others as an error naming the rank, instead of a hang until the timeout.
-With one process every helper here is a no-op.
+A failure on one rank reaches the others as an error naming the rank, instead of a hang until the timeout. A rank
+that dies outright (killed, out of memory) cannot say so: each rank notes its PID in the run folder
+(:func:`watch_ranks`), and when the launcher stops the survivors (SIGTERM) or a collective breaks, rank 0 looks for
+the rank whose process is gone and names it in the run's failure line and report (:func:`explain_failure`).
+With one process every helper here is a no-op, except that SIGTERM (a scheduler's preemption, ``kill``) ends the
+run as an interruption with its report written, not mid-line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -196,3 +203,86 @@ def on_main(fn: Callable[[], T], what: str = "evaluating") -> T:
     if status != "ok":
         raise ModaltuneError(f"rank 0 failed while {what}: {value} (its log has the details)")
     return value
+
+
+RANKS_DIR = ".ranks"  # in the run folder: one file per rank with its host and PID
+
+
+class Stopped(Exception):
+    """The process was asked to stop (SIGTERM): by a launcher after another rank failed, by a scheduler, by kill."""
+
+
+def watch_ranks(run_dir: str | os.PathLike[str]) -> Callable[[], None]:
+    """Note this rank's PID in the run folder and turn SIGTERM into :class:`Stopped` (once: a second SIGTERM while
+    the report is written is ignored). Returns the function that puts the previous handler back."""
+    from pathlib import Path
+
+    if world_size() > 1:
+        folder = Path(run_dir) / RANKS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / str(rank())).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
+                                          encoding="utf-8")
+    stopping = {"raised": False}
+
+    def on_term(signum: int, frame: Any) -> None:
+        if not stopping["raised"]:
+            stopping["raised"] = True
+            raise Stopped("stopped by SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _gone(pid: int) -> bool:
+    """True when process ``pid`` no longer runs on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in {"Z", "X"}
+    except (OSError, IndexError):
+        return False
+
+
+def dead_ranks(run_dir: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """``(rank, pid)`` of the ranks on this host whose process is gone (ranks on other hosts cannot be checked)."""
+    from pathlib import Path
+
+    found = []
+    host = socket.gethostname()
+    for file in sorted((Path(run_dir) / RANKS_DIR).glob("*")):
+        try:
+            info = json.loads(file.read_text(encoding="utf-8"))
+            r, pid = int(file.name), int(info["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if r != rank() and info.get("host") == host and _gone(pid):
+            found.append((r, pid))
+    return found
+
+
+def explain_failure(exc: BaseException, run_dir: str | os.PathLike[str]) -> BaseException:
+    """Under a launcher, turn the error a surviving rank sees when another rank died (the launcher's SIGTERM, a
+    broken collective) into one naming the dead rank; any other error comes back as it is."""
+    stopped = isinstance(exc, Stopped)
+    if world_size() <= 1:
+        return exc
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    broken = stopped or any(word in text.lower() for word in ("connection", "closed", "peer", "gloo", "nccl",
+                                                             "timed out", "timeout", "broken pipe"))
+    if not broken:
+        return exc
+    dead = dead_ranks(run_dir)
+    who = ", ".join(f"rank {r} (PID {pid})" for r, pid in dead) + " died" if dead else \
+        "another rank failed or was stopped"
+    how = "the launcher stopped this rank" if stopped else f"this rank's collective broke ({text[:160]})"
+    return ModaltuneError(
+        f"{who} during the run, so {how}; that rank's own output (the launcher's log) says why. Completed checkpoints "
+        "are kept: continue with train.resume=true and the same --out")

@@ -2,12 +2,71 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # out of disk space, over the user's quota
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as a short figure.
+
+    Example:
+        >>> human_bytes(512), human_bytes(3 * 2**20), human_bytes(5.5 * 2**30)
+        ('512 B', '3.0 MB', '5.5 GB')
+    """
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space on the file system that holds ``path`` (its nearest existing folder), or None if unknown."""
+    for part in [Path(path), *Path(path).parents]:
+        if part.exists():
+            try:
+                return shutil.disk_usage(part).free
+            except OSError:
+                return None
+    return None
+
+
+def write_failure(exc: OSError, folder: str | Path, *, needed: int | None = None) -> Exception:
+    """The one-line error for an OSError met while writing into ``folder``: for a full disk (or quota), the folder,
+    the free space and about how much the write needed; for any other, the file and the system's reason. Errors
+    that are not about writing come back as they are.
+
+    Example:
+        >>> import errno
+        >>> message = str(write_failure(OSError(errno.ENOSPC, "No space left", "/r/x.bin"), "/r", needed=2**30))
+        >>> message.startswith("out of disk space writing /r/x.bin (in /r): "), "about 1.0 GB needed" in message
+        (True, True)
+    """
+    from modaltune.shared.errors import ModaltuneError
+
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return exc
+    file = exc.filename or folder
+    if exc.errno in SPACE_ERRNOS:
+        free = free_bytes(folder)
+        need = f", about {human_bytes(needed)} needed" if needed else ""
+        return ModaltuneError(
+            f"out of disk space writing {file} (in {folder}): {human_bytes(free or 0) if free is not None else '?'} "
+            f"free{need}; free space there, or give --out a folder on a larger disk, then continue the run with "
+            "train.resume=true (its last complete checkpoint is kept)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO):
+        return ModaltuneError(f"cannot write {file} (in {folder}): {exc.strerror}; check the folder's permissions and "
+                              "disk, or give --out another folder")
+    return exc
 
 
 def _default_mode() -> int:

@@ -16,11 +16,13 @@ seed of step ``t`` comes from ``train.seed`` and ``t``, so a resumed run replays
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
 import torch
 
+from modaltune.shared.guards import ITEMS_KEY
 from modaltune.shared.training import ModaltuneTrainer, autocast
 
 
@@ -50,6 +52,7 @@ class MeZOTrainer(ModaltuneTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.eval()  # the two passes must see the same network: no dropout between them
+        positions = inputs.pop(ITEMS_KEY, None)
         inputs = self._prepare_inputs(inputs)
         params = self._trainable()
         seed = random.Random(f"{self.args.seed}:{self.state.global_step}").getrandbits(62)
@@ -70,11 +73,15 @@ class MeZOTrainer(ModaltuneTrainer):
                 torch.distributed.all_reduce(both)
                 plus, minus = (both / torch.distributed.get_world_size()).tolist()
             g = (plus - minus) / (2 * eps)
+            if not math.isfinite(g):  # no update from a non-finite loss: the guard stops (or skips) this step
+                params = []
             for i, (p, lr, decay) in enumerate(params):
                 if decay:
                     p.data.mul_(1.0 - lr * decay)
                 p.data.add_(_normal(p, seed, i), alpha=-lr * g)
-        return torch.tensor((plus + minus) / 2, device=self.args.device)
+        loss = torch.tensor((plus + minus) / 2, device=self.args.device)
+        self.note_loss(loss, inputs, positions)
+        return loss
 
 
 def _backup(params) -> list[torch.Tensor] | None:

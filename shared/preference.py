@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
+from modaltune.shared.provenance import data_fingerprint, fingerprint
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -115,6 +116,10 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"chosen": self.chosen[i], "rejected": self.rejected[i], "index": i}
+
+    def fingerprint(self) -> str:
+        """Both sides' training content (see :func:`modaltune.shared.provenance.data_fingerprint`)."""
+        return fingerprint(data_fingerprint(self.chosen), data_fingerprint(self.rejected))
 
 
 class PairCollator:

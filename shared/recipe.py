@@ -50,6 +50,8 @@ class Recipe:
     description: str = ""
     config_cls: type = object
     config_file: str = ""  # file name under modaltune/recipes/configs
+    # metric -> how much worse than before it may end before the run counts as regressed (status "regressed")
+    regression_margins: dict[str, float] = {}
 
     def default_config_path(self) -> Path:
         return Path(str(resources.files("modaltune.recipes").joinpath("configs", self.config_file)))
@@ -166,6 +168,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """``run.log``: a write that fails (a full disk) turns the file off instead of printing a logging traceback;
+    the lines still reach the terminal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.broken = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "broken", False):
+            super().emit(record)
+
+
 def _logger(run_dir: Path) -> Callable[[str], None]:
     from modaltune.shared import dist
 
@@ -176,7 +190,7 @@ def _logger(run_dir: Path) -> Callable[[str], None]:
 
         quiet.close = lambda: None  # type: ignore[attr-defined]
         return quiet
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler = _RunLogHandler(run_dir / "run.log", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log = logging.getLogger(f"modaltune.run.{run_dir}")
     log.setLevel(logging.INFO)
@@ -195,6 +209,86 @@ def _logger(run_dir: Path) -> Callable[[str], None]:
     return emit
 
 
+FINISHED = ("ok", "regressed")  # statuses of a run that trained and measured to the end
+EXIT_REGRESSED = 3  # exit code of a run that finished but measured worse than before (see Recipe.regression_margins)
+
+
+def regressions(before: dict[str, float], after: dict[str, float], margins: dict[str, float]) -> list[str]:
+    """The metrics of ``margins`` that ended worse than they started by more than their margin.
+
+    Example:
+        >>> regressions({"test/wer": 0.43, "test/acc": 0.5}, {"test/wer": 1.0, "test/acc": 0.6},
+        ...             {"test/wer": 0.02, "test/acc": 0.02})
+        ['test/wer 0.4300 -> 1.0000 (worse by more than 0.02)']
+    """
+    from modaltune.shared.report import lower_is_better
+
+    out = []
+    for key, margin in margins.items():
+        b, a = before.get(key), after.get(key)
+        if not isinstance(b, (int, float)) or not isinstance(a, (int, float)):
+            continue
+        worse = a - b if lower_is_better(key) else b - a
+        if worse > margin or a != a:  # NaN after: worse than anything
+            out.append(f"{key} {b:.4f} -> {a:.4f} (worse by more than {margin:g})")
+    return out
+
+
+def _unfinished(run_dir: Path) -> str | None:
+    """What in ``run_dir`` belongs to a run that did not finish (a stage's checkpoint, a partial final one)."""
+    from modaltune.shared import checkpoint as ckpt
+
+    final = run_dir / "checkpoint"
+    if final.is_dir() and ckpt.problem(final, hashes=False) is not None:
+        return f"{final} is incomplete ({ckpt.problem(final, hashes=False)})"
+    stages = run_dir / "stages"
+    if stages.is_dir():
+        for folder in sorted(stages.glob("*/checkpoint-*")) + sorted(stages.glob("*/final")):
+            if folder.is_dir():
+                return f"it holds {folder.relative_to(run_dir)}"
+    return None
+
+
+def _remove_stale_temp_files(run_dir: Path, log: Callable[[str], None]) -> None:
+    """Delete the temporary files of atomic writes a killed process left in its run folder (the lock is ours, so
+    no live writer owns them)."""
+    stale = [f for f in run_dir.rglob(".*.tmp") if f.is_file()]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) an interrupted write left behind (e.g. {stale[0].name})")
+
+
+def _check_run_folder(run_dir: Path, *, mode: str, resume: bool) -> None:
+    """Refuse a ``--out`` that is a file, cannot be written, or holds another run this one would overwrite."""
+    from modaltune.shared import checkpoint as ckpt
+    from modaltune.shared.runlock import check_out_folder
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ModaltuneError(f"--out {str(run_dir)!r} is a file, not a folder; give a folder")
+    if mode != "run" or resume or not run_dir.is_dir():
+        check_out_folder(run_dir)
+        return
+    if ckpt.problem(run_dir / "checkpoint", hashes=False) is None:
+        raise ModaltuneError(
+            f"{str(run_dir)!r} already holds a finished run; choose another --out, or pass train.resume=true"
+        )
+    unfinished = _unfinished(run_dir)
+    if unfinished is not None:
+        raise ModaltuneError(f"{str(run_dir)!r} holds a run that did not finish ({unfinished}); continue it with "
+                             "train.resume=true, or choose another --out")
+    check_out_folder(run_dir)
+
+
+def _write_failure_report(run_dir: Path, report: dict[str, Any], exc_text: str, name: str) -> None:
+    """Keep a failure's traceback in the run folder when the disk allows; else say so on stderr."""
+    try:
+        (run_dir / name).write_text(exc_text, encoding="utf-8")
+    except OSError as err:
+        print(f"[modaltune] could not write {run_dir / name} ({err.strerror}); the traceback:\n{exc_text}",
+              file=sys.stderr, flush=True)
+
+
 def execute(
     recipe_name: str,
     *,
@@ -207,12 +301,14 @@ def execute(
 ) -> tuple[dict[str, Any], int]:
     """Run (``mode="run"``) or evaluate (``mode="eval"``) a recipe; returns ``(report, exit code)``.
 
-    Config errors fail before any work (exit 2, no run folder). Once the run folder exists, every failure is
-    recorded in its report (``status: failed``) and returned as exit 1.
+    Config errors, an ``--out`` that is a file or unwritable, a folder another run holds (its lock) or one that
+    holds another run fail before any work (no report). Once the run folder is locked, every failure is recorded in
+    its report (``status: failed``, exit 1); a run that finished but measured worse than before by more than the
+    recipe's margins is ``status: regressed`` (exit 3).
     """
     from modaltune.shared import checkpoint as ckpt
     from modaltune.shared import dist
-    from modaltune.shared.report import write_report
+    from modaltune.shared.runlock import RunLock
 
     recipe = get_recipe(recipe_name)
     if mode == "eval":
@@ -233,18 +329,29 @@ def execute(
     if resume and out is None:
         raise ModaltuneError("train.resume=true continues an earlier run: name its folder with --out DIR")
     run_dir = Path(out) if out else default_run_dir(recipe.name, mode)
-    if run_dir.exists() and mode == "run" and not resume and (run_dir / "checkpoint").exists():
-        raise ModaltuneError(
-            f"{str(run_dir)!r} already holds a finished run; choose another --out, or pass train.resume=true"
-        )
     dist.refuse_sharded_parameters()
+    lock = None
+    if dist.is_main():  # rank 0 owns the folder; a refusal there ends the launcher's whole job
+        _check_run_folder(run_dir, mode=mode, resume=resume)
+        lock = RunLock(run_dir).acquire()
+    try:
+        return _execute_locked(recipe, cfg, mode=mode, run_dir=run_dir, quick=quick, checkpoint=checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute_locked(recipe: Recipe, cfg: Any, *, mode: str, run_dir: Path, quick: bool,
+                    checkpoint: str | None) -> tuple[dict[str, Any], int]:
+    """:func:`execute` once the run folder is checked and (on rank 0) locked."""
+    from modaltune.shared import dist
+
+    train_cfg = getattr(cfg, "train", None)
     distributed = dist.init()  # under torchrun / accelerate launch: one run, rank 0 writes it (see shared.dist)
     if distributed:
         dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(run_dir)
-    if dist.is_main():
-        dump_yaml(cfg, run_dir / "config.yaml")
     command = "modaltune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     report: dict[str, Any] = {
         "recipe": recipe.name,
@@ -264,47 +371,93 @@ def execute(
     ctx = RunContext(run_dir=run_dir, quick=quick, report=report, log=log)
     seed_everything(getattr(train_cfg, "seed", 0))
     started = time.time()
+    unwatch = dist.watch_ranks(run_dir)
+    try:
+        return _run_and_report(recipe, cfg, ctx, mode=mode, checkpoint=checkpoint, started=started)
+    finally:
+        unwatch()
+
+
+def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, checkpoint: str | None,
+                    started: float) -> tuple[dict[str, Any], int]:
+    """Run the recipe, record how it ended (ok, regressed, failed, interrupted) and, on rank 0, write the report."""
+    from modaltune.shared import dist
+    from modaltune.shared.io import write_failure
+    from modaltune.shared.report import write_report
+
+    run_dir, report, log = ctx.run_dir, ctx.report, ctx.log
+    train_cfg = getattr(cfg, "train", None)
     code = 0
     try:
+        if dist.is_main():
+            _remove_stale_temp_files(run_dir, log)
+            dump_yaml(cfg, run_dir / "config.yaml")
         if mode == "eval":
             recipe.evaluate(cfg, Path(checkpoint), ctx)
         else:
             recipe.run(cfg, ctx)
         report["status"] = "ok"
-    except ModaltuneError as exc:
-        report["status"], report["error"], code = "failed", str(exc), 1
-        log(f"error: {exc}")
     except KeyboardInterrupt:
         report["status"], report["error"], code = "interrupted", "interrupted by the user", 130
         log("interrupted: resume with train.resume=true --out " + str(run_dir))
-    except Exception as exc:  # a bug or a library failure: keep the traceback in the run folder
-        name = "traceback.txt" if dist.is_main() else f"traceback-rank{dist.rank()}.txt"
-        (run_dir / name).write_text(traceback.format_exc(), encoding="utf-8")
-        report["status"], code = "failed", 1
-        report["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
-                          f"(full traceback in {run_dir / name})"
+    except dist.Stopped if dist.world_size() <= 1 else ():
+        report["status"], report["error"], code = "interrupted", "stopped by SIGTERM", 143
+        log("interrupted (SIGTERM): resume with train.resume=true --out " + str(run_dir))
+    except Exception as exc:  # noqa: BLE001 - every failure ends in the report
+        exc = write_failure(exc, run_dir) if isinstance(exc, OSError) else exc
+        exc = dist.explain_failure(exc, run_dir)
+        if isinstance(exc, ModaltuneError):
+            report["status"], report["error"], code = "failed", str(exc), 1
+        else:  # a bug or a library failure: keep the traceback in the run folder
+            name = "traceback.txt" if dist.is_main() else f"traceback-rank{dist.rank()}.txt"
+            _write_failure_report(run_dir, report, traceback.format_exc(), name)
+            report["status"], code = "failed", 1
+            report["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
+                              f"(full traceback in {run_dir / name})"
         log(f"error: {report['error']}")
+    if report["status"] == "ok" and mode == "run":
+        metrics = report.get("metrics") or {}
+        worse = regressions(metrics.get("before") or {}, metrics.get("after") or {}, recipe.regression_margins)
+        if worse:
+            report["status"], report["regression"], code = "regressed", "; ".join(worse), EXIT_REGRESSED
+            log(f"regressed: the tuned model measures worse than the untrained one: {report['regression']}")
     if not dist.is_main():
         log.close()
         return report, code
-    named = write_skipped(run_dir, report.get("data") or {})
-    if named:
-        log(f"{named} skipped input items are named in {run_dir / SKIPPED_FILE} (the first few per reason in the "
-            "report)")
+    return _finish(report, code, run_dir, log, started, mode, train_cfg, write_report)
+
+
+def _finish(report: dict[str, Any], code: int, run_dir: Path, log: Callable[[str], None], started: float, mode: str,
+            train_cfg: Any, write_report: Callable) -> tuple[dict[str, Any], int]:
+    """Rank 0's end of a run: skipped items, timing, trackers and the report; a report the disk cannot take goes
+    to stderr instead."""
+    try:
+        named = write_skipped(run_dir, report.get("data") or {})
+        if named:
+            log(f"{named} skipped input items are named in {run_dir / SKIPPED_FILE} (the first few per reason in "
+                "the report)")
+    except OSError as exc:
+        log(f"warning: could not write {run_dir / SKIPPED_FILE} ({exc.strerror})")
     timing = report.setdefault("timing", {})
     timing["total_seconds"] = round(time.time() - started, 2)
     report["memory"] = {k: round(v, 1) for k, v in peak_memory_mb().items()}
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     trackers = getattr(train_cfg, "report_to", None)
-    if mode == "run" and trackers and report["status"] == "ok":
+    if mode == "run" and trackers and report["status"] in FINISHED:
         try:
             written = log_results(trackers, run_dir, report["metrics"], run_name=run_dir.name)
             if written:
                 log(f"before/after metrics logged to {', '.join(written)}")
         except Exception as exc:  # a tracker's failure must not lose the run's own report
             log(f"warning: could not log the metrics to {', '.join(trackers)}: {exc}")
-    files = write_report(run_dir, report)
-    log(f"report: {files.get('html', run_dir / 'report.html')}")
+    try:
+        files = write_report(run_dir, report)
+        log(f"report: {files.get('html', run_dir / 'report.html')}")
+    except OSError as exc:
+        brief = {k: report.get(k) for k in ("recipe", "status", "error", "regression", "run_dir") if report.get(k)}
+        brief["metrics"] = report.get("metrics")
+        print(f"[modaltune] the report could not be written into {run_dir} ({exc.strerror}); here it is:\n"
+              f"{json.dumps(brief, indent=1, default=str)}", file=sys.stderr, flush=True)
     log.close()
     return report, code
 
@@ -348,7 +501,7 @@ def execute_seeds(
         ``(summary report, exit code)``: 0 when every seed succeeded, else the first failing seed's code.
     """
     from modaltune.shared import dist
-    from modaltune.shared.report import seed_metrics, write_report
+    from modaltune.shared.runlock import RunLock, check_out_folder
 
     say = (lambda msg: print(msg, flush=True)) if dist.is_main() else (lambda msg: None)
     recipe = get_recipe(recipe_name)
@@ -361,13 +514,31 @@ def execute_seeds(
     if resume and out is None:
         raise ModaltuneError("train.resume=true continues earlier seed runs: name their folder with --out DIR")
     out_dir = Path(out) if out else default_run_dir(recipe.name, "seeds")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if dist.is_main():
+        check_out_folder(out_dir)
+        lock = RunLock(out_dir).acquire()
+    try:
+        return _execute_seeds_locked(recipe, cfg, seed_list, config=config, out_dir=out_dir, quick=quick,
+                                     overrides=overrides, resume=resume, say=say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute_seeds_locked(recipe: Recipe, cfg: Any, seed_list: list[int], *, config: str | None, out_dir: Path,
+                          quick: bool, overrides: list[str] | None, resume: bool,
+                          say: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """:func:`execute_seeds` once its folder is locked."""
+    from modaltune.shared import dist
+    from modaltune.shared.report import seed_metrics, write_report
+
     started = time.time()
     runs, reports, code = [], [], 0
     for i, seed in enumerate(seed_list):
         seed_dir = out_dir / f"seed-{seed}"
         earlier = seed_dir / "report.json"
-        if resume and earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("status") == "ok":
+        if resume and earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("status") in FINISHED:
             report, seed_code = json.loads(earlier.read_text(encoding="utf-8")), 0
             _check_same_config(report.get("config") or {}, to_dict(cfg), seed, seed_dir)
             say(f"[modaltune] seed {seed}: finished earlier, its report is reused")
@@ -381,11 +552,12 @@ def execute_seeds(
         runs.append({"seed": seed, "status": report.get("status"), "run_dir": str(seed_dir),
                      "before": metrics.get("before", {}), "after": metrics.get("after", {}),
                      "total_seconds": (report.get("timing") or {}).get("total_seconds")})
-    ok = [r for r in reports if r.get("status") == "ok"]
+    ok = [r for r in reports if r.get("status") in FINISHED]
+    regressed = [r["seed"] for r in runs if r["status"] == "regressed"]
     summary: dict[str, Any] = {
         "recipe": recipe.name,
         "mode": "seeds",
-        "status": "ok" if len(ok) == len(reports) else "failed",
+        "status": "failed" if len(ok) < len(reports) else "regressed" if regressed else "ok",
         "command": "modaltune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
         "run_dir": str(out_dir),
         "seeds": seed_list,
@@ -395,8 +567,10 @@ def execute_seeds(
         "environment": environment(),
         "config": to_dict(cfg),
     }
+    if regressed:
+        summary["regression"] = f"seeds {regressed} measured worse after tuning than before (their reports say how)"
     if len(ok) < len(reports):
-        failed = [r["seed"] for r in runs if r["status"] != "ok"]
+        failed = [r["seed"] for r in runs if r["status"] not in FINISHED]
         summary["error"] = f"seeds {failed} did not finish; the spread covers the {len(ok)} that did"
     if dist.is_main():
         write_report(out_dir, summary)
@@ -406,15 +580,12 @@ def execute_seeds(
 def _check_same_config(earlier: dict, now: dict, seed: int, seed_dir: Path) -> None:
     """A reused seed run must have run this config with this seed (``train.resume`` aside), else the summary would
     mix runs of different configs."""
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(d, dict):
-            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: d}
+    from modaltune.shared.provenance import config_differences
 
-    a, b = flat(earlier), flat({**now, "train": {**now.get("train", {}), "seed": seed}})
-    differ = sorted(k for k in set(a) | set(b) if k != "train.resume" and a.get(k) != b.get(k))
+    differ = config_differences(earlier, {**now, "train": {**now.get("train", {}), "seed": seed}},
+                                ignore=("train.resume",))
     if differ:
-        shown = "; ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in differ[:5])
+        shown = "; ".join(differ[:5])
         raise ModaltuneError(f"{seed_dir} finished with another config ({shown}{'; ...' if len(differ) > 5 else ''}): "
                              "give --out a new folder, or the same config")
 
@@ -474,8 +645,11 @@ def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrid
     recipe = get_recipe(str(meta.get("recipe")))
     cfg = checkpoint_config(recipe, meta, overrides, checkpoint)
     out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()):
+    if out_path.is_dir() and any(out_path.iterdir()):
         raise ModaltuneError(f"--out {out!r} exists and is not empty; choose a new folder")
+    from modaltune.shared.runlock import check_out_folder
+
+    check_out_folder(out_path)
     if dtype is None:
         from modaltune.shared.training import resolve_precision
 

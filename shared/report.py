@@ -627,11 +627,14 @@ def _error_blocks(report: Mapping) -> list[Block]:
     """The error box for a failed run (or any run that carries an error)."""
     error = report.get("error")
     failed = report.get("status") == "failed"
+    blocks = []
+    if report.get("regression"):
+        blocks.append(Alert("Regressed: the tuned model measures worse than before tuning", str(report["regression"])))
     if error:
-        return [Alert("Run failed" if failed else "Error", str(error))]
-    if failed:
-        return [Alert("Run failed", "no error message recorded")]
-    return []
+        blocks.append(Alert("Run failed" if failed else "Error", str(error)))
+    elif failed:
+        blocks.append(Alert("Run failed", "no error message recorded"))
+    return blocks
 
 
 def _summary_blocks(report: Mapping) -> list[Block]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import math
 from collections.abc import Callable
@@ -29,8 +30,10 @@ from modaltune.shared import dist
 from modaltune.shared.config import CROSS_CHECKS, doc
 from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
 from modaltune.shared.errors import ConfigError, ModaltuneError
+from modaltune.shared.guards import IndexedCollator, IndexedDataset, NonFiniteGuard
 from modaltune.shared.loss import IGNORE_INDEX
-from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
+from modaltune.shared.provenance import check_resume, data_fingerprint, run_identity
+from modaltune.shared.io import atomic_write_json, atomic_write_text, free_bytes, iter_jsonl, write_failure
 from modaltune.shared.tracking import check_report_to, trainer_report_to
 
 STATE_FILE = "modaltune_state.json"  # in a step checkpoint: the stage's training-loss sum so far
@@ -65,7 +68,12 @@ class TrainConfig:
     logging_steps: int = doc(5, "log training loss every N steps")
     seed: int = doc(42, "random seed (data order, initialisation, dropout)")
     num_workers: int = doc(0, "data loader worker processes")
-    resume: bool = doc(False, "continue the run in --out from its last complete checkpoint")
+    resume: bool = doc(False, "continue the run in --out from its last complete checkpoint (of the same run: same "
+                              "config, seed, data and code version)")
+    resume_from: str | None = doc(None, "start a new run from the trained weights of this checkpoint folder (a run's "
+                                        "checkpoint, a stage's final or a checkpoint-N); optimizer and step start anew")
+    nonfinite_patience: int = doc(0, "non-finite losses or gradient norms in a row whose update is skipped before the "
+                                     "stage stops (0: stop at the first)")
     report_to: list[str] = doc(["tensorboard"], "experiment trackers: tensorboard, wandb, mlflow (optional packages), "
                                                 "or none; they get the training curve and the before/after metrics")
 
@@ -83,6 +91,8 @@ class TrainConfig:
                               f"{where}.batch_size instead")
         if self.mezo_eps <= 0:
             raise ConfigError(f"{where}.mezo_eps must be positive, got {self.mezo_eps}")
+        if self.nonfinite_patience < 0:
+            raise ConfigError(f"{where}.nonfinite_patience must be 0 or more, got {self.nonfinite_patience}")
 
 
 @dataclasses.dataclass
@@ -170,8 +180,9 @@ def autocast(precision: str, device: torch.device | str):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-class CheckpointingMixin:
-    """Modaltune checkpoints for any transformers Trainer (ours, or a library's such as trl's ``DPOTrainer``).
+class CheckpointingMixin(NonFiniteGuard):
+    """Modaltune checkpoints for any transformers Trainer (ours, or a library's such as trl's ``DPOTrainer``), and the
+    non-finite guard (:class:`modaltune.shared.guards.NonFiniteGuard`) that keeps NaN out of them.
 
     ``owner`` is the modaltune model whose trained weights the checkpoints hold; it defaults to the Trainer's model
     and differs when the Trainer trains an inner module (a library trainer given the wrapped Hugging Face model).
@@ -211,6 +222,15 @@ class CheckpointingMixin:
         self._saving_step = True
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+                raise
+            ckpt.discard(folder)  # half written: never resumed from; its space comes back
+            needed = ckpt.state_bytes(self.owner.trained_state_dict()) + int(
+                optimizer_state_mb(self.optimizer) * 2**20 if self.optimizer is not None else 0) + 2**20
+            if isinstance(exc, RuntimeError):
+                exc = OSError(errno.ENOSPC if (free_bytes(run_dir) or 0) < needed else errno.EIO, str(exc), str(folder))
+            raise write_failure(exc, run_dir, needed=needed) from exc
         finally:
             self._saving_step = False
         if self.args.should_save and folder.is_dir():
@@ -407,18 +427,31 @@ def run_stages(
     elif log_path.exists() and main:
         log_path.unlink()
     precision = resolve_precision(cfg.precision)
+    config = checkpoint_meta.get("config") or {}
+    identity = run_identity(config, {stage.name: data_fingerprint(stage.train_dataset) for stage in stages})
+    checkpoint_meta = {**checkpoint_meta, "run": identity}
+    if cfg.resume_from:
+        _start_from(model, Path(cfg.resume_from), log)
     summaries = []
     for stage in stages:
         stage_dir = run_dir / "stages" / stage.name
         final = stage_dir / "final"
         if cfg.resume and ckpt.problem(final) is None:
+            check_resume(final, ckpt.read_meta(final), config, identity, run_dir)
             ckpt.load_trained(model, final)
+            log(f"resume: stage {stage.name!r} finished earlier; loaded {final}")
             summaries.append({"stage": stage.name, "resumed": "finished earlier, loaded", "steps": None})
             if after_stage is not None:
                 after_stage(stage)
             continue
         drawn = model.set_stage_trainable(stage.components, draw=f"{cfg.seed}:{stage.name}")
         resume_from = ckpt.latest_checkpoint(stage_dir, log=log) if cfg.resume else None
+        if resume_from is not None:
+            check_resume(resume_from, ckpt.read_meta(resume_from), config, identity, run_dir)
+            log(f"resume: stage {stage.name!r} continues from {resume_from} (step "
+                f"{resume_from.name.split('-')[1]} of {stage.max_steps or cfg.max_steps})")
+        elif cfg.resume:
+            log(f"resume: stage {stage.name!r} has no complete checkpoint in {stage_dir}; it starts at step 0")
         prior_loss_sum = _prior_loss_sum(resume_from)
         if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
             done = int(resume_from.name.split("-")[1]) if resume_from else 0
@@ -477,19 +510,23 @@ def run_stages(
                                   "a step does not use; train DyLoRA with adamw, or use lora with mezo")
             arguments["max_grad_norm"] = 0.0  # there are no gradients to clip
             arguments["fp16"] = False  # no backward, so no loss scaler: fp16 is the forward's autocast alone
+        # our own trainers see each item's position, so a non-finite step can name its batch's items
+        named = stage.trainer is None
         trainer = (stage.trainer or (_mezo_trainer(cfg.mezo_eps, precision) if cfg.optimizer == "mezo"
                                      else _modaltune_trainer))(
             model=model,
             arguments=arguments,
-            train_dataset=stage.train_dataset,
+            train_dataset=IndexedDataset(stage.train_dataset) if named else stage.train_dataset,
             eval_dataset=stage.eval_dataset,
-            data_collator=stage.collator or collator,
+            data_collator=IndexedCollator(stage.collator or collator) if named else stage.collator or collator,
             callbacks=stage_callbacks,
             component_lrs=component_lrs,
             checkpoint_meta={**checkpoint_meta, "stage": stage.name},
             keep_checkpoints=max(cfg.save_total_limit, 1),
             prior_loss_sum=prior_loss_sum,
         )
+        trainer.nonfinite_patience, trainer.stage_name, trainer.stage_dir = cfg.nonfinite_patience, stage.name, stage_dir
+        trainer.log_line = log
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         steps = trainer.state.global_step
         trained_now = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
@@ -534,6 +571,19 @@ def _mezo_trainer(eps: float, precision: str) -> Callable[..., Trainer]:
 
     return lambda *, arguments, **kwargs: MeZOTrainer(args=TrainingArguments(**arguments), mezo_eps=eps,
                                                       precision=precision, **kwargs)
+
+
+def _start_from(model: Any, path: Path, log: Callable[[str], None]) -> None:
+    """``train.resume_from``: load another checkpoint's trained weights into ``model`` before a new run trains."""
+    why = ckpt.problem(path)
+    if why is not None:
+        raise ConfigError(f"train.resume_from={str(path)!r} is not a usable checkpoint: {why}; give a run's "
+                          "'checkpoint' folder, a stage's 'final' or a complete checkpoint-N")
+    ckpt.load_trained(model, path)
+    meta = ckpt.read_meta(path)
+    log(f"resume_from: a new run starts from the trained weights of {path} (recipe {meta.get('recipe')!r}, stage "
+        f"{meta.get('stage', 'all')!r}, seed {(meta.get('config') or {}).get('train', {}).get('seed')}); optimizer "
+        "and step count start anew")
 
 
 def _prior_loss_sum(checkpoint: Path | None) -> float:

@@ -102,7 +102,8 @@ def test_a_kill_inside_the_save_window_resumes_from_the_checkpoint_before(tmp_pa
     model, tok, ds = _setup(tiny_llama, sft_data)
     resumed = _train(model, tok, ds, run_dir, dataclasses.replace(CFG, resume=True), log=lines.append)
     assert resumed.stages[0]["resumed_from"].endswith("checkpoint-2")
-    assert len(lines) == 1 and "checkpoint-4" in lines[0] and "marker" in lines[0]
+    assert len(lines) == 2 and "checkpoint-4" in lines[0] and "marker" in lines[0]
+    assert "continues from" in lines[1] and lines[1].split(" (step")[0].endswith("checkpoint-2")  # says where it went on
     want, summary, _ = straight
     got = model.trained_state_dict()
     assert want.keys() == got.keys()

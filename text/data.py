@@ -4,7 +4,8 @@ prompt/completion rows, from JSONL/JSON/CSV/Parquet/Arrow files or any ``dataset
 Records are normalised to an :class:`Example` (the conversation before the answer, the answer), formatted with the
 model's chat template (or a plain ``### Instruction / ### Response`` template), tokenised with the loss on the
 assistant's tokens only (every assistant turn of a conversation, or the last one) and length-filtered. Everything
-dropped is counted with its reason, so the report says what was lost.
+dropped is counted with its reason, so the report says what was lost; a field of the wrong type (a list where text
+belongs, an image part in a message) is such a reason, never trained on as its Python repr.
 """
 
 from __future__ import annotations
@@ -120,44 +121,111 @@ def detect_format(row: dict[str, Any], columns: dict[str, str]) -> str | None:
     return None
 
 
-def _turns(raw: Any, role_key: str, content_key: str, roles: dict[str, str] | None) -> list[dict[str, str]] | str:
+class RowSkip(Exception):
+    """A row that cannot be used; the message is the skip reason its reader counts it under."""
+
+
+def _type_name(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def text_field(value: Any, name: str, expected: str = "a string") -> str:
+    """A text field's value; raises :class:`RowSkip` ("``name``: expected a string, got list") for anything but a
+    string.
+
+    Numbers and booleans are refused too: a CSV gives every cell as a string, so a typed value in a text field comes
+    from JSON, Parquet or a dataset and most likely marks a data error (a shifted column, a label id).
+    """
+    if isinstance(value, str):
+        return value
+    raise RowSkip(f"{name}: expected {expected}, got {_type_name(value)}")
+
+
+def content_text(value: Any, name: str = "content") -> str:
+    """A message's content as text: a string, None (empty: a turn that only calls tools), or a list of OpenAI
+    content parts whose ``text`` parts are concatenated in order with nothing between them, as OpenAI and the
+    Hugging Face chat templates join them.
+
+    Raises:
+        RowSkip: a part of another type (``image_url``, ``input_audio``, ...), which a text-only recipe cannot
+            train on, a malformed part, or content of another type.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise RowSkip(f"{name}: expected a string or a list of content parts, got {_type_name(value)}")
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise RowSkip(f"{name}: expected content parts (objects with a type), got {_type_name(part)}")
+        if kind != "text":
+            raise RowSkip(f"{name}: part of type {kind!r} in a text-only recipe")
+        texts.append(text_field(part.get("text"), f"{name}: text part"))
+    return "".join(texts)
+
+
+def _label(value: Any, name: str) -> str:
+    """A label field (a category): text or an integer id, empty when absent."""
+    if value is None:
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return text_field(value, name, "a string or an integer")
+
+
+def _turns(raw: Any, role_key: str, content_key: str, roles: dict[str, str] | None) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
-        return "no messages"
+        raise RowSkip("no messages")
     turns = []
     for m in raw:
         if not isinstance(m, dict) or role_key not in m or content_key not in m:
-            return f"malformed message (needs {role_key} and {content_key})"
-        role = str(m[role_key])
+            raise RowSkip(f"malformed message (needs {role_key} and {content_key})")
+        role = text_field(m[role_key], role_key)
         if roles is not None:
             if role.lower() not in roles:
-                return f"unknown speaker {role!r} (expected one of {', '.join(sorted(roles))})"
+                raise RowSkip(f"unknown speaker {role!r} (expected one of {', '.join(sorted(roles))})")
             role = roles[role.lower()]
-        turns.append({"role": role, "content": str(m[content_key] if m[content_key] is not None else "")})
+        turns.append({"role": role, "content": content_text(m[content_key], content_key)})
     return turns
 
 
-def _conversation(rid: str, turns: list[dict[str, str]] | str, category: str) -> Example | str:
-    if isinstance(turns, str):
-        return turns
+def _conversation(rid: str, turns: list[dict[str, str]], category: str) -> Example:
     if turns[-1]["role"] != "assistant":
-        return "last message is not from the assistant"
+        raise RowSkip("last message is not from the assistant")
     if not turns[-1]["content"].strip():
-        return "empty response"
+        raise RowSkip("empty response")
     return Example(rid, turns[:-1], turns[-1]["content"].strip(), category)
 
 
 def to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Example | str:
-    """Normalise one row; returns a skip reason string when the row cannot be used."""
+    """Normalise one row; returns a skip reason string when the row cannot be used.
+
+    Every field's type is checked and a wrong one is a reason naming the field as the data names it (after the
+    column map): "instruction: expected a string, got list". A message's content may be a list of OpenAI content
+    parts (:func:`content_text`).
+    """
+    try:
+        return _to_example(rid, row, fmt, columns)
+    except RowSkip as skip:
+        return str(skip)
+
+
+def _to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> Example:
+    def name(field: str) -> str:
+        return columns.get(field, field)
 
     def get(field: str) -> Any:
-        return row.get(columns.get(field, field))
+        return row.get(name(field))
 
     if fmt == "auto":
         fmt = detect_format(row, columns) or ""
         if not fmt:
-            return ("no known fields (messages, conversations, instruction+response/output, prompt+completion); "
-                    "map yours with data.columns")
-    category = str(get("category") or "")
+            raise RowSkip("no known fields (messages, conversations, instruction+response/output, "
+                          "prompt+completion); map yours with data.columns")
+    category = _label(get("category"), name("category"))
     if fmt == "messages":
         return _conversation(rid, _turns(get("messages"), "role", "content", None), category)
     if fmt == "sharegpt":
@@ -165,26 +233,27 @@ def to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str])
     if fmt == "prompt_completion":
         prompt, completion = get("prompt"), get("completion")
         if prompt is None or completion is None:
-            return "missing prompt or completion field"
+            raise RowSkip("missing prompt or completion field")
+        either = "a string or a list of messages"
         turns = _turns(prompt, "role", "content", None) if isinstance(prompt, list) else [
-            {"role": "user", "content": str(prompt)}]
-        if isinstance(turns, str):
-            return turns
+            {"role": "user", "content": text_field(prompt, name("prompt"), either)}]
         if isinstance(completion, list):  # conversational form: the completion is the assistant's message(s)
-            done = _turns(completion, "role", "content", None)
-            return done if isinstance(done, str) else _conversation(rid, turns + done, category)
-        return _conversation(rid, turns + [{"role": "assistant", "content": str(completion)}], category)
+            return _conversation(rid, turns + _turns(completion, "role", "content", None), category)
+        return _conversation(rid, turns + [{"role": "assistant",
+                                            "content": text_field(completion, name("completion"), either)}], category)
     answer_field = "output" if fmt == "alpaca" else "response"
     context_field = "input" if fmt == "alpaca" else "context"
     instruction, response = get("instruction"), get(answer_field)
     if instruction is None or response is None:
-        return f"missing instruction or {answer_field} field"
-    instruction, response = str(instruction).strip(), str(response).strip()
+        raise RowSkip(f"missing instruction or {answer_field} field")
+    instruction = text_field(instruction, name("instruction")).strip()
+    response = text_field(response, name(answer_field)).strip()
     if not instruction:
-        return "empty instruction"
+        raise RowSkip("empty instruction")
     if not response:
-        return "empty response"
-    context = str(get(context_field) or "").strip()
+        raise RowSkip("empty response")
+    context = get(context_field)
+    context = "" if context is None else text_field(context, name(context_field)).strip()
     content = f"{instruction}\n\n{context}" if context else instruction
     return Example(rid, [{"role": "user", "content": content}], response, category, instruction, context)
 

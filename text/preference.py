@@ -27,7 +27,8 @@ from modaltune.shared.loss import head_transform, unwrap_peft
 from modaltune.shared.preference import PreferenceConfig, preference_loss, sequence_logps
 from modaltune.shared.skips import Skips
 from modaltune.shared.training import CheckpointingMixin, autocast
-from modaltune.text.data import Example, PadCollator, PromptFormatter, split_and_cap, to_example
+from modaltune.text.data import (Example, PadCollator, PromptFormatter, RowSkip, split_and_cap, text_field,
+                                 to_example)
 
 
 @dataclasses.dataclass
@@ -68,25 +69,29 @@ class Pair:
 
 
 def to_pair(rid: str, row: dict[str, Any], columns: dict[str, str]) -> Pair | str:
-    """Normalise one row; returns a skip reason string when the row cannot be used."""
+    """Normalise one row; returns a skip reason string when the row cannot be used.
+
+    ``chosen`` and ``rejected`` are read as the answer field of the row's form (by
+    :func:`~modaltune.text.data.to_example`, with its type checks), so a wrong one is named as itself: "chosen:
+    expected a string, got list" (an instruction row's answers are strings; a prompt row's may be lists of
+    messages).
+    """
     def get(name: str) -> Any:
         return row.get(columns.get(name, name))
 
     chosen, rejected = get("chosen"), get("rejected")
     if chosen is None or rejected is None:
         return "missing chosen or rejected field"
-    common = {"category": get("category")}
     if get("instruction") is not None:
-        common.update(instruction=get("instruction"), context=get("context"), input=get("input"))
         fmt = "alpaca" if get("input") is not None else "dolly"
-        both = [to_example(rid, {**common, "response": a, "output": a}, fmt, {}) for a in (chosen, rejected)]
+        answer = "output" if fmt == "alpaca" else "response"
     elif get("prompt") is not None:
-        both = [to_example(rid, {**common, "prompt": get("prompt"), "completion": a}, "prompt_completion", {})
-                for a in (chosen, rejected)]
+        fmt, answer = "prompt_completion", "completion"
     elif isinstance(chosen, list) and isinstance(rejected, list):  # whole conversations: the prompt is implied
-        both = [to_example(rid, {**common, "messages": a}, "messages", {}) for a in (chosen, rejected)]
+        fmt, answer = "messages", "messages"
     else:
         return "no prompt or instruction field (and chosen/rejected are not conversations)"
+    both = [to_example(rid, row, fmt, {**columns, answer: columns.get(side, side)}) for side in ("chosen", "rejected")]
     for ex in both:
         if isinstance(ex, str):
             return ex
@@ -95,7 +100,12 @@ def to_pair(rid: str, row: dict[str, Any], columns: dict[str, str]) -> Pair | st
         return "chosen and rejected continue different conversations"
     if good.response == bad.response:
         return "chosen and rejected are the same answer"
-    return Pair(good, bad.response, str(get("failure") or ""))
+    failure = get("failure")
+    try:
+        failure = "" if failure is None else text_field(failure, columns.get("failure", "failure"))
+    except RowSkip as skip:
+        return str(skip)
+    return Pair(good, bad.response, failure)
 
 
 def load_pairs(cfg: PairDataConfig) -> tuple[dict[str, list[Pair]], dict[str, Skips]]:

@@ -3,8 +3,8 @@
 A Med-VQA recipe trains in two stages: stage 1 aligns the projector on image captions (:class:`CaptionItem`,
 prompted with :data:`CAPTION_TEMPLATE` and one of :data:`CAPTION_INSTRUCTIONS`), stage 2 tunes on question-answer
 triples (:class:`VQAItem`, prompted with :data:`VQA_TEMPLATE`). Every loader returns ``(items, skipped)``: a bad row
-never stops loading, it is counted in ``skipped`` under its reason ("missing image", "empty question", ...) so a
-report can say what was lost. Only a missing or malformed file as a whole (or an invalid JSON line) raises
+never stops loading, it is counted in ``skipped`` under its reason ("missing image", "empty question", "image: expected a file
+name, got int", ...) so a report can say what was lost. Only a missing or malformed file as a whole (or an invalid JSON line) raises
 :class:`~modaltune.shared.errors.DataError`.
 
 Loaders check that image files exist; :func:`validate_images` also decodes each distinct image once.
@@ -102,12 +102,31 @@ def closed_type(answer: str, given: str | None = None) -> str:
 
 
 def _text(value: Any) -> str:
-    """A field as stripped text: strings stripped, numbers as written, anything else (None, lists) empty."""
+    """A field as stripped text: strings stripped, numbers as written, anything else (None, lists) empty.
+
+    Lists and dicts are never stringified; :func:`_wrong_type` names them where the field matters.
+    """
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return ""
+
+
+def _wrong_type(row: dict[str, Any], image_key: str | None) -> str | None:
+    """The skip reason of a row whose image, question or answer field has the wrong type, else None.
+
+    The image must be a file name and the question a string; the answer a string or a number (VQA-RAD writes
+    counts as numbers). Absent fields are left to the emptiness checks.
+    """
+    checks = [("question", "a string", (str,)), ("answer", "a string or a number", (str, int, float))]
+    if image_key:
+        checks.insert(0, (image_key, "a file name", (str,)))
+    for key, expected, types in checks:
+        value = row.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"{key}: expected {expected}, got {type(value).__name__}"
+    return None
 
 
 def _existing_file(path: str | Path, what: str) -> Path:
@@ -167,18 +186,21 @@ def _vqa_item(
     *,
     id_: Any,
     image: Path | None,
+    image_key: str | None = None,
     type_key: str | None = None,
     skipped: Skips,
 ) -> VQAItem | None:
-    """Build a VQAItem from a row's ``question`` and ``answer``, or count why not and return None."""
+    """Build a VQAItem from a row's ``question`` and ``answer``, or count why not and return None (``image_key``:
+    the row's image field, whose type is checked with the question's and the answer's)."""
     question, answer = _text(row.get("question")), _text(row.get("answer"))
-    reason = None
-    if not question:
-        reason = "empty question"
-    elif not answer:
-        reason = "empty answer"
-    elif image is None or not image.is_file():
-        reason = "missing image"
+    reason = _wrong_type(row, image_key)
+    if reason is None:
+        if not question:
+            reason = "empty question"
+        elif not answer:
+            reason = "empty answer"
+        elif image is None or not image.is_file():
+            reason = "missing image"
     if reason:
         skipped.add(reason, id_)
         return None
@@ -212,7 +234,8 @@ def read_vqa_rad(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQA
             continue
         name = _text(row.get("image_name"))
         id_ = row["qid"] if _text(row.get("qid")) else index
-        item = _vqa_item(row, id_=id_, image=folder / name if name else None, type_key="answer_type", skipped=skipped)
+        item = _vqa_item(row, id_=id_, image=folder / name if name else None, image_key="image_name",
+                         type_key="answer_type", skipped=skipped)
         if item:
             items.append(item)
     return items, skipped
@@ -247,7 +270,8 @@ def read_slake(json_path: str | Path, image_dir: str | Path) -> tuple[list[VQAIt
             continue
         name = _text(row.get("img_name"))
         id_ = row["qid"] if _text(row.get("qid")) else index
-        item = _vqa_item(row, id_=id_, image=folder / name if name else None, type_key="answer_type", skipped=skipped)
+        item = _vqa_item(row, id_=id_, image=folder / name if name else None, image_key="img_name",
+                         type_key="answer_type", skipped=skipped)
         if item:
             items.append(item)
     return items, skipped
@@ -276,7 +300,8 @@ def read_pathvqa(path: str | Path, image_dir: str | Path) -> tuple[list[VQAItem]
             skipped.add("malformed row", f"{file.name}:{number}")
             continue
         id_ = next((row[k] for k in ("id", "qid") if _text(row.get(k))), number)
-        item = _vqa_item(row, id_=id_, image=_find_image(folder, _text(row.get("image"))), skipped=skipped)
+        item = _vqa_item(row, id_=id_, image=_find_image(folder, _text(row.get("image"))), image_key="image",
+                         skipped=skipped)
         if item:
             items.append(item)
     return items, skipped
@@ -307,7 +332,7 @@ def read_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> tu
         name = _text(row.get("image"))
         image = (root / name if not Path(name).is_absolute() else Path(name)) if name else None
         id_ = row["id"] if _text(row.get("id")) else lineno
-        item = _vqa_item(row, id_=id_, image=image, type_key="type", skipped=skipped)
+        item = _vqa_item(row, id_=id_, image=image, image_key="image", type_key="type", skipped=skipped)
         if item:
             items.append(item)
     return items, skipped
@@ -515,7 +540,8 @@ def validate_images(items: Iterable[VQAItem | CaptionItem], skipped: Skips) -> l
 
     Args:
         items: VQA or caption items.
-        skipped: the tally to add "missing image" and "unreadable image" to (one count per dropped item).
+        skipped: the tally to add "missing image", "unreadable image" and the more exact reasons of
+            :class:`~modaltune.vision.images.ImageReadError` ("non-finite samples") to (one count per dropped item).
 
     Returns:
         The usable items, in their original order.
@@ -530,8 +556,8 @@ def validate_images(items: Iterable[VQAItem | CaptionItem], skipped: Skips) -> l
                 try:
                     load_image(item.image)
                     verdicts[item.image] = None
-                except ImageReadError:
-                    verdicts[item.image] = "unreadable image"
+                except ImageReadError as exc:
+                    verdicts[item.image] = exc.reason
         reason = verdicts[item.image]
         if reason:
             skipped.add(reason, f"{item.id} ({item.image})")

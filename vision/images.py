@@ -27,7 +27,18 @@ class ImageReadError(DataError):
 
     It is a :class:`~modaltune.shared.errors.DataError` (hence a ``ModaltuneError``), so the CLI prints it as one
     line.
+
+    Attributes:
+        reason: What a data loader counts the skipped file under: ``"unreadable image"``, or a more exact cause
+            (``"non-finite samples"``).
     """
+
+    def __init__(self, message: str, reason: str = "unreadable image") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep the reason when a DataLoader worker sends the error back
+        return type(self), (str(self), self.reason)
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -39,7 +50,10 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     * ``LA``/``RGBA``/``PA`` and palette or grey images with a transparent colour are composited onto **black**
       (transparent areas become black, half-transparent ones darker);
     * 16-bit and float modes (``I;16``, ``I``, ``F``) are scaled linearly from the image's own minimum..maximum to
-      0..255 (a constant image becomes all zeros; NaNs become 0).
+      0..255 (a constant image becomes all zeros).
+
+    A float image (or DICOM) holding NaN or infinity is refused (reason ``"non-finite samples"``): there is no
+    honest 8-bit picture of it.
 
     DICOM files (suffix ``.dcm``/``.dicom``, or any file with the ``DICM`` preamble marker) are read with pydicom:
     for greyscale, pydicom applies the Modality LUT (rescale slope/intercept) and then the first VOI transform (a VOI
@@ -106,6 +120,8 @@ def _load_raster(path: Path) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
+                if im.mode == "F":
+                    _check_finite(np.asarray(im), path)
                 return _to_rgb(ImageOps.exif_transpose(im))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise ImageReadError(
@@ -124,6 +140,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB")
     return im.convert("RGB")  # a copy even for RGB input
+
+
+def _check_finite(arr: np.ndarray, path: Path) -> None:
+    """Refuse an image with NaN or infinite samples: min-max scaling would turn it into a plausible-looking but
+    wrong picture."""
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ImageReadError(f"cannot read image {path}: non-finite samples ({bad} NaN or infinite of "
+                             f"{np.size(arr)}); fix or drop the file", reason="non-finite samples")
 
 
 def _minmax_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -190,6 +215,7 @@ def _load_dicom(path: Path) -> Image.Image:
         raise ImageReadError(f"cannot read DICOM {path}: unsupported photometric interpretation {photometric!r}")
 
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    _check_finite(values, path)
     grey = _voi_to_uint8(values, ds)
     if photometric == "MONOCHROME1":
         grey = 255 - grey
