@@ -3,8 +3,8 @@
 :func:`load_asr_sets` reads and validates train / validation / test / general-speech clips (the built-in synthetic
 dictation set by default); :func:`asr_cache` is the frozen encoder part's :class:`~modaltune.shared.features.
 FeatureCache`; :func:`evaluate_asr` decodes the test and general sets once per column (zero-shot, prompt-biased,
-fine-tuned) and scores them; :func:`asr_train_set` tokenises transcripts and adds augmented views; :func:`wer_plots`
-draws the before/after WER charts.
+fine-tuned) and scores them; :func:`asr_train_set` tokenises transcripts (skipping those over the decoder's length)
+and adds augmented views; :func:`wer_plots` draws the before/after WER charts.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from modaltune.shared.errors import DataError
 from modaltune.shared.features import CacheConfig, FeatureCache
 from modaltune.shared.harness import grouped_bars
 from modaltune.shared.io import seeded_split
-from modaltune.shared.skips import Skips
+from modaltune.shared.skips import Skips, add_to_summary
 from modaltune.shared.training import autocast_dtype
 from modaltune.shared.zoo import home
 
@@ -189,21 +189,45 @@ def evaluate_asr(model, processor, sets: dict[str, list[Clip]], *, columns: list
     return metrics, rows
 
 
-def asr_train_set(clips: list[Clip], processor, *, augment: AugmentConfig | None,
-                  cache: FeatureCache | None) -> ASRDataset:
-    """Training examples: each clip's transcript labels, plus ``augment.views`` augmented copies of each clip."""
-    waves, labels, replay = [], [], []
+def asr_train_set(clips: list[Clip], processor, *, augment: AugmentConfig | None, cache: FeatureCache | None,
+                  max_label_tokens: int | None = None, counts: dict[str, Any] | None = None) -> ASRDataset:
+    """Training examples: each clip's transcript labels, plus ``augment.views`` augmented copies of each clip.
+
+    Args:
+        max_label_tokens: the decoder's length (``model.config.max_target_positions``, 448 for Whisper); a clip
+            whose labels are longer is skipped (reason ``text: over the model's N label tokens``, the item names its
+            token count), as the decoder has no position for them. None: no check.
+        counts: the split's entry of the report's data table (:func:`load_asr_sets`); those skips are added to it.
+
+    Raises:
+        DataError: a transcript is over ``max_label_tokens`` and there is no ``counts`` to count it in.
+    """
+    waves, labels, replay, names, kept = [], [], [], [], []
+    skipped = Skips()
     for clip in clips:
         ids = label_ids(processor, clip.text)
+        if max_label_tokens is not None and len(ids) > max_label_tokens:
+            reason = f"text: over the model's {max_label_tokens} label tokens"
+            if counts is None:
+                raise DataError(f"{clip.id}: {reason} ({len(ids):,} tokens); shorten the transcript or split the "
+                                "clip with segment timestamps (data.long_clips: split)")
+            skipped.add(reason, f"{clip.id}: {len(ids):,} tokens")
+            continue
+        kept.append(clip)
         waves.append(clip.wave)
         labels.append(ids)
         replay.append(clip.replay)
+        names.append(clip.id)
         if augment is not None and augment.views > 0:
-            for view in make_views(clip.wave, SAMPLE_RATE, augment, clip.id):
+            for k, view in enumerate(make_views(clip.wave, SAMPLE_RATE, augment, clip.id), 1):
                 waves.append(view)
                 labels.append(ids)
                 replay.append(clip.replay)
-    return ASRDataset(waves, labels, processor, cache=cache, replay=replay if any(replay) else None)
+                names.append(f"{clip.id} (augmented view {k})")
+    if counts is not None and skipped:
+        add_to_summary(counts, skipped, len(kept))
+        counts["audio_minutes"] = round(audio_seconds([c.wave for c in kept]) / 60, 2)
+    return ASRDataset(waves, labels, processor, cache=cache, replay=replay if any(replay) else None, names=names)
 
 
 def normalizer_for(kind: str, source: dict[str, Any], language: str | None):

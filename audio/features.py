@@ -23,10 +23,14 @@ __all__ = ["ASRCollator", "ASRDataset", "log_mel"]
 
 
 class ASRDataset(torch.utils.data.Dataset):
-    """Training examples: labels plus either cached encoder states (``features``) or log-mel features."""
+    """Training examples: labels plus either cached encoder states (``features``) or log-mel features.
+
+    ``names`` (a clip id per wave) name a wave whose encoder states are not finite in the cache's error.
+    """
 
     def __init__(self, waves: list[np.ndarray], labels: list[list[int]], processor, *,
-                 cache: FeatureCache | None = None, replay: list[bool] | None = None) -> None:
+                 cache: FeatureCache | None = None, replay: list[bool] | None = None,
+                 names: list[str] | None = None) -> None:
         if len(waves) != len(labels) or (replay is not None and len(replay) != len(waves)):
             raise DataError(f"{len(waves)} waves, {len(labels)} label sequences: give one label sequence (and "
                             "replay flag) per wave")
@@ -35,7 +39,7 @@ class ASRDataset(torch.utils.data.Dataset):
         self.replay = replay
         self.processor = processor
         self.cache = cache
-        self.keys = cache.fill(waves, desc="caching encoder states") if cache else None
+        self.keys = cache.fill(waves, desc="caching encoder states", names=names) if cache else None
 
     def __len__(self) -> int:
         return len(self.waves)

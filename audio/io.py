@@ -90,7 +90,23 @@ def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarra
             raise AudioReadError(
                 f"{path}: truncated: its header says {declared / rate:.2f} s, only {len(wave) / rate:.2f} s decode; "
                 "re-export or re-copy the file", reason="truncated audio")
-    return _resample(np.asarray(wave, dtype=np.float32), int(rate), sample_rate)
+    return _resample(finite(np.asarray(wave, dtype=np.float32), path), int(rate), sample_rate)
+
+
+def finite(wave: np.ndarray, where: object) -> np.ndarray:
+    """``wave`` itself when every sample is a finite number.
+
+    A float file (or a decoded array) can hold NaN or infinity: it is not silence (NaN compares false with any
+    level), and one such sample turns every loss, gradient and trained weight into NaN.
+
+    Raises:
+        AudioReadError: some samples are NaN or infinite (reason ``non-finite samples``); ``where`` names the item.
+    """
+    bad = wave.size - int(np.count_nonzero(np.isfinite(wave)))
+    if bad:
+        raise AudioReadError(f"{where}: {bad:,} of {wave.size:,} samples are NaN or infinite; re-export the audio",
+                             reason="non-finite samples")
+    return wave
 
 
 def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:

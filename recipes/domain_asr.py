@@ -133,8 +133,11 @@ class DomainASR(Recipe):
                              batch_size=cfg.train.eval_batch_size)
 
         with timed(report, "encoder_cache_seconds"):
-            train_ds = asr_train_set(sets["train"], processor, augment=cfg.augment, cache=train_cache())
-            val_ds = asr_train_set(sets["validation"], processor, augment=None, cache=train_cache()) \
+            longest = model.config.max_target_positions  # transcripts past the decoder's length are counted skips
+            train_ds = asr_train_set(sets["train"], processor, augment=cfg.augment, cache=train_cache(),
+                                     max_label_tokens=longest, counts=report["data"]["train"])
+            val_ds = asr_train_set(sets["validation"], processor, augment=None, cache=train_cache(),
+                                   max_label_tokens=longest, counts=report["data"]["validation"]) \
                 if sets["validation"] else None
         report["data"]["train"].update(examples_with_views=len(train_ds),
                                        replay_clips=sum(c.replay for c in sets["train"]))

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.io import atomic_write, atomic_write_json, write_failure
+from modaltune.shared.io import as_os_error, atomic_write, atomic_write_json, write_failure
 
 WEIGHTS = "trained.safetensors"
 META = "modaltune.json"
@@ -70,15 +70,23 @@ def save_checkpoint(
     state = model.trained_state_dict()
     try:
         _write(model, path, state, meta, tokenizer, mark_complete)
-    except OSError as exc:
-        discard(path)
-        raise write_failure(exc, path.parent, needed=state_bytes(state) + 2**20) from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors and torch report a full disk in their own error types
+        error = as_os_error(exc, path)
+        if error is None:
+            raise
+        discard(path)  # half written: never loaded; its space comes back
+        raise write_failure(error, path.parent, needed=state_bytes(state) + 2**16) from exc
     return path
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes the tensors of ``state`` take on disk."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def discard(path: str | Path) -> None:

@@ -212,9 +212,13 @@ class Stopped(Exception):
     """The process was asked to stop (SIGTERM): by a launcher after another rank failed, by a scheduler, by kill."""
 
 
-def watch_ranks(run_dir: str | os.PathLike[str]) -> Callable[[], None]:
-    """Note this rank's PID in the run folder and turn SIGTERM into :class:`Stopped` (once: a second SIGTERM while
-    the report is written is ignored). Returns the function that puts the previous handler back."""
+_previous_sigterm: list[Any] = []
+
+
+@contextlib.contextmanager
+def watch_ranks(run_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Around a run's work: note this rank's PID in the run folder and turn SIGTERM into :class:`Stopped`. After the
+    block a SIGTERM is held off (ignored) so the report can be written; :func:`restore_sigterm` ends that."""
     from pathlib import Path
 
     if world_size() > 1:
@@ -222,18 +226,26 @@ def watch_ranks(run_dir: str | os.PathLike[str]) -> Callable[[], None]:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / str(rank())).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
                                           encoding="utf-8")
-    stopping = {"raised": False}
 
     def on_term(signum: int, frame: Any) -> None:
-        if not stopping["raised"]:
-            stopping["raised"] = True
-            raise Stopped("stopped by SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the report is written after this
+        raise Stopped("stopped by SIGTERM")
 
     try:
-        previous = signal.signal(signal.SIGTERM, on_term)
+        _previous_sigterm.append(signal.signal(signal.SIGTERM, on_term))
     except ValueError:  # not the main thread: leave signals alone
-        return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def restore_sigterm() -> None:
+    """Put back the SIGTERM handler :func:`watch_ranks` replaced."""
+    if _previous_sigterm:
+        signal.signal(signal.SIGTERM, _previous_sigterm.pop())
 
 
 def _gone(pid: int) -> bool:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modaltune.shared.config import ConfigError, doc
+from modaltune.shared.errors import DataError
 
 
 @dataclasses.dataclass
@@ -118,6 +119,16 @@ def encoder_fingerprint(encoder: CachedEncoder, depth: int) -> str:
     return h.hexdigest()[:16]
 
 
+def _name(items: list[Any], keys: list[str], key: str, item: Any, names: list[str] | None) -> str:
+    """How an error names an input of :meth:`FeatureCache.fill`: its given name, its own name, or its position."""
+    i = keys.index(key)
+    if names is not None:
+        return repr(names[i])
+    if isinstance(item, (str, Path)):
+        return repr(str(item))
+    return f"input {i} of {len(items)} (content key {key})"
+
+
 def _device(encoder: Any) -> torch.device:
     params = getattr(encoder, "parameters", None)
     first = next(iter(params()), None) if params else None
@@ -173,8 +184,19 @@ class FeatureCache:
         return content_key(item)
 
     @torch.no_grad()
-    def fill(self, items: list[Any], desc: str = "encoding") -> list[str]:
-        """Make sure every item has cached states (encoded in the order of first appearance); returns their keys."""
+    def fill(self, items: list[Any], desc: str = "encoding", names: list[str] | None = None) -> list[str]:
+        """Make sure every item has cached states (encoded in the order of first appearance); returns their keys.
+
+        States are checked: a stored file holding NaN or infinite values is encoded again, and an input whose new
+        states hold any is an error (nothing is cached for it).
+
+        Args:
+            names: what to call each item in that error (a clip id); None: the item itself when it is a name (an
+                image path, a clip id), else its position.
+
+        Raises:
+            DataError: the encoder gives NaN or infinite states for an item.
+        """
         from safetensors.torch import load_file, save_file
 
         from modaltune.shared.io import atomic_write
@@ -187,11 +209,13 @@ class FeatureCache:
             path = self._file(key)
             if path is not None and path.is_file():
                 began = time.perf_counter()
-                self.states[key] = load_file(str(path))["states"]
-                self.seconds[key] = time.perf_counter() - began
-                self.loaded += 1
-            else:
-                todo[key] = item
+                stored = load_file(str(path))["states"]
+                if bool(torch.isfinite(stored).all()):  # else a damaged file: encoded again and rewritten
+                    self.states[key] = stored
+                    self.seconds[key] = time.perf_counter() - began
+                    self.loaded += 1
+                    continue
+            todo[key] = item
         pending = list(todo.items())
         was = self.encoder.training
         self.encoder.eval()
@@ -207,9 +231,14 @@ class FeatureCache:
                                     enabled=self.autocast_dtype is not None):
                     states = self.base.encode_prefix(inputs, self.depth).float().cpu()  # (B, N, D)
                 per_item = (time.perf_counter() - began) / len(chunk)
-                for (key, _), state, wave in zip(chunk, states, loaded):
+                for (key, item), state, wave in zip(chunk, states, loaded):
                     count = token_count(self.base, wave)  # only the tokens that hold the input are kept
-                    state = (state if count is None else state[:count]).contiguous()
+                    state = (state if count is None else state[:count]).contiguous()  # (N, D)
+                    if not bool(torch.isfinite(state).all()):
+                        raise DataError(
+                            f"the encoder's states for {_name(items, keys, key, item, names)} hold NaN or infinite "
+                            "values, so nothing was cached for it: check that input for extreme values, or encode "
+                            "in float32 (train.precision: fp32) if half precision overflows")
                     self.states[key] = state
                     self.seconds[key] = per_item
                     self.computed += 1

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from modaltune.shared.errors import ModaltuneError
+
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # out of disk space, over the user's quota
 
@@ -40,10 +42,33 @@ def free_bytes(path: str | Path) -> int | None:
     return None
 
 
-def write_failure(exc: OSError, folder: str | Path, *, needed: int | None = None) -> Exception:
-    """The one-line error for an OSError met while writing into ``folder``: for a full disk (or quota), the folder,
-    the free space and about how much the write needed; for any other, the file and the system's reason. Errors
-    that are not about writing come back as they are.
+class WriteFailure(ModaltuneError):
+    """A write into the run folder failed (a full disk, no permission); ``os_error`` is what the system said."""
+
+    def __init__(self, os_error: OSError, message: str) -> None:
+        super().__init__(message)
+        self.os_error = os_error
+
+
+_SPACE_WORDS = ("no space left on device", "os error 28", "errno 28", "disk quota exceeded", "os error 122")
+
+
+def as_os_error(exc: BaseException, path: str | Path | None = None) -> OSError | None:
+    """``exc`` as an OSError when it is one, or when a library reported a full disk in its own error type
+    (safetensors' ``SafetensorError``, torch's ``RuntimeError: ... file write failed``); else None."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc).lower()
+    if any(word in text for word in _SPACE_WORDS):
+        code = errno.EDQUOT if "quota" in text or "122" in text else errno.ENOSPC
+        return OSError(code, str(exc).splitlines()[0][:200], str(path) if path else None)
+    return None
+
+
+def write_failure(exc: BaseException, folder: str | Path, *, needed: int | None = None) -> BaseException:
+    """The one-line error for an OSError (or a library's report of a full disk, see :func:`as_os_error`) met while
+    writing into ``folder``: for a full disk (or quota), the folder, the free space and about how much the write
+    needed; for a permission or I/O error, the file and the system's reason. Other errors come back as they are.
 
     Example:
         >>> import errno
@@ -51,21 +76,20 @@ def write_failure(exc: OSError, folder: str | Path, *, needed: int | None = None
         >>> message.startswith("out of disk space writing /r/x.bin (in /r): "), "about 1.0 GB needed" in message
         (True, True)
     """
-    from modaltune.shared.errors import ModaltuneError
-
-    if not isinstance(exc, OSError) or exc.errno is None:
-        return exc
+    original, exc = exc, as_os_error(exc, folder)
+    if exc is None or exc.errno is None:
+        return original
     file = exc.filename or folder
     if exc.errno in SPACE_ERRNOS:
         free = free_bytes(folder)
         need = f", about {human_bytes(needed)} needed" if needed else ""
-        return ModaltuneError(
+        return WriteFailure(exc,
             f"out of disk space writing {file} (in {folder}): {human_bytes(free or 0) if free is not None else '?'} "
             f"free{need}; free space there, or give --out a folder on a larger disk, then continue the run with "
             "train.resume=true (its last complete checkpoint is kept)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO):
-        return ModaltuneError(f"cannot write {file} (in {folder}): {exc.strerror}; check the folder's permissions and "
-                              "disk, or give --out another folder")
+        return WriteFailure(exc, f"cannot write {file} (in {folder}): {exc.strerror}; check the folder's permissions "
+                                 "and disk, or give --out another folder")
     return exc
 
 

@@ -260,14 +260,10 @@ def _remove_stale_temp_files(run_dir: Path, log: Callable[[str], None]) -> None:
 
 
 def _check_run_folder(run_dir: Path, *, mode: str, resume: bool) -> None:
-    """Refuse a ``--out`` that is a file, cannot be written, or holds another run this one would overwrite."""
+    """Refuse a ``--out`` that holds another run (finished or not) this one would overwrite."""
     from modaltune.shared import checkpoint as ckpt
-    from modaltune.shared.runlock import check_out_folder
 
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ModaltuneError(f"--out {str(run_dir)!r} is a file, not a folder; give a folder")
-    if mode != "run" or resume or not run_dir.is_dir():
-        check_out_folder(run_dir)
+    if mode != "run" or resume:
         return
     if ckpt.problem(run_dir / "checkpoint", hashes=False) is None:
         raise ModaltuneError(
@@ -277,7 +273,6 @@ def _check_run_folder(run_dir: Path, *, mode: str, resume: bool) -> None:
     if unfinished is not None:
         raise ModaltuneError(f"{str(run_dir)!r} holds a run that did not finish ({unfinished}); continue it with "
                              "train.resume=true, or choose another --out")
-    check_out_folder(run_dir)
 
 
 def _write_failure_report(run_dir: Path, report: dict[str, Any], exc_text: str, name: str) -> None:
@@ -308,7 +303,7 @@ def execute(
     """
     from modaltune.shared import checkpoint as ckpt
     from modaltune.shared import dist
-    from modaltune.shared.runlock import RunLock
+    from modaltune.shared.runlock import RunLock, check_out_folder
 
     recipe = get_recipe(recipe_name)
     if mode == "eval":
@@ -332,8 +327,13 @@ def execute(
     dist.refuse_sharded_parameters()
     lock = None
     if dist.is_main():  # rank 0 owns the folder; a refusal there ends the launcher's whole job
-        _check_run_folder(run_dir, mode=mode, resume=resume)
-        lock = RunLock(run_dir).acquire()
+        check_out_folder(run_dir)
+        lock = RunLock(run_dir).acquire()  # first: a live run's folder is refused as in use, whatever it holds
+        try:
+            _check_run_folder(run_dir, mode=mode, resume=resume)
+        except BaseException:
+            lock.release()
+            raise
     try:
         return _execute_locked(recipe, cfg, mode=mode, run_dir=run_dir, quick=quick, checkpoint=checkpoint)
     finally:
@@ -371,11 +371,10 @@ def _execute_locked(recipe: Recipe, cfg: Any, *, mode: str, run_dir: Path, quick
     ctx = RunContext(run_dir=run_dir, quick=quick, report=report, log=log)
     seed_everything(getattr(train_cfg, "seed", 0))
     started = time.time()
-    unwatch = dist.watch_ranks(run_dir)
     try:
         return _run_and_report(recipe, cfg, ctx, mode=mode, checkpoint=checkpoint, started=started)
     finally:
-        unwatch()
+        dist.restore_sigterm()
 
 
 def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, checkpoint: str | None,
@@ -389,13 +388,14 @@ def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, che
     train_cfg = getattr(cfg, "train", None)
     code = 0
     try:
-        if dist.is_main():
-            _remove_stale_temp_files(run_dir, log)
-            dump_yaml(cfg, run_dir / "config.yaml")
-        if mode == "eval":
-            recipe.evaluate(cfg, Path(checkpoint), ctx)
-        else:
-            recipe.run(cfg, ctx)
+        with dist.watch_ranks(run_dir):  # SIGTERM (a launcher, a scheduler) ends the work, not the report
+            if dist.is_main():
+                _remove_stale_temp_files(run_dir, log)
+                dump_yaml(cfg, run_dir / "config.yaml")
+            if mode == "eval":
+                recipe.evaluate(cfg, Path(checkpoint), ctx)
+            else:
+                recipe.run(cfg, ctx)
         report["status"] = "ok"
     except KeyboardInterrupt:
         report["status"], report["error"], code = "interrupted", "interrupted by the user", 130
@@ -404,7 +404,7 @@ def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, che
         report["status"], report["error"], code = "interrupted", "stopped by SIGTERM", 143
         log("interrupted (SIGTERM): resume with train.resume=true --out " + str(run_dir))
     except Exception as exc:  # noqa: BLE001 - every failure ends in the report
-        exc = write_failure(exc, run_dir) if isinstance(exc, OSError) else exc
+        exc = write_failure(exc, run_dir)  # a full disk (or another write error) as one line
         exc = dist.explain_failure(exc, run_dir)
         if isinstance(exc, ModaltuneError):
             report["status"], report["error"], code = "failed", str(exc), 1

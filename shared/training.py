@@ -33,7 +33,8 @@ from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.guards import IndexedCollator, IndexedDataset, NonFiniteGuard
 from modaltune.shared.loss import IGNORE_INDEX
 from modaltune.shared.provenance import check_resume, data_fingerprint, run_identity
-from modaltune.shared.io import atomic_write_json, atomic_write_text, free_bytes, iter_jsonl, write_failure
+from modaltune.shared.io import (WriteFailure, as_os_error, atomic_write_json, atomic_write_text, free_bytes,
+                                 iter_jsonl, write_failure)
 from modaltune.shared.tracking import check_report_to, trainer_report_to
 
 STATE_FILE = "modaltune_state.json"  # in a step checkpoint: the stage's training-loss sum so far
@@ -222,15 +223,18 @@ class CheckpointingMixin(NonFiniteGuard):
         self._saving_step = True
         try:
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-            if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+        except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as "RuntimeError: ... write failed"
+            error = exc.os_error if isinstance(exc, WriteFailure) else as_os_error(exc, folder)
+            if error is None and not (isinstance(exc, RuntimeError) and "write failed" in str(exc).lower()):
                 raise
             ckpt.discard(folder)  # half written: never resumed from; its space comes back
-            needed = ckpt.state_bytes(self.owner.trained_state_dict()) + int(
-                optimizer_state_mb(self.optimizer) * 2**20 if self.optimizer is not None else 0) + 2**20
-            if isinstance(exc, RuntimeError):
-                exc = OSError(errno.ENOSPC if (free_bytes(run_dir) or 0) < needed else errno.EIO, str(exc), str(folder))
-            raise write_failure(exc, run_dir, needed=needed) from exc
+            done = ckpt.latest_checkpoint(run_dir)  # the size of a complete one, else weights + optimizer state
+            needed = ckpt.folder_bytes(done) if done is not None else ckpt.state_bytes(
+                self.owner.trained_state_dict()) + int(optimizer_state_mb(self.optimizer) * 2**20) + 2**16
+            if error is None:
+                error = OSError(errno.ENOSPC if (free_bytes(run_dir) or 0) < needed else errno.EIO, str(exc),
+                                str(folder))
+            raise write_failure(error, run_dir, needed=needed) from exc
         finally:
             self._saving_step = False
         if self.args.should_save and folder.is_dir():

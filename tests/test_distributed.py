@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modaltune.shared.checkpoint import problem as ckpt_problem
 from modaltune.shared.checkpoint import read_trained
 
 pytestmark = pytest.mark.distributed
@@ -99,6 +100,37 @@ def test_a_failing_rank_fails_the_run_with_its_error(tmp_path, tiny_llama, sft_d
     assert res.returncode != 0
     report = json.loads((tmp_path / "bad" / "report.json").read_text())
     assert report["status"] == "failed" and "missing.jsonl" in report["error"]
+
+
+KILLED_RANK = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import Trainer
+    from modaltune.shared.cli import main
+
+    original = Trainer.training_step
+
+    def step(self, *args, **kwargs):
+        if os.environ.get("RANK") == "1" and self.state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies mid-run, as an out-of-memory kill would
+        return original(self, *args, **kwargs)
+
+    Trainer.training_step = step
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_rank_killed_mid_run_is_named_in_rank_zeros_failure_line_and_report(tmp_path, tiny_llama, sft_data):
+    script = tmp_path / "killed_rank.py"
+    script.write_text(KILLED_RANK)
+    args = _text_sft_args(tmp_path / "run", tiny_llama, sft_data, batch=2)
+    res = _torchrun(2, str(script), *args[2:], "train.max_steps=40", timeout=300)
+    assert res.returncode != 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "failed", report.get("error")
+    assert "rank 1 (PID" in report["error"] and "died" in report["error"]
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "error: rank 1 (PID" in log
+    assert ckpt_problem(tmp_path / "run" / "stages" / "sft" / "checkpoint-2") is None  # the last good one is kept
 
 
 FSDP_SCRIPT = textwrap.dedent("""
