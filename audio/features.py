@@ -18,6 +18,7 @@ from modaltune.audio.whisper import log_mel
 from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache
 from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.provenance import fingerprint
 
 __all__ = ["ASRCollator", "ASRDataset", "log_mel"]
 
@@ -43,6 +44,10 @@ class ASRDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.waves)
+
+    def fingerprint(self) -> str:
+        """The training content: each wave's content key (or its samples), labels and replay flags."""
+        return fingerprint(self.keys if self.keys is not None else self.waves, self.labels, self.replay)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"labels": self.labels[i]}

@@ -72,13 +72,16 @@ def item_name(dataset: Any, i: int) -> str:
     Example:
         >>> class Rows:
         ...     rows = [{"id": "a.jsonl:3"}]
-        >>> item_name(Rows(), 0), item_name(object(), 4)
+        ...     def __len__(self):
+        ...         return 1
+        >>> item_name(Rows(), 0), item_name([], 4)
         ('a.jsonl:3', '#4')
     """
+    size = len(dataset)
     for attr, get in (("examples", lambda x: getattr(x, "id", None)), ("rows", lambda x: x.get("id")
                       if isinstance(x, dict) else None), ("ids", lambda x: x)):
-        seq = getattr(dataset, attr, None)
-        if isinstance(seq, list) and len(seq) == len(dataset) and 0 <= i < len(seq):
+        seq = getattr(dataset, attr, None)  # one entry per item (a packed set's examples are not its items)
+        if isinstance(seq, list) and len(seq) == size and 0 <= i < size:
             name = get(seq[i])
             if name is not None:
                 return str(name)

@@ -114,6 +114,32 @@ def _sft(tmp_path, model, data, *extra, out="run"):
                  "eval.max_new_tokens=4", "train.precision=fp32", "train.report_to=[none]", *extra])
 
 
+def test_nan_and_inf_audio_are_counted_skips_and_the_asr_model_trains_finite(tmp_path, tiny_whisper,
+                                                                             speech_manifests):
+    import numpy as np
+    import soundfile as sf
+
+    rows = [json.loads(x) for x in speech_manifests["train"].read_text().splitlines()]
+    folder = speech_manifests["train"].parent
+    for name, value in (("nan.wav", float("nan")), ("inf.wav", float("inf"))):
+        wave = 0.3 * np.sin(np.arange(16000) / 10).astype(np.float32)
+        wave[100:200] = value
+        sf.write(tmp_path / name, wave, 16000, subtype="FLOAT")
+        rows.append({"audio": str(tmp_path / name), "text": "take metformin twice daily"})
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({**r, "audio": str(folder / r["audio"]) if not r["audio"].startswith("/")
+                                            else r["audio"]}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["run", "domain-asr", "--out", str(out), f"model.name={tiny_whisper}", f"data.source={manifest}",
+                 f"data.test={speech_manifests['test']}", "data.general=null", "data.terms=null",
+                 "train.max_steps=3", "train.batch_size=4", "train.precision=fp32", "eval.max_new_tokens=8",
+                 "augment.views=0", "train.report_to=[none]"]) in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["train"]["skip_reasons"]["non-finite samples"] == 2
+    assert report["status"] in ("ok", "regressed")
+    assert _all_finite(ckpt.read_trained(out / "checkpoint"))
+
+
 def test_a_diverging_run_ends_failed_not_ok(tmp_path, tiny_llama, sft_data, capsys):
     code = _sft(tmp_path, tiny_llama, sft_data, "train.lr=1e30", "train.scheduler=constant")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -291,12 +317,13 @@ def test_recipe_resume_with_another_seed_is_refused_end_to_end(tmp_path, tiny_ll
 
 # --- 4. out of space -------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("where", ["checkpoint-4", f"{os.sep}checkpoint{os.sep}"])
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_half_written_state(tmp_path, tiny_llama, sft_data,
-                                                                                  monkeypatch, capsys):
+                                                                                  monkeypatch, capsys, where):
     real = ckpt.save_file
 
     def full(state, path, *args, **kwargs):
-        if "checkpoint-4" in str(path):
+        if where in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(state, path, *args, **kwargs)
 
@@ -310,7 +337,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_half_written_stat
     assert "out of disk space" in (run / "run.log").read_text()
     assert not (run / "traceback.txt").exists()
     stage = run / "stages" / "sft"
-    assert not (stage / "checkpoint-4").exists()  # the half-written checkpoint is gone
+    assert not (stage / "checkpoint-4").exists() or where != "checkpoint-4"  # the half-written one is gone
+    assert not (run / "checkpoint").exists()  # so the run never looks finished
     assert ckpt.problem(stage / "checkpoint-2") is None  # the earlier one is kept
     assert not list(run.rglob(".*.tmp"))
     monkeypatch.setattr(ckpt, "save_file", real)
