@@ -201,7 +201,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                      dtype=args.dtype)
         print(path)
         return 0
-    from modaltune.shared.recipe import FINISHED, execute, execute_seeds
+    from modaltune.shared.recipe import execute
+    from modaltune.shared.runfolder import FINISHED
+    from modaltune.shared.seeds import execute_seeds
 
     if getattr(args, "seeds", None):
         summary, code = execute_seeds(args.recipe, args.seeds, config=args.config, out=args.out, quick=args.quick,

@@ -160,8 +160,7 @@ def differences(meta: dict[str, Any], config: dict[str, Any], identity: dict[str
     return out
 
 
-def check_resume(checkpoint: Path, meta: dict[str, Any], config: dict[str, Any], identity: dict[str, Any],
-                 run_dir: Path) -> None:
+def check_resume(checkpoint: Path, meta: dict[str, Any], config: dict[str, Any], identity: dict[str, Any]) -> None:
     """Refuse to resume ``checkpoint`` when it was written by another run than this one.
 
     Raises:

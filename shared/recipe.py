@@ -209,81 +209,6 @@ def _logger(run_dir: Path) -> Callable[[str], None]:
     return emit
 
 
-FINISHED = ("ok", "regressed")  # statuses of a run that trained and measured to the end
-EXIT_REGRESSED = 3  # exit code of a run that finished but measured worse than before (see Recipe.regression_margins)
-
-
-def regressions(before: dict[str, float], after: dict[str, float], margins: dict[str, float]) -> list[str]:
-    """The metrics of ``margins`` that ended worse than they started by more than their margin.
-
-    Example:
-        >>> regressions({"test/wer": 0.43, "test/acc": 0.5}, {"test/wer": 1.0, "test/acc": 0.6},
-        ...             {"test/wer": 0.02, "test/acc": 0.02})
-        ['test/wer 0.4300 -> 1.0000 (worse by more than 0.02)']
-    """
-    from modaltune.shared.report import lower_is_better
-
-    out = []
-    for key, margin in margins.items():
-        b, a = before.get(key), after.get(key)
-        if not isinstance(b, (int, float)) or not isinstance(a, (int, float)):
-            continue
-        worse = a - b if lower_is_better(key) else b - a
-        if worse > margin or a != a:  # NaN after: worse than anything
-            out.append(f"{key} {b:.4f} -> {a:.4f} (worse by more than {margin:g})")
-    return out
-
-
-def _unfinished(run_dir: Path) -> str | None:
-    """What in ``run_dir`` belongs to a run that did not finish (a stage's checkpoint, a partial final one)."""
-    from modaltune.shared import checkpoint as ckpt
-
-    final = run_dir / "checkpoint"
-    if final.is_dir() and ckpt.problem(final, hashes=False) is not None:
-        return f"{final} is incomplete ({ckpt.problem(final, hashes=False)})"
-    stages = run_dir / "stages"
-    if stages.is_dir():
-        for folder in sorted(stages.glob("*/checkpoint-*")) + sorted(stages.glob("*/final")):
-            if folder.is_dir():
-                return f"it holds {folder.relative_to(run_dir)}"
-    return None
-
-
-def _remove_stale_temp_files(run_dir: Path, log: Callable[[str], None]) -> None:
-    """Delete the temporary files of atomic writes a killed process left in its run folder (the lock is ours, so
-    no live writer owns them)."""
-    stale = [f for f in run_dir.rglob(".*.tmp") if f.is_file()]
-    for f in stale:
-        f.unlink(missing_ok=True)
-    if stale:
-        log(f"removed {len(stale)} temporary file(s) an interrupted write left behind (e.g. {stale[0].name})")
-
-
-def _check_run_folder(run_dir: Path, *, mode: str, resume: bool) -> None:
-    """Refuse a ``--out`` that holds another run (finished or not) this one would overwrite."""
-    from modaltune.shared import checkpoint as ckpt
-
-    if mode != "run" or resume:
-        return
-    if ckpt.problem(run_dir / "checkpoint", hashes=False) is None:
-        raise ModaltuneError(
-            f"{str(run_dir)!r} already holds a finished run; choose another --out, or pass train.resume=true"
-        )
-    unfinished = _unfinished(run_dir)
-    if unfinished is not None:
-        raise ModaltuneError(f"{str(run_dir)!r} holds a run that did not finish ({unfinished}); continue it with "
-                             "train.resume=true, or choose another --out")
-
-
-def _write_failure_report(run_dir: Path, report: dict[str, Any], exc_text: str, name: str) -> None:
-    """Keep a failure's traceback in the run folder when the disk allows; else say so on stderr."""
-    try:
-        (run_dir / name).write_text(exc_text, encoding="utf-8")
-    except OSError as err:
-        print(f"[modaltune] could not write {run_dir / name} ({err.strerror}); the traceback:\n{exc_text}",
-              file=sys.stderr, flush=True)
-
-
 def execute(
     recipe_name: str,
     *,
@@ -303,7 +228,7 @@ def execute(
     """
     from modaltune.shared import checkpoint as ckpt
     from modaltune.shared import dist
-    from modaltune.shared.runlock import RunLock, check_out_folder
+    from modaltune.shared.runfolder import RunLock, check_out_folder, check_run_folder
 
     recipe = get_recipe(recipe_name)
     if mode == "eval":
@@ -330,7 +255,7 @@ def execute(
         check_out_folder(run_dir)
         lock = RunLock(run_dir).acquire()  # first: a live run's folder is refused as in use, whatever it holds
         try:
-            _check_run_folder(run_dir, mode=mode, resume=resume)
+            check_run_folder(run_dir, mode=mode, resume=resume)
         except BaseException:
             lock.release()
             raise
@@ -382,7 +307,7 @@ def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, che
     """Run the recipe, record how it ended (ok, regressed, failed, interrupted) and, on rank 0, write the report."""
     from modaltune.shared import dist
     from modaltune.shared.io import write_failure
-    from modaltune.shared.report import write_report
+    from modaltune.shared.runfolder import EXIT_REGRESSED, keep_traceback, regressions, remove_stale_temp_files
 
     run_dir, report, log = ctx.run_dir, ctx.report, ctx.log
     train_cfg = getattr(cfg, "train", None)
@@ -390,7 +315,7 @@ def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, che
     try:
         with dist.watch_ranks(run_dir):  # SIGTERM (a launcher, a scheduler) ends the work, not the report
             if dist.is_main():
-                _remove_stale_temp_files(run_dir, log)
+                remove_stale_temp_files(run_dir, log)
                 dump_yaml(cfg, run_dir / "config.yaml")
             if mode == "eval":
                 recipe.evaluate(cfg, Path(checkpoint), ctx)
@@ -410,7 +335,7 @@ def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, che
             report["status"], report["error"], code = "failed", str(exc), 1
         else:  # a bug or a library failure: keep the traceback in the run folder
             name = "traceback.txt" if dist.is_main() else f"traceback-rank{dist.rank()}.txt"
-            _write_failure_report(run_dir, report, traceback.format_exc(), name)
+            keep_traceback(run_dir, traceback.format_exc(), name)
             report["status"], code = "failed", 1
             report["error"] = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} " \
                               f"(full traceback in {run_dir / name})"
@@ -424,13 +349,16 @@ def _run_and_report(recipe: Recipe, cfg: Any, ctx: RunContext, *, mode: str, che
     if not dist.is_main():
         log.close()
         return report, code
-    return _finish(report, code, run_dir, log, started, mode, train_cfg, write_report)
+    return _finish(report, code, run_dir, log, started, mode, train_cfg)
 
 
 def _finish(report: dict[str, Any], code: int, run_dir: Path, log: Callable[[str], None], started: float, mode: str,
-            train_cfg: Any, write_report: Callable) -> tuple[dict[str, Any], int]:
+            train_cfg: Any) -> tuple[dict[str, Any], int]:
     """Rank 0's end of a run: skipped items, timing, trackers and the report; a report the disk cannot take goes
     to stderr instead."""
+    from modaltune.shared.report import write_report
+    from modaltune.shared.runfolder import FINISHED
+
     try:
         named = write_skipped(run_dir, report.get("data") or {})
         if named:
@@ -460,134 +388,6 @@ def _finish(report: dict[str, Any], code: int, run_dir: Path, log: Callable[[str
               f"{json.dumps(brief, indent=1, default=str)}", file=sys.stderr, flush=True)
     log.close()
     return report, code
-
-
-def parse_seeds(text: str, base: int) -> list[int]:
-    """``--seeds``: a count N (seeds ``base`` .. ``base+N-1``, ``base`` being the config's ``train.seed``) or an
-    explicit comma-separated list.
-
-    Example:
-        >>> parse_seeds("3", 42), parse_seeds("1,7,9", 42)
-        ([42, 43, 44], [1, 7, 9])
-    """
-    try:
-        if "," in text:
-            seeds = [int(part) for part in text.split(",") if part.strip()]
-        else:
-            seeds = [base + i for i in range(int(text))]
-    except ValueError:
-        raise ModaltuneError(f"--seeds {text!r}: give a count (--seeds 3) or a list (--seeds 1,2,3)") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ModaltuneError(f"--seeds {text!r}: give at least one seed, each once")
-    return seeds
-
-
-def execute_seeds(
-    recipe_name: str,
-    seeds: str,
-    *,
-    config: str | None = None,
-    out: str | None = None,
-    quick: bool = False,
-    overrides: list[str] | None = None,
-) -> tuple[dict[str, Any], int]:
-    """Run a recipe once per seed (``train.seed``; data splits keep their own seeds) and write a summary report.
-
-    Each seed runs in ``OUT/seed-S`` with its full report; ``OUT/report.json`` holds the spread over seeds of every
-    metric (``metrics.after_mean``, ``after_std``, ``after_min``, ``after_max``, ``after_worst``, and the same for
-    ``before``) and one row per seed. With ``train.resume=true`` a seed whose run already finished is not run again.
-
-    Returns:
-        ``(summary report, exit code)``: 0 when every seed succeeded, else the first failing seed's code.
-    """
-    from modaltune.shared import dist
-    from modaltune.shared.runlock import RunLock, check_out_folder
-
-    say = (lambda msg: print(msg, flush=True)) if dist.is_main() else (lambda msg: None)
-    recipe = get_recipe(recipe_name)
-    cfg = recipe_config(recipe, config, overrides, quick=quick, say=lambda m: None)
-    train_cfg = getattr(cfg, "train", None)
-    if train_cfg is None or not hasattr(train_cfg, "seed"):
-        raise ModaltuneError(f"recipe {recipe.name!r} has no train.seed to vary")
-    seed_list = parse_seeds(seeds, train_cfg.seed)
-    resume = bool(getattr(train_cfg, "resume", False))
-    if resume and out is None:
-        raise ModaltuneError("train.resume=true continues earlier seed runs: name their folder with --out DIR")
-    out_dir = Path(out) if out else default_run_dir(recipe.name, "seeds")
-    lock = None
-    if dist.is_main():
-        check_out_folder(out_dir)
-        lock = RunLock(out_dir).acquire()
-    try:
-        return _execute_seeds_locked(recipe, cfg, seed_list, config=config, out_dir=out_dir, quick=quick,
-                                     overrides=overrides, resume=resume, say=say)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _execute_seeds_locked(recipe: Recipe, cfg: Any, seed_list: list[int], *, config: str | None, out_dir: Path,
-                          quick: bool, overrides: list[str] | None, resume: bool,
-                          say: Callable[[str], None]) -> tuple[dict[str, Any], int]:
-    """:func:`execute_seeds` once its folder is locked."""
-    from modaltune.shared import dist
-    from modaltune.shared.report import seed_metrics, write_report
-
-    started = time.time()
-    runs, reports, code = [], [], 0
-    for i, seed in enumerate(seed_list):
-        seed_dir = out_dir / f"seed-{seed}"
-        earlier = seed_dir / "report.json"
-        if resume and earlier.is_file() and json.loads(earlier.read_text(encoding="utf-8")).get("status") in FINISHED:
-            report, seed_code = json.loads(earlier.read_text(encoding="utf-8")), 0
-            _check_same_config(report.get("config") or {}, to_dict(cfg), seed, seed_dir)
-            say(f"[modaltune] seed {seed}: finished earlier, its report is reused")
-        else:
-            say(f"[modaltune] seed {seed} ({i + 1} of {len(seed_list)}) -> {seed_dir}")
-            report, seed_code = execute(recipe.name, mode="run", config=config, out=str(seed_dir), quick=quick,
-                                        overrides=[*(overrides or []), f"train.seed={seed}"])
-        code = code or seed_code
-        reports.append(report)
-        metrics = report.get("metrics") or {}
-        runs.append({"seed": seed, "status": report.get("status"), "run_dir": str(seed_dir),
-                     "before": metrics.get("before", {}), "after": metrics.get("after", {}),
-                     "total_seconds": (report.get("timing") or {}).get("total_seconds")})
-    ok = [r for r in reports if r.get("status") in FINISHED]
-    regressed = [r["seed"] for r in runs if r["status"] == "regressed"]
-    summary: dict[str, Any] = {
-        "recipe": recipe.name,
-        "mode": "seeds",
-        "status": "failed" if len(ok) < len(reports) else "regressed" if regressed else "ok",
-        "command": "modaltune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else "",
-        "run_dir": str(out_dir),
-        "seeds": seed_list,
-        "metrics": seed_metrics(ok),
-        "runs": runs,
-        "timing": {"total_seconds": round(time.time() - started, 2)},
-        "environment": environment(),
-        "config": to_dict(cfg),
-    }
-    if regressed:
-        summary["regression"] = f"seeds {regressed} measured worse after tuning than before (their reports say how)"
-    if len(ok) < len(reports):
-        failed = [r["seed"] for r in runs if r["status"] not in FINISHED]
-        summary["error"] = f"seeds {failed} did not finish; the spread covers the {len(ok)} that did"
-    if dist.is_main():
-        write_report(out_dir, summary)
-    return summary, code
-
-
-def _check_same_config(earlier: dict, now: dict, seed: int, seed_dir: Path) -> None:
-    """A reused seed run must have run this config with this seed (``train.resume`` aside), else the summary would
-    mix runs of different configs."""
-    from modaltune.shared.provenance import config_differences
-
-    differ = config_differences(earlier, {**now, "train": {**now.get("train", {}), "seed": seed}},
-                                ignore=("train.resume",))
-    if differ:
-        shown = "; ".join(differ[:5])
-        raise ModaltuneError(f"{seed_dir} finished with another config ({shown}{'; ...' if len(differ) > 5 else ''}): "
-                             "give --out a new folder, or the same config")
 
 
 CODE_FLAGS = ("trust_remote_code",)  # config keys that let a model folder run its own code
@@ -647,7 +447,7 @@ def merge(checkpoint: str, out: str, log: Callable[[str], None] = print, overrid
     out_path = Path(out)
     if out_path.is_dir() and any(out_path.iterdir()):
         raise ModaltuneError(f"--out {out!r} exists and is not empty; choose a new folder")
-    from modaltune.shared.runlock import check_out_folder
+    from modaltune.shared.runfolder import check_out_folder
 
     check_out_folder(out_path)
     if dtype is None:

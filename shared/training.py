@@ -230,7 +230,7 @@ class CheckpointingMixin(NonFiniteGuard):
             ckpt.discard(folder)  # half written: never resumed from; its space comes back
             done = ckpt.latest_checkpoint(run_dir)  # the size of a complete one, else weights + optimizer state
             needed = ckpt.folder_bytes(done) if done is not None else ckpt.state_bytes(
-                self.owner.trained_state_dict()) + int(optimizer_state_mb(self.optimizer) * 2**20) + 2**16
+                self.owner.trained_state_dict()) + int(optimizer_state_mb(self.optimizer) * 2**20 if self.optimizer else 0) + 2**16
             if error is None:
                 error = OSError(errno.ENOSPC if (free_bytes(run_dir) or 0) < needed else errno.EIO, str(exc),
                                 str(folder))
@@ -441,7 +441,7 @@ def run_stages(
         stage_dir = run_dir / "stages" / stage.name
         final = stage_dir / "final"
         if cfg.resume and ckpt.problem(final) is None:
-            check_resume(final, ckpt.read_meta(final), config, identity, run_dir)
+            check_resume(final, ckpt.read_meta(final), config, identity)
             ckpt.load_trained(model, final)
             log(f"resume: stage {stage.name!r} finished earlier; loaded {final}")
             summaries.append({"stage": stage.name, "resumed": "finished earlier, loaded", "steps": None})
@@ -451,7 +451,7 @@ def run_stages(
         drawn = model.set_stage_trainable(stage.components, draw=f"{cfg.seed}:{stage.name}")
         resume_from = ckpt.latest_checkpoint(stage_dir, log=log) if cfg.resume else None
         if resume_from is not None:
-            check_resume(resume_from, ckpt.read_meta(resume_from), config, identity, run_dir)
+            check_resume(resume_from, ckpt.read_meta(resume_from), config, identity)
             log(f"resume: stage {stage.name!r} continues from {resume_from} (step "
                 f"{resume_from.name.split('-')[1]} of {stage.max_steps or cfg.max_steps})")
         elif cfg.resume:

@@ -29,9 +29,10 @@ from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.guards import NonFiniteError
 from modaltune.shared.lm import ModelConfig, build_text_model
 from modaltune.shared.peft import ComponentConfig
-from modaltune.shared.recipe import Recipe, execute, regressions, register_recipe
+from modaltune.shared.recipe import Recipe, execute, register_recipe
+from modaltune.shared.runfolder import regressions
 from modaltune.shared.registry import RECIPES
-from modaltune.shared.runlock import LOCK_FILE, FolderInUse, RunLock
+from modaltune.shared.runfolder import LOCK_FILE, FolderInUse, RunLock
 from modaltune.shared.training import StagePlan, TrainConfig, run_stages
 from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
 
@@ -153,7 +154,7 @@ def test_a_diverging_run_ends_failed_not_ok(tmp_path, tiny_llama, sft_data, caps
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from modaltune.shared.runlock import RunLock
+    from modaltune.shared.runfolder import RunLock
     RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(120)

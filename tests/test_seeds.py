@@ -56,7 +56,7 @@ def test_the_summary_holds_mean_std_and_worst_seed_of_every_metric(seeded):
 
 
 def test_seed_lists_and_bad_values(tmp_path, capsys):
-    from modaltune.shared.recipe import parse_seeds
+    from modaltune.shared.seeds import parse_seeds
 
     assert parse_seeds("5,1", 42) == [5, 1]
     assert main(["run", "text-sft", "--seeds", "two", "--out", str(tmp_path / "x")]) == 2
