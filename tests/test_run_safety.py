@@ -221,6 +221,20 @@ def test_out_that_is_a_file_is_refused_up_front(tmp_path, tiny_llama, sft_data, 
     assert "is a file, not a folder" in capsys.readouterr().err
 
 
+def test_out_on_a_read_only_disk_is_refused_up_front(tmp_path, tiny_llama, sft_data, capsys):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        assert _sft(tmp_path, tiny_llama, sft_data, out="ro/run") == 2
+        err = capsys.readouterr().err
+        assert "cannot be created (Read-only file system)" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 def test_merge_out_that_is_a_file_is_refused(tmp_path, tiny_llama, sft_data, capsys):
     assert _sft(tmp_path, tiny_llama, sft_data) == 0
     target = tmp_path / "merged.bin"
