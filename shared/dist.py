@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -292,6 +293,11 @@ def explain_failure(exc: BaseException, run_dir: str | os.PathLike[str]) -> Base
     if not broken:
         return exc
     dead = dead_ranks(run_dir)
+    for _ in range(50):  # a killed peer's sockets close a moment before its process is gone: wait up to 5 s
+        if dead:
+            break
+        time.sleep(0.1)
+        dead = dead_ranks(run_dir)
     who = ", ".join(f"rank {r} (PID {pid})" for r, pid in dead) + " died" if dead else \
         "another rank failed or was stopped"
     how = "the launcher stopped this rank" if stopped else f"this rank's collective broke ({text[:160]})"

@@ -109,6 +109,16 @@ def _nonfinite_rows(batch: Any) -> list[int]:
     return sorted(rows)
 
 
+def _any_rank(flag: bool, device: Any) -> bool:
+    """``flag`` of any rank (one scalar all-reduce under a launcher), so every rank skips or stops together even
+    when only one of them saw a non-finite loss."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    box = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def _skip_next_step(optimizer: Any) -> None:
     """Make the optimizer's next ``step()`` a no-op (weights and moments untouched), then restore it."""
     own = vars(optimizer).get("step")
@@ -165,7 +175,7 @@ class NonFiniteGuard:
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
         state = self._guard_state()
-        if _finite(grad_norm) and not state["losses"]:
+        if not _any_rank(not _finite(grad_norm) or bool(state["losses"]), self.args.device):  # type: ignore[attr-defined]
             state["in_a_row"] = 0
             return grad_norm
         state["in_a_row"] += 1
@@ -189,7 +199,7 @@ class NonFiniteGuard:
         if grad_norm is not None and not _finite(grad_norm):
             parts.append(f"gradient norm {float(grad_norm)}")
         if not parts:
-            parts.append("gradient norm " + str(float(grad_norm)))
+            parts.append("loss on another rank")
         items = list(dict.fromkeys(state["items"]))
         where = ""
         if items:
