@@ -37,15 +37,17 @@ def _user(content):
 
 @pytest.mark.parametrize("bad, reason", [
     ({"instruction": ["Expand", "BP"], "input": "", "output": "x"}, "instruction: expected a string, got list"),
-    ({"instruction": "Expand BP.", "output": {"text": "x"}}, "output: expected a string, got dict"),
+    ({"instruction": "Expand BP.", "output": {"text": "x"}}, "output: expected a string or a number, got dict"),
     ({"instruction": "Expand BP.", "input": ["BP"], "output": "x"}, "input: expected a string, got list"),
     ({"instruction": 5, "response": "x"}, "instruction: expected a string, got int"),
-    ({"instruction": "Expand BP.", "response": 3.5}, "response: expected a string, got float"),
+    ({"instruction": "Expand BP.", "response": True}, "response: expected a string or a number, got bool"),
+    ({"instruction": "Expand BP.", "response": float("nan")}, "response: expected a string or a number, got float"),
     ({"instruction": "Expand BP.", "context": {"c": 1}, "response": "x"}, "context: expected a string, got dict"),
     ({"instruction": "Expand BP.", "response": "x", "category": ["a"]},
      "category: expected a string or an integer, got list"),
     ({"prompt": {"text": "p"}, "completion": "x"}, "prompt: expected a string or a list of messages, got dict"),
-    ({"prompt": "p", "completion": 7}, "completion: expected a string or a list of messages, got int"),
+    ({"prompt": "p", "completion": [7]}, "malformed message (needs role and content)"),
+    ({"prompt": "p", "completion": {"a": 1}}, "completion: expected a string, a number or a list of messages, got dict"),
     (_user({"text": "hi"}), "content: expected a string or a list of content parts, got dict"),
     (_user(3), "content: expected a string or a list of content parts, got int"),
     (_user(["hi"]), "content: expected content parts (objects with a type), got str"),
@@ -60,6 +62,11 @@ def test_a_field_of_the_wrong_type_is_a_named_skip(tmp_path, bad, reason):
     assert kept == ["blood pressure", "blood pressure"]
     assert dict(skipped) == {reason: 1}
     assert skipped.names[reason] == ["rows.jsonl:2"]
+
+
+def test_a_numeric_answer_is_read_as_its_text(tmp_path):
+    kept, skipped = _sft(tmp_path, {"instruction": "What is 6 x 7?", "output": 42})
+    assert sorted(kept) == ["42", "blood pressure", "blood pressure"] and not skipped
 
 
 def test_the_field_is_named_as_the_data_names_it(tmp_path):
@@ -107,8 +114,8 @@ def test_pairs_with_an_answer_of_the_wrong_type_are_named_skips(tmp_path):
     got = sorted((p.example.messages[-1]["content"], p.example.response, p.rejected) for p in pairs["train"])
     assert got == [("Say hi", "hi", "bye"), ("Say hi", "hi", "go")]
     assert skipped["train"].names == {
-        "chosen: expected a string, got list": ["p.jsonl:2"],
-        "rejected: expected a string or a list of messages, got dict": ["p.jsonl:3"],
+        "chosen: expected a string or a number, got list": ["p.jsonl:2"],
+        "rejected: expected a string, a number or a list of messages, got dict": ["p.jsonl:3"],
         "failure: expected a string, got list": ["p.jsonl:4"],
         "content: part of type 'image_url' in a text-only recipe": ["p.jsonl:6"],
     }

@@ -11,6 +11,7 @@ belongs, an image part in a message) is such a reason, never trained on as its P
 from __future__ import annotations
 
 import dataclasses
+import math
 from importlib import resources
 from collections.abc import Callable
 from pathlib import Path
@@ -129,15 +130,18 @@ def _type_name(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def text_field(value: Any, name: str, expected: str = "a string") -> str:
+def text_field(value: Any, name: str, expected: str = "a string", *, numbers: bool = False) -> str:
     """A text field's value; raises :class:`RowSkip` ("``name``: expected a string, got list") for anything but a
-    string.
+    string, or, with ``numbers``, a finite int or float (an answer such as ``42``, read as its decimal text).
 
-    Numbers and booleans are refused too: a CSV gives every cell as a string, so a typed value in a text field comes
-    from JSON, Parquet or a dataset and most likely marks a data error (a shifted column, a label id).
+    Lists, objects and booleans are never turned into text; numbers are refused where a question or instruction
+    belongs: a CSV gives every cell as a string, so a typed number there comes from JSON, Parquet or a dataset and
+    most likely marks a data error (a shifted column, a label id).
     """
     if isinstance(value, str):
         return value
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
     raise RowSkip(f"{name}: expected {expected}, got {_type_name(value)}")
 
 
@@ -239,15 +243,15 @@ def _to_example(rid: str, row: dict[str, Any], fmt: str, columns: dict[str, str]
             {"role": "user", "content": text_field(prompt, name("prompt"), either)}]
         if isinstance(completion, list):  # conversational form: the completion is the assistant's message(s)
             return _conversation(rid, turns + _turns(completion, "role", "content", None), category)
-        return _conversation(rid, turns + [{"role": "assistant",
-                                            "content": text_field(completion, name("completion"), either)}], category)
+        return _conversation(rid, turns + [{"role": "assistant", "content": text_field(
+            completion, name("completion"), "a string, a number or a list of messages", numbers=True)}], category)
     answer_field = "output" if fmt == "alpaca" else "response"
     context_field = "input" if fmt == "alpaca" else "context"
     instruction, response = get("instruction"), get(answer_field)
     if instruction is None or response is None:
         raise RowSkip(f"missing instruction or {answer_field} field")
     instruction = text_field(instruction, name("instruction")).strip()
-    response = text_field(response, name(answer_field)).strip()
+    response = text_field(response, name(answer_field), "a string or a number", numbers=True).strip()  # 42 -> "42"
     if not instruction:
         raise RowSkip("empty instruction")
     if not response:
