@@ -285,7 +285,7 @@ def explain_failure(exc: BaseException, run_dir: str | os.PathLike[str]) -> Base
     """Under a launcher, turn the error a surviving rank sees when another rank died (the launcher's SIGTERM, a
     broken collective) into one naming the dead rank; any other error comes back as it is."""
     stopped = isinstance(exc, Stopped)
-    if world_size() <= 1:
+    if world_size() <= 1 or isinstance(exc, ModaltuneError):  # one already says what happened
         return exc
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     broken = stopped or any(word in text.lower() for word in ("connection", "closed", "peer", "gloo", "nccl",
