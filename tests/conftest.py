@@ -187,3 +187,41 @@ def vqa_files(tmp_path_factory) -> Path:
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (root / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n")
     return root
+
+
+def _lora_sft(folder, data, method="lora"):
+    """A tiny causal LM from ``folder`` with one adapter (r=4, no dropout) and the training split of ``data`` tokenised:
+    ``(model, tokenizer, dataset)``, the same initialisation every call."""
+    from modaltune.shared.lm import ModelConfig, build_text_model
+    from modaltune.shared.peft import ComponentConfig
+    from modaltune.text.data import InstructionDataConfig, PromptFormatter, TokenizedDataset, load_splits
+
+    torch.manual_seed(0)
+    model, tok, _ = build_text_model(ModelConfig(name=str(folder)), ComponentConfig(method=method, r=4, dropout=0.0),
+                                     compute_dtype=torch.float32)
+    splits = load_splits(InstructionDataConfig(source=str(data), split=[1.0, 0.0, 0.0]))
+    ds = TokenizedDataset(splits.examples["train"], PromptFormatter(tok), 256, splits.skipped["train"])
+    return model, tok, ds
+
+
+@pytest.fixture(scope="session")
+def lora_sft():
+    """The builder of a tiny LoRA model and its tokenised training split (see :func:`_lora_sft`)."""
+    return _lora_sft
+
+
+@pytest.fixture(scope="session")
+def crash():
+    """A Trainer callback class: ``crash(at)`` raises KeyboardInterrupt right after step ``at`` was logged (and
+    before any checkpoint of that step), as a user's Ctrl-C would."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def __init__(self, at):
+            self.at = at
+
+        def on_log(self, args, state, control, **kw):
+            if state.global_step == self.at:
+                raise KeyboardInterrupt
+
+    return Crash

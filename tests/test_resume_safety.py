@@ -15,10 +15,8 @@ import torch
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.training import STATE_FILE, StagePlan, TrainConfig, run_stages
-from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
-from modaltune.shared.lm import ModelConfig, build_text_model
+from modaltune.text.data import PadCollator
 
 CFG = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, scheduler="constant", warmup_ratio=0.0, save_steps=2,
                   logging_steps=4, precision="fp32", seed=3, save_total_limit=2)
@@ -58,14 +56,9 @@ KILLER = textwrap.dedent(
 )
 
 
-def _setup(folder, data):
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model, tok, _ = build_text_model(ModelConfig(name=str(folder)), ComponentConfig(method="lora", r=4, dropout=0.0),
-                                     compute_dtype=torch.float32)
-    splits = load_splits(InstructionDataConfig(source=str(data), split=[1.0, 0.0, 0.0]))
-    ds = TokenizedDataset(splits.examples["train"], PromptFormatter(tok), 256, splits.skipped["train"])
-    return model, tok, ds
+def _setup(folder, data, lora_sft):
+    torch.set_num_threads(1)  # as the killed subprocess trains, so the weights compare bit for bit
+    return lora_sft(folder, data)
 
 
 def _train(model, tok, ds, run_dir, cfg, **kw):
@@ -74,11 +67,11 @@ def _train(model, tok, ds, run_dir, cfg, **kw):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_llama, sft_data):
+def straight(tmp_path_factory, tiny_llama, sft_data, lora_sft):
     """An uninterrupted run: its final trained weights, stage summary and run folder."""
     threads = torch.get_num_threads()
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = _setup(tiny_llama, sft_data, lora_sft)
     result = _train(model, tok, ds, run_dir, CFG)
     torch.set_num_threads(threads)
     return model.trained_state_dict(), result.stages[0], run_dir
@@ -86,7 +79,7 @@ def straight(tmp_path_factory, tiny_llama, sft_data):
 
 @pytest.mark.parametrize("where", ["_save_optimizer_and_scheduler", "_save_rng_state"])
 def test_a_kill_inside_the_save_window_resumes_from_the_checkpoint_before(tmp_path, tiny_llama, sft_data,
-                                                                          straight, where):
+                                                                          straight, where, lora_sft):
     run_dir = tmp_path / "run"
     cfg_json = json.dumps(dataclasses.asdict(CFG))
     proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_llama), str(sft_data), str(run_dir), "4", where,
@@ -99,7 +92,7 @@ def test_a_kill_inside_the_save_window_resumes_from_the_checkpoint_before(tmp_pa
     assert ckpt.problem(stage_dir / "checkpoint-2") is None
 
     lines: list[str] = []
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = _setup(tiny_llama, sft_data, lora_sft)
     resumed = _train(model, tok, ds, run_dir, dataclasses.replace(CFG, resume=True), log=lines.append)
     assert resumed.stages[0]["resumed_from"].endswith("checkpoint-2")
     assert len(lines) == 2 and "checkpoint-4" in lines[0] and "marker" in lines[0]

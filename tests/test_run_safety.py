@@ -21,32 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.cli import main
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.guards import NonFiniteError
-from modaltune.shared.lm import ModelConfig, build_text_model
-from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.recipe import Recipe, execute, register_recipe
 from modaltune.shared.runfolder import regressions
 from modaltune.shared.registry import RECIPES
 from modaltune.shared.runfolder import LOCK_FILE, FolderInUse, RunLock
 from modaltune.shared.training import StagePlan, TrainConfig, run_stages
-from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
+from modaltune.text.data import PadCollator
 
 CFG = TrainConfig(max_steps=8, batch_size=4, lr=1e-2, scheduler="constant", warmup_ratio=0.0, save_steps=2,
                   logging_steps=1, precision="fp32", seed=3, report_to=[])
-
-
-def _setup(folder, data):
-    torch.manual_seed(0)
-    model, tok, _ = build_text_model(ModelConfig(name=str(folder)), ComponentConfig(method="lora", r=4, dropout=0.0),
-                                     compute_dtype=torch.float32)
-    splits = load_splits(InstructionDataConfig(source=str(data), split=[1.0, 0.0, 0.0]))
-    ds = TokenizedDataset(splits.examples["train"], PromptFormatter(tok), 256, splits.skipped["train"])
-    return model, tok, ds
 
 
 def _train(model, tok, ds, run_dir, cfg, *, config=None, **kw):
@@ -80,8 +68,8 @@ def _all_finite(state):
 # --- 1. non-finite steps ------------------------------------------------------------------------------------------
 
 def test_a_nan_loss_stops_the_stage_naming_step_and_item_and_keeps_the_good_checkpoint(tmp_path, tiny_llama,
-                                                                                       sft_data):
-    model, tok, ds = _setup(tiny_llama, sft_data)
+                                                                                       sft_data, lora_sft):
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     bad = _poison(model, tok, ds, 7)
     with pytest.raises(NonFiniteError) as err:
         _train(model, tok, ds, tmp_path / "run", CFG)
@@ -97,8 +85,8 @@ def test_a_nan_loss_stops_the_stage_naming_step_and_item_and_keeps_the_good_chec
     assert not (tmp_path / "run" / "checkpoint").exists()  # no final checkpoint of a ruined run
 
 
-def test_nonfinite_patience_skips_the_update_and_the_run_goes_on(tmp_path, tiny_llama, sft_data):
-    model, tok, ds = _setup(tiny_llama, sft_data)
+def test_nonfinite_patience_skips_the_update_and_the_run_goes_on(tmp_path, tiny_llama, sft_data, lora_sft):
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     _poison(model, tok, ds, 7)  # one epoch of 8 steps: the poisoned example is in exactly one batch
     lines: list[str] = []
     result = _train(model, tok, ds, tmp_path / "run", dataclasses.replace(CFG, nonfinite_patience=1),
@@ -246,24 +234,13 @@ def test_merge_out_that_is_a_file_is_refused(tmp_path, tiny_llama, sft_data, cap
 
 # --- 3. resume checks provenance -----------------------------------------------------------------------------------
 
-class Crash(TrainerCallback):
-    """Dies right after step ``at`` was logged (and before any checkpoint of that step)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_log(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture()
-def killed_run(tmp_path, tiny_llama, sft_data):
+def killed_run(tmp_path, tiny_llama, sft_data, lora_sft, crash):
     """A run (seed 3) killed after step 5: complete checkpoints at steps 2 and 4."""
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     config = {"train": dataclasses.asdict(CFG), "data": {"source": str(sft_data)}}
     with pytest.raises(KeyboardInterrupt):
-        _train(model, tok, ds, tmp_path / "run", CFG, config=config, callbacks=[Crash(5)])
+        _train(model, tok, ds, tmp_path / "run", CFG, config=config, callbacks=[crash(5)])
     return tmp_path / "run", config
 
 
@@ -273,9 +250,9 @@ def killed_run(tmp_path, tiny_llama, sft_data):
     ("data", "training data of stage 'sft'"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(killed_run, tiny_llama, sft_data,
-                                                                             change, named):
+                                                                             change, named, lora_sft):
     run_dir, config = killed_run
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     cfg = dataclasses.replace(CFG, resume=True)
     if change == "seed":
         cfg = dataclasses.replace(cfg, seed=7)
@@ -291,9 +268,9 @@ def test_resume_refuses_a_checkpoint_of_another_run_and_names_the_difference(kil
     assert ckpt.problem(run_dir / "stages" / "sft" / "checkpoint-4") is None  # nothing of the other run was touched
 
 
-def test_resume_of_the_same_run_says_where_it_continues(killed_run, tiny_llama, sft_data):
+def test_resume_of_the_same_run_says_where_it_continues(killed_run, tiny_llama, sft_data, lora_sft):
     run_dir, config = killed_run
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     cfg = dataclasses.replace(CFG, resume=True, logging_steps=2)  # how it logs is not what it trains
     lines: list[str] = []
     result = _train(model, tok, ds, run_dir, cfg, config={**config, "train": dataclasses.asdict(cfg)},
@@ -302,10 +279,10 @@ def test_resume_of_the_same_run_says_where_it_continues(killed_run, tiny_llama, 
     assert any("continues from" in line and "checkpoint-4 (step 4 of 8)" in line for line in lines)
 
 
-def test_resume_from_takes_another_runs_weights_as_a_new_run(killed_run, tmp_path, tiny_llama, sft_data):
+def test_resume_from_takes_another_runs_weights_as_a_new_run(killed_run, tmp_path, tiny_llama, sft_data, lora_sft):
     run_dir, config = killed_run
     source = run_dir / "stages" / "sft" / "checkpoint-4"
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     cfg = dataclasses.replace(CFG, seed=7, lr=0.0, resume_from=str(source))  # lr 0: the weights stay as loaded
     lines: list[str] = []
     _train(model, tok, ds, tmp_path / "new", cfg, config={"train": dataclasses.asdict(cfg)}, log=lines.append)

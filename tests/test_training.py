@@ -7,37 +7,14 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from modaltune.shared import checkpoint as ckpt
-from modaltune.shared.peft import ComponentConfig
 from modaltune.shared.training import StagePlan, TrainConfig, run_stages
-from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter, TokenizedDataset, load_splits
-from modaltune.shared.lm import ModelConfig, build_text_model
-
-
-def _setup(folder, data, method="lora"):
-    torch.manual_seed(0)
-    model, tok, _ = build_text_model(ModelConfig(name=str(folder)), ComponentConfig(method=method, r=4, dropout=0.0),
-                                     compute_dtype=torch.float32)
-    splits = load_splits(InstructionDataConfig(source=str(data), split=[1.0, 0.0, 0.0]))
-    ds = TokenizedDataset(splits.examples["train"], PromptFormatter(tok), 256, splits.skipped["train"])
-    return model, tok, ds
+from modaltune.text.data import PadCollator
 
 
 CFG = TrainConfig(max_steps=6, batch_size=4, lr=1e-2, scheduler="constant", warmup_ratio=0.0, save_steps=2,
                   logging_steps=1, precision="fp32", seed=3)
-
-
-class Crash(TrainerCallback):
-    """Dies right after step ``at`` was logged (and before any checkpoint of that step)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_log(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt
 
 
 def _train(model, tok, ds, run_dir, cfg, **kw):
@@ -45,15 +22,15 @@ def _train(model, tok, ds, run_dir, cfg, **kw):
                       component_lrs={}, checkpoint_meta={"recipe": "test"}, **kw)
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_llama, sft_data):
-    model, tok, ds = _setup(tiny_llama, sft_data)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_llama, sft_data, lora_sft, crash):
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     straight = _train(model, tok, ds, tmp_path / "a", CFG)
     assert straight.stages[0]["steps"] == 6
     want = model.trained_state_dict()
 
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     with pytest.raises(KeyboardInterrupt):
-        _train(model, tok, ds, tmp_path / "b", CFG, callbacks=[Crash(5)])
+        _train(model, tok, ds, tmp_path / "b", CFG, callbacks=[crash(5)])
     stage_dir = tmp_path / "b" / "stages" / "sft"
     assert ckpt.latest_checkpoint(stage_dir).name == "checkpoint-4"
     logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -63,7 +40,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_llama,
     (stage_dir / "checkpoint-5" / ckpt.WEIGHTS).write_bytes(b"partial")
     assert ckpt.latest_checkpoint(stage_dir).name == "checkpoint-4"
 
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     resumed = _train(model, tok, ds, tmp_path / "b", dataclasses.replace(CFG, resume=True))
     assert resumed.stages[0]["resumed_from"].endswith("checkpoint-4")
     assert resumed.stages[0]["steps"] == 6
@@ -74,17 +51,17 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_llama,
     assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == 6
 
 
-def test_resume_restores_optimizer_state(tmp_path, tiny_llama, sft_data):
-    model, tok, ds = _setup(tiny_llama, sft_data)
+def test_resume_restores_optimizer_state(tmp_path, tiny_llama, sft_data, lora_sft, crash):
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     with pytest.raises(KeyboardInterrupt):
-        _train(model, tok, ds, tmp_path / "r", CFG, callbacks=[Crash(3)])
+        _train(model, tok, ds, tmp_path / "r", CFG, callbacks=[crash(3)])
     saved = torch.load(tmp_path / "r" / "stages" / "sft" / "checkpoint-2" / "optimizer.pt", weights_only=True)
     steps = {int(s["step"]) for s in saved["state"].values()}
     assert steps == {2}
 
 
-def test_stages_train_only_their_components_and_keep_all_trained_weights(tmp_path, tiny_llama, sft_data):
-    model, tok, ds = _setup(tiny_llama, sft_data)
+def test_stages_train_only_their_components_and_keep_all_trained_weights(tmp_path, tiny_llama, sft_data, lora_sft):
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     first = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = dataclasses.replace(CFG, max_steps=2)
     with pytest.raises(Exception, match="nothing to train"):
@@ -97,7 +74,7 @@ def test_stages_train_only_their_components_and_keep_all_trained_weights(tmp_pat
     )
     assert [s["stage"] for s in result.stages] == ["one", "two"]
     assert ckpt.is_complete(tmp_path / "s" / "stages" / "one" / "final")
-    fresh, _, _ = _setup(tiny_llama, sft_data)
+    fresh, _, _ = lora_sft(tiny_llama, sft_data)
     ckpt.load_trained(fresh, result.checkpoint)  # the final checkpoint holds every trained tensor
     for name, tensor in model.trained_state_dict().items():
         assert torch.equal(dict(fresh.named_parameters())[name].detach(), tensor)
@@ -105,12 +82,12 @@ def test_stages_train_only_their_components_and_keep_all_trained_weights(tmp_pat
     assert changed and set(changed) <= model.trained_names
 
 
-def test_component_learning_rates_make_their_own_groups(tmp_path, tiny_llama, sft_data):
+def test_component_learning_rates_make_their_own_groups(tmp_path, tiny_llama, sft_data, lora_sft):
     from transformers import TrainingArguments
 
     from modaltune.shared.training import ModaltuneTrainer
 
-    model, tok, ds = _setup(tiny_llama, sft_data)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
     trainer = ModaltuneTrainer(
         model=model, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.1,
                                             use_cpu=True, report_to=[]),
@@ -123,22 +100,22 @@ def test_component_learning_rates_make_their_own_groups(tmp_path, tiny_llama, sf
     assert n_opt == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_gemma, sft_data):
-    model, tok, ds = _setup(tiny_gemma, sft_data, method="dora")
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_gemma, sft_data, lora_sft):
+    model, tok, ds = lora_sft(tiny_gemma, sft_data, method="dora")
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     ckpt.save_checkpoint(model, tmp_path / "c", meta={"recipe": "t"})
     assert ckpt.is_complete(tmp_path / "c") and (tmp_path / "c" / "adapter" / "llm" / "adapter_config.json").exists()
-    fresh, _, _ = _setup(tiny_gemma, sft_data, method="dora")
+    fresh, _, _ = lora_sft(tiny_gemma, sft_data, method="dora")
     ids = torch.tensor([ds[0]["input_ids"]])
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
         ckpt.load_trained(fresh, tmp_path / "c")
         assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
-    other, _, _ = _setup(tiny_gemma, sft_data, method="lora")
+    other, _, _ = lora_sft(tiny_gemma, sft_data, method="lora")
     with pytest.raises(Exception, match="does not fit"):
         ckpt.load_trained(other, tmp_path / "c")
 
