@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from modaltune.audio.augment import AugmentConfig, make_views
 from modaltune.audio.data import Clip, ClipFilter, builtin_general_set, check_columns, read_manifest, validate
@@ -41,7 +41,7 @@ class ASRDataConfig:
     validation_fraction: float = doc(0.1, "fraction of training clips held out for validation loss")
     split_seed: int = doc(0, "seed of the validation split")
     max_seconds: float = doc(30.0, "clips longer than this (Whisper's window) are skipped or split")
-    long_clips: str = doc("skip", "skip | split (split needs per-row segment timestamps)")
+    long_clips: Literal["skip", "split"] = doc("skip", "skip | split (split needs per-row segment timestamps)")
     silence_rms: float = doc(1e-4, "clips quieter than this RMS level count as silence and are skipped")
     min_seconds: float = doc(0.1, "clips shorter than this (a few 20 ms encoder frames) are skipped")
     root_only: bool = doc(False, "skip audio paths that lead outside the manifest's folder (absolute, .., links); "
@@ -56,8 +56,6 @@ class ASRDataConfig:
     terms: str | None = doc("builtin:medical", "domain term list for term recall and prompt biasing (file: one per line)")
 
     def validate(self, where: str) -> None:
-        if self.long_clips not in {"skip", "split"}:
-            raise ConfigError(f"{where}.long_clips must be skip or split")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ConfigError(f"{where}.validation_fraction must be in [0, 0.5)")
         check_columns(self.columns, where)

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -301,5 +300,3 @@ def check_columns(columns: dict[str, str], where: str) -> None:
     if unknown:
         raise ConfigError(f"{where}.columns: unknown field(s) {sorted(unknown)}; map 'audio' and 'text'")
 
-
-LongClips = Literal["skip", "split"]

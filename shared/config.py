@@ -112,6 +112,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: `cache.mode=off` means "off"
         if value not in choices:
             raise ConfigError(
                 f"{path}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"

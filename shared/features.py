@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import dataclasses
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modaltune.shared.config import ConfigError, doc
+from modaltune.shared.config import doc
 from modaltune.shared.errors import DataError
 
 
@@ -33,14 +33,10 @@ from modaltune.shared.errors import DataError
 class CacheConfig:
     """The encoder-feature cache of a recipe."""
 
-    mode: str = doc("auto", "auto: on whenever the encoder's lower part is frozen (and, for Whisper, SpecAugment is "
+    mode: Literal["auto", "off"] = doc("auto", "auto: on whenever the encoder's lower part is frozen (and, for Whisper, SpecAugment is "
                             "off) | off: the encoder runs on every step")
     dir: str | None = doc(None, "also keep encoder states on disk here (keyed by input content, encoder weights, "
                                 "preprocessing and depth), so later runs load them")
-
-    def validate(self, where: str) -> None:
-        if self.mode not in {"auto", "off"}:
-            raise ConfigError(f"{where}.mode must be auto or off")
 
 
 @runtime_checkable

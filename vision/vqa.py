@@ -13,12 +13,12 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_composed, to_device
-from modaltune.shared.config import ConfigError, doc
+from modaltune.shared.config import doc
 from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache
 from modaltune.shared.preference import PairedDataset
@@ -33,7 +33,7 @@ from modaltune.vision.images import load_image
 class VQADataConfig:
     """Caption and VQA data."""
 
-    layout: str = doc("easy-vqa", "easy-vqa | vqa-rad | slake | pathvqa | jsonl")
+    layout: Literal["easy-vqa", "vqa-rad", "slake", "pathvqa", "jsonl"] = doc("easy-vqa", "easy-vqa | vqa-rad | slake | pathvqa | jsonl")
     train: str | None = doc(None, "training questions file (JSON/JSONL in the layout's format)")
     test: str | None = doc(None, "test questions file")
     image_dir: str | None = doc(None, "folder the question files name images in")
@@ -49,24 +49,16 @@ class VQADataConfig:
     max_length: int = doc(128, "examples longer than this many tokens (visual tokens excluded) are dropped")
     root_only: bool = doc(False, "skip images whose paths lead outside their image folder (absolute, .., links); "
                                  "turn on for question files from others")
-    balance_closed: str = doc(
+    balance_closed: Literal["none", "answer", "presence"] = doc(
         "none", "balance the closed training questions (seeded downsampling of the larger class): none | answer "
                "(as many yes as no) | presence (as many 'the asked thing is there' as 'it is not', reading "
                "negations: 'is there not a ...? no' means present)")
 
-    closed_rationale: str = doc(
+    closed_rationale: Literal["none", "caption"] = doc(
         "none", "closed questions are answered after saying what the image shows: none | caption (the image's "
                 "caption, then the answer: 'A red circle. Answer: no'); needs captions of the VQA images (easy-vqa "
                 "derives them; a caption file naming the same images works); questions whose image has none keep "
                 "the plain answer, counted in the report")
-
-    def validate(self, where: str) -> None:
-        if self.closed_rationale not in {"none", "caption"}:
-            raise ConfigError(f"{where}.closed_rationale must be none or caption, got {self.closed_rationale!r}")
-        if self.layout not in {"easy-vqa", "vqa-rad", "slake", "pathvqa", "jsonl"}:
-            raise ConfigError(f"{where}.layout must be easy-vqa, vqa-rad, slake, pathvqa or jsonl")
-        if self.balance_closed not in {"none", "answer", "presence"}:
-            raise ConfigError(f"{where}.balance_closed must be none, answer or presence, got {self.balance_closed!r}")
 
 
 @dataclasses.dataclass
