@@ -22,7 +22,7 @@ from modaltune.audio.whisper import label_ids
 from modaltune.shared.config import ConfigError, doc
 from modaltune.shared.errors import DataError
 from modaltune.shared.features import CacheConfig, FeatureCache
-from modaltune.shared.harness import grouped_bars
+from modaltune.shared.plots import grouped_bars
 from modaltune.shared.io import seeded_split
 from modaltune.shared.skips import Skips, add_to_summary
 from modaltune.shared.training import autocast_dtype

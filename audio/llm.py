@@ -436,7 +436,7 @@ def pair_task_items(items: dict[str, list[dict]]) -> list[dict]:
 def task_plots(run_dir: Path, columns: dict) -> list[dict]:
     """A grouped bar chart of WER and order scores per column (cascade, untrained, trained, trained with the audio
     shuffled)."""
-    from modaltune.shared.harness import grouped_bars
+    from modaltune.shared.plots import grouped_bars
 
     shown = {**columns}
     if "after" in columns:

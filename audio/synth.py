@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from modaltune.shared.errors import DataError, ModaltuneError
 
@@ -190,8 +191,8 @@ def speak(text: str, voice: str, *, speed_wpm: int = 165, pitch: int = 50, path:
     Raises:
         ModaltuneError: espeak-ng is missing or fails.
     """
-    import soundfile as sf
-    import soxr
+    import soundfile as sf  # lazy: the audio extra (modaltune[audio])
+    import soxr  # lazy: the audio extra
 
     exe = _espeak()
     path = Path(path)
@@ -412,26 +413,11 @@ def build_dictation_set(
     Raises:
         ModaltuneError: espeak-ng or a voice is missing, the parameters are invalid, or ``out_dir`` holds other files.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir).expanduser().resolve()
     train_voices = list(DEFAULT_TRAIN_VOICES if train_voices is None else train_voices)
     test_voices = list(DEFAULT_TEST_VOICES if test_voices is None else test_voices)
-    if min(n_train, n_test, n_general) < 0 or n_train + n_test + n_general == 0:
-        raise ModaltuneError(f"build_dictation_set: n_train={n_train}, n_test={n_test}, n_general={n_general}; "
-                             "all >= 0 and at least one > 0")
-    for name, values in (("train_voices", train_voices), ("test_voices", test_voices),
-                         ("speeds", speeds), ("pitches", pitches)):
-        if not values:
-            raise ModaltuneError(f"build_dictation_set: {name} is empty; give at least one")
-    shared = sorted(set(train_voices) & set(test_voices))
-    if shared:
-        raise ModaltuneError(f"build_dictation_set: voices {shared} are in both splits; the test voices must be unseen")
-    if workers < 1:
-        raise ModaltuneError(f"build_dictation_set: workers={workers}; use 1 or more")
-    if len(silence) != 2 or not 0 <= silence[0] <= silence[1] <= 5:
-        raise ModaltuneError(
-            f"build_dictation_set: silence={list(silence)}; give [min, max] seconds with 0 <= min <= max <= 5")
+    _check_build(n_train, n_test, n_general, train_voices=train_voices, test_voices=test_voices, speeds=speeds,
+                 pitches=pitches, silence=silence, workers=workers)
     params = {
         "format": BUILD_FORMAT, "n_train": n_train, "n_test": n_test, "n_general": n_general, "seed": seed,
         "train_voices": train_voices, "test_voices": test_voices,
@@ -457,37 +443,75 @@ def build_dictation_set(
     tmp.mkdir()
     start = time.perf_counter()
     try:
-        rows: dict[str, dict[str, Any]] = {}
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_synthesise, job, tmp) for job in jobs]
-            bar = tqdm(as_completed(futures), total=len(futures), desc="espeak-ng dictation", unit="clip",
-                       disable=not progress)
-            for future in bar:
-                row = future.result()
-                rows[row["id"]] = row
-        counts, seconds = {}, {}
-        for split in ("train", "test"):
-            split_rows = [rows[job.id] for job in jobs if job.split == split]
-            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows)
-            (tmp / f"{split}.jsonl").write_text(lines, encoding="utf-8")
-            counts[split] = len(split_rows)
-            seconds[split] = round(sum(row["duration"] for row in split_rows), 2)
-        (tmp / "wav" / "train").mkdir(parents=True, exist_ok=True)
-        (tmp / "wav" / "test").mkdir(parents=True, exist_ok=True)
-        build = {"params": params, "counts": counts, "seconds": seconds,
-                 "build_seconds": round(time.perf_counter() - start, 1), "espeak_ng": _espeak_version()}
-        (tmp / "BUILD.json").write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # an earlier build (other parameters) or an empty folder: swap it out, then delete it
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        rows = _synthesise_all(jobs, tmp, workers=workers, progress=progress)
+        _write_build(tmp, jobs, rows, params, start)
+        _swap_into_place(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifests
+
+
+def _check_build(n_train: int, n_test: int, n_general: int, *, train_voices: list[str], test_voices: list[str],
+                 speeds: Sequence[int], pitches: Sequence[int], silence: Sequence[float], workers: int) -> None:
+    """Refuse parameters :func:`build_dictation_set` cannot build from (before any file is touched)."""
+    if min(n_train, n_test, n_general) < 0 or n_train + n_test + n_general == 0:
+        raise ModaltuneError(f"build_dictation_set: n_train={n_train}, n_test={n_test}, n_general={n_general}; "
+                             "all >= 0 and at least one > 0")
+    for name, values in (("train_voices", train_voices), ("test_voices", test_voices),
+                         ("speeds", speeds), ("pitches", pitches)):
+        if not values:
+            raise ModaltuneError(f"build_dictation_set: {name} is empty; give at least one")
+    shared = sorted(set(train_voices) & set(test_voices))
+    if shared:
+        raise ModaltuneError(f"build_dictation_set: voices {shared} are in both splits; the test voices must be unseen")
+    if workers < 1:
+        raise ModaltuneError(f"build_dictation_set: workers={workers}; use 1 or more")
+    if len(silence) != 2 or not 0 <= silence[0] <= silence[1] <= 5:
+        raise ModaltuneError(
+            f"build_dictation_set: silence={list(silence)}; give [min, max] seconds with 0 <= min <= max <= 5")
+
+
+def _synthesise_all(jobs: list[_Job], tmp: Path, *, workers: int, progress: bool) -> dict[str, dict[str, Any]]:
+    """Speak every planned clip into ``tmp`` (``workers`` espeak-ng processes at once); manifest row by clip id."""
+    rows: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_synthesise, job, tmp) for job in jobs]
+        bar = tqdm(as_completed(futures), total=len(futures), desc="espeak-ng dictation", unit="clip",
+                   disable=not progress)
+        for future in bar:
+            row = future.result()
+            rows[row["id"]] = row
+    return rows
+
+
+def _write_build(tmp: Path, jobs: list[_Job], rows: dict[str, dict[str, Any]], params: dict[str, Any],
+                 start: float) -> None:
+    """The manifests (rows in plan order) and ``BUILD.json`` (parameters, counts, durations) of a build in ``tmp``."""
+    counts, seconds = {}, {}
+    for split in ("train", "test"):
+        split_rows = [rows[job.id] for job in jobs if job.split == split]
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in split_rows)
+        (tmp / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+        counts[split] = len(split_rows)
+        seconds[split] = round(sum(row["duration"] for row in split_rows), 2)
+    (tmp / "wav" / "train").mkdir(parents=True, exist_ok=True)
+    (tmp / "wav" / "test").mkdir(parents=True, exist_ok=True)
+    build = {"params": params, "counts": counts, "seconds": seconds,
+             "build_seconds": round(time.perf_counter() - start, 1), "espeak_ng": _espeak_version()}
+    (tmp / "BUILD.json").write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished build ``tmp`` to ``out``; an earlier build there (other parameters) or an empty folder
+    is swapped out first, then deleted."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _espeak_version() -> str:

@@ -27,6 +27,10 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
+from tokenizers import AddedToken
+from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                          WhisperProcessor, WhisperTokenizer)
 
 from modaltune.shared.errors import ModaltuneError
 
@@ -334,9 +338,6 @@ def _build_tokenizer(folder: Path, vocab_size: int):
     rest of the model's vocabulary come from ``vocabulary.txt`` (one token per line, line i = id i) or, without it,
     from Whisper's 0.02 s grid. They are added as normal (non-special) tokens, as on the hub.
     """
-    from tokenizers import AddedToken
-    from transformers import WhisperTokenizer
-
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():
         raise CT2FormatError(f"{tok_file}: missing; a CT2 Whisper folder needs model.bin, config.json and "
@@ -385,8 +386,6 @@ def _generation_config(
     cfg: dict, tokenizer, *, vocab_size: int, max_target_positions: int, multilingual: bool, cfg_path: Path
 ):
     """Whisper's generation settings (prompt tokens, suppression lists, languages) from the CT2 ``config.json``."""
-    from transformers import GenerationConfig
-
     def tid(token: str) -> int:
         idx = tokenizer.convert_tokens_to_ids(token)
         if idx is None or idx == tokenizer.unk_token_id and token != tokenizer.unk_token:
@@ -443,9 +442,6 @@ def ct2_to_transformers(
     Raises:
         CT2FormatError: The files are malformed, or a CT2 variable or model parameter is left unmapped (listed).
     """
-    import torch
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CT2FormatError(f"{out_dir}: exists and is not an empty folder; convert {name} into a new or empty one")
@@ -456,20 +452,42 @@ def ct2_to_transformers(
                              "model")
     cfg_path = model_dir / "config.json"
     cfg = _read_json(cfg_path)
-    weights = _Weights(variables, meta["aliases"], bin_path)
-    sd, facts = _state_dict(weights)
-    if weights.left:
-        raise CT2FormatError(f"{bin_path}: {len(weights.left)} CT2 variables were not mapped to {name}: "
-                             f"{', '.join(sorted(weights.left)[:20])}; this converter does not know that layout")
+    sd, facts = _mapped_weights(variables, meta["aliases"], bin_path, name)
     vocab = facts["vocab_size"]
     if multilingual is None:
         multilingual = vocab >= 51865
     tokenizer = _build_tokenizer(model_dir, vocab)
     generation = _generation_config(cfg, tokenizer, vocab_size=vocab, multilingual=multilingual, cfg_path=cfg_path,
                                     max_target_positions=facts["max_target_positions"])
+    model = _load_model(_whisper_config(facts, generation), sd, bin_path, name)
+    model.generation_config = generation
+    model.eval()
 
-    config = WhisperConfig(
-        vocab_size=vocab, num_mel_bins=facts["num_mel_bins"], d_model=facts["d_model"],
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    processor = WhisperProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=facts["num_mel_bins"]), tokenizer=tokenizer
+    )
+    processor.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _mapped_weights(variables: dict[str, np.ndarray], aliases: dict[str, str], bin_path: Path,
+                    name: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The CT2 file's variables under transformers' parameter names, and the model sizes they imply; every CT2
+    variable must be mapped."""
+    weights = _Weights(variables, aliases, bin_path)
+    sd, facts = _state_dict(weights)
+    if weights.left:
+        raise CT2FormatError(f"{bin_path}: {len(weights.left)} CT2 variables were not mapped to {name}: "
+                             f"{', '.join(sorted(weights.left)[:20])}; this converter does not know that layout")
+    return sd, facts
+
+
+def _whisper_config(facts: dict[str, int], generation: GenerationConfig) -> WhisperConfig:
+    """The transformers config of the converted model: its sizes, and the special tokens of its generation config."""
+    return WhisperConfig(
+        vocab_size=facts["vocab_size"], num_mel_bins=facts["num_mel_bins"], d_model=facts["d_model"],
         encoder_layers=facts["encoder_layers"], decoder_layers=facts["decoder_layers"],
         encoder_attention_heads=facts["encoder_attention_heads"],
         decoder_attention_heads=facts["decoder_attention_heads"],
@@ -479,6 +497,12 @@ def ct2_to_transformers(
         eos_token_id=generation.eos_token_id, pad_token_id=generation.pad_token_id,
         begin_suppress_tokens=generation.begin_suppress_tokens, tie_word_embeddings=True,
     )
+
+
+def _load_model(config: WhisperConfig, sd: dict[str, np.ndarray], bin_path: Path,
+                name: str) -> WhisperForConditionalGeneration:
+    """The model built from ``config`` with the mapped weights (float32) loaded; every parameter must be set with
+    its expected shape, and ``proj_out`` ends tied to the decoder's embeddings."""
     with torch.device("meta"):
         model = WhisperForConditionalGeneration(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "proj_out.weight"}  # tied
@@ -499,13 +523,4 @@ def ct2_to_transformers(
     if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():
         raise CT2FormatError(f"{name}: proj_out is not tied to embed_tokens after loading; transformers changed how "
                              "Whisper ties weights")
-    model.generation_config = generation
-    model.eval()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    processor = WhisperProcessor(
-        feature_extractor=WhisperFeatureExtractor(feature_size=facts["num_mel_bins"]), tokenizer=tokenizer
-    )
-    processor.save_pretrained(str(out_dir))
-    return out_dir
+    return model

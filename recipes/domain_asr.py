@@ -23,7 +23,8 @@ from modaltune.shared import dist
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.features import CacheConfig
-from modaltune.shared.harness import data_line, measure_before, merged, metric_line, pair_items, timed
+from modaltune.shared.harness import data_line, measure_before, metric_line, pair_items, timed
+from modaltune.shared.merge import merged
 from modaltune.shared.peft import LORA_FAMILY, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages

@@ -18,9 +18,10 @@ from modaltune.recipes.text_sft import TextSFT, _param_line
 from modaltune.shared.combine import CombineConfig, combine_folders
 from modaltune.shared.config import doc, to_dict
 from modaltune.shared.errors import ConfigError
-from modaltune.shared.harness import grouped_bars, metric_line, pair_items, timed
+from modaltune.shared.harness import metric_line, pair_items, timed
 from modaltune.shared.lm import ModelConfig
 from modaltune.shared.peft import LORA_FAMILY, ComponentConfig
+from modaltune.shared.plots import grouped_bars
 from modaltune.shared.recipe import RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, resolve_precision, run_stages
 from modaltune.text.data import InstructionDataConfig, PadCollator, PromptFormatter

@@ -14,9 +14,9 @@ from modaltune.shared import dist
 from modaltune.shared.config import doc, to_dict
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.dylora import measure_ranks
-from modaltune.shared.harness import (data_line, deploy_generation_config, measure_before, merged, metric_line,
-                                      pair_items, timed)
+from modaltune.shared.harness import data_line, measure_before, metric_line, pair_items, timed
 from modaltune.shared.lm import ModelConfig, build_text_model
+from modaltune.shared.merge import deploy_generation_config, merged
 from modaltune.shared.peft import PROMPT_METHODS, ComponentConfig
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages

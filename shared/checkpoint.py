@@ -13,7 +13,7 @@ A checkpoint folder holds:
   whose files were truncated or altered afterwards, is recognised and never loaded or resumed from.
 
 Loading rebuilds the model from the saved config and copies the tensors in, refusing any missing or unexpected key.
-A checkpoint is data: nothing in it decides to run code (see :func:`modaltune.shared.recipe.checkpoint_config`).
+A checkpoint is data: nothing in it decides to run code (see :func:`modaltune.shared.trust.checkpoint_config`).
 """
 
 from __future__ import annotations

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 from modaltune.shared.errors import ModaltuneError
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``modaltune`` argument parser: one sub-command per action."""
     p = argparse.ArgumentParser(
         prog="modaltune",
         description="Fine-tune multimodal and speech models with parameter-efficient methods.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_eval, _add_merge, _add_combine, _add_config, _add_generate, _add_zoo):
+        add(sub)
+    sub.add_parser("recipes", help="list recipes and their config files")
+    return p
 
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    """``modaltune run``."""
     run = sub.add_parser("run", help="train a recipe and write a report", description="Train a recipe, evaluate "
                          "before and after, and write report.json/md/html into the run folder. `modaltune run RECIPE "
                          "--help` also lists every config key.", add_help=False)
@@ -29,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                           "summary report with mean, std and worst seed of every metric")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50")
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """``modaltune eval``."""
     ev = sub.add_parser("eval", help="evaluate a checkpoint against its base model",
                         description="Evaluate a checkpoint (and its base model, side by side) on the test split.")
     ev.add_argument("recipe", help="recipe name")
@@ -36,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="report folder (default: runs/RECIPE-eval-TIMESTAMP)")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.max_examples=50")
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    """``modaltune merge``."""
     merge = sub.add_parser("merge", help="merge adapters into a plain transformers model folder",
                            description="Merge a checkpoint's adapters into its base model; the result loads with "
                            "plain transformers.")
@@ -47,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="config overrides, e.g. model.name=DIR (the base model's folder on this machine) or "
                             "model.trust_remote_code=true (never taken from the checkpoint)")
 
+
+def _add_combine(sub: argparse._SubParsersAction) -> None:
+    """``modaltune combine``."""
     comb = sub.add_parser("combine", help="combine task adapters into one PEFT adapter (cat/linear/svd/ties/dare)",
                           description="Combine LoRA, rsLoRA or DoRA adapters (PEFT folders, or modaltune checkpoints "
                           "as CKPT or CKPT:COMPONENT) in weight space; writes a plain PEFT adapter folder and a "
@@ -66,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "differently; DoRA adapters read their weight norms from it")
     comb.add_argument("--out", required=True, help="new folder for the combined adapter")
 
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    """``modaltune config``."""
     conf = sub.add_parser("config", help="print a recipe's resolved config as YAML",
                           description="Print the config a run would use: the shipped YAML, a --config file laid "
                           "over it, then --quick and key=value overrides.")
@@ -75,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--keys", action="store_true", help="list every key with its type, value and meaning instead")
     conf.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    """``modaltune generate``."""
     gen = sub.add_parser("generate", help="answer prompts with a checkpoint (a quick look, no Python)",
                          description="Answer each prompt with a run's checkpoint, formatted as in training.")
     gen.add_argument("--checkpoint", required=True, help="a run's checkpoint folder")
@@ -84,15 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts (none for domain-asr: it "
                                                                   "transcribes the --input recording)")
 
+
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    """``modaltune zoo list|install``."""
     zoo = sub.add_parser("zoo", help="list or install catalogued models", description="Model catalogue.")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ACTION")
     zsub.add_parser("list", help="list catalogued models and whether they are installed")
     inst = zsub.add_parser("install", help="install a model and print its local folder")
     inst.add_argument("name", help="zoo model name")
     inst.add_argument("--force", action="store_true", help="rebuild even if installed")
-
-    sub.add_parser("recipes", help="list recipes and their config files")
-    return p
 
 
 class _DropMessage:
@@ -109,9 +134,6 @@ def quiet_third_party() -> None:
     """Silence third-party messages that say nothing to a modaltune user, on every command (not in tests, which
     see them): bitsandbytes' note that an optional CPU kernel package is absent (its own fallback is used), peft's
     use of a transformers property renamed in v5, and Whisper's generate noting the max_length it sets itself."""
-    import logging
-    import warnings
-
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         _DropMessage("Failed to load CPU gemm_4bit_forward"))
     # Whisper's generate passes its own max_length beside the max_new_tokens modaltune sets; the latter applies
@@ -139,77 +161,107 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "recipes":
-        from modaltune.shared.recipe import all_recipes
-
-        for name, r in all_recipes().items():
-            if isinstance(r, str):
-                print(f"{name:14s} unavailable: {r}")
-            else:
-                print(f"{name:14s} {r.description}\n{'':14s} config: {r.default_config_path()}")
-        return 0
-    if args.command == "zoo":
-        from modaltune.shared import zoo
-
-        if args.zoo_command == "list":
-            for name in zoo.ZOO.names():
-                e = zoo.ZOO.get(name)
-                state = f"installed at {zoo.model_dir(name)}" if zoo.is_installed(name) else "not installed"
-                print(f"{name:16s} {e.kind:14s} {state}\n{'':16s} {e.description}\n{'':16s} licence: {e.license}")
-            return 0
-        path = zoo.install(args.name, force=args.force, log=lambda m: print(m, file=sys.stderr))
-        print(path)
-        return 0
+    """Run the parsed command; returns the exit code."""
     if args.command == "run" and (args.help or not args.recipe):
         print(_run_help(args.recipe))
         return 0 if args.help else 2
-    if args.command == "config":
-        from modaltune.shared.config import to_dict
-        from modaltune.shared.recipe import get_recipe, recipe_config
+    handler = {"recipes": _recipes, "zoo": _zoo, "config": _config, "generate": _generate, "combine": _combine,
+               "merge": _merge}.get(args.command, _run)
+    return handler(args)
 
-        cfg = recipe_config(get_recipe(args.recipe), args.config, args.overrides, quick=args.quick)
-        if args.keys:
-            print(_keys(cfg))
+
+# Each command imports what it needs when it runs, not at the top: `modaltune --help` and a mistyped option answer
+# at once instead of loading the library (torch, transformers) first.
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    """``modaltune recipes``: every recipe with its description and shipped config, or why it cannot load."""
+    from modaltune.shared.recipe import all_recipes  # lazy: start-up time
+
+    for name, r in all_recipes().items():
+        if isinstance(r, str):
+            print(f"{name:14s} unavailable: {r}")
         else:
-            import yaml
+            print(f"{name:14s} {r.description}\n{'':14s} config: {r.default_config_path()}")
+    return 0
 
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    if args.command == "generate":
-        from modaltune.shared.recipe import generate
 
-        answers = generate(args.checkpoint, args.prompts, args.input, overrides=args.overrides,
-                           log=lambda m: print(m, file=sys.stderr))
-        for prompt, answer in zip(args.prompts or [""], answers):
-            print(answer if len(args.prompts) <= 1 else f"> {prompt}\n{answer}\n")
-        return 0
-    if args.command == "combine":
-        from modaltune.shared.combine import combine_folders
+def _zoo(args: argparse.Namespace) -> int:
+    """``modaltune zoo list|install``."""
+    from modaltune.shared import zoo  # lazy: start-up time
 
-        if args.weight and len(args.weight) not in (1, len(args.adapter)):
-            raise ModaltuneError(f"{len(args.adapter)} adapters but {len(args.weight)} --weight values; give one "
-                                 "per adapter, or one for all")
-        combine_folders(args.adapter, args.out, weights=args.weight, how=args.how, rank=args.rank,
-                        density=args.density, seed=args.seed, base=args.base,
-                        log=lambda m: print(m, file=sys.stderr))
-        print(args.out)
+    if args.zoo_command == "list":
+        for name in zoo.ZOO.names():
+            e = zoo.ZOO.get(name)
+            state = f"installed at {zoo.model_dir(name)}" if zoo.is_installed(name) else "not installed"
+            print(f"{name:16s} {e.kind:14s} {state}\n{'':16s} {e.description}\n{'':16s} licence: {e.license}")
         return 0
-    if args.command == "merge":
-        from modaltune.shared.recipe import merge
+    path = zoo.install(args.name, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
 
-        path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr), overrides=args.overrides,
-                     dtype=args.dtype)
-        print(path)
-        return 0
-    from modaltune.shared.recipe import execute
-    from modaltune.shared.runfolder import FINISHED
-    from modaltune.shared.seeds import execute_seeds
+
+def _config(args: argparse.Namespace) -> int:
+    """``modaltune config``: the resolved config as YAML, or every key with ``--keys``."""
+    import yaml  # lazy: start-up time
+
+    from modaltune.shared.config import to_dict  # lazy: start-up time
+    from modaltune.shared.recipe import get_recipe, recipe_config  # lazy: start-up time
+
+    cfg = recipe_config(get_recipe(args.recipe), args.config, args.overrides, quick=args.quick)
+    if args.keys:
+        print(_keys(cfg))
+    else:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """``modaltune generate``: print the checkpoint's answer to each prompt."""
+    from modaltune.shared.generate_cli import generate  # lazy: start-up time
+
+    answers = generate(args.checkpoint, args.prompts, args.input, overrides=args.overrides,
+                       log=lambda m: print(m, file=sys.stderr))
+    for prompt, answer in zip(args.prompts or [""], answers):
+        print(answer if len(args.prompts) <= 1 else f"> {prompt}\n{answer}\n")
+    return 0
+
+
+def _combine(args: argparse.Namespace) -> int:
+    """``modaltune combine``: write the combined adapter and print its folder."""
+    from modaltune.shared.combine import combine_folders  # lazy: start-up time
+
+    if args.weight and len(args.weight) not in (1, len(args.adapter)):
+        raise ModaltuneError(f"{len(args.adapter)} adapters but {len(args.weight)} --weight values; give one "
+                             "per adapter, or one for all")
+    combine_folders(args.adapter, args.out, weights=args.weight, how=args.how, rank=args.rank,
+                    density=args.density, seed=args.seed, base=args.base,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(args.out)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """``modaltune merge``: write the merged model and print its folder."""
+    from modaltune.shared.merge import merge  # lazy: start-up time
+
+    path = merge(args.checkpoint, args.out, log=lambda m: print(m, file=sys.stderr), overrides=args.overrides,
+                 dtype=args.dtype)
+    print(path)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``modaltune run`` (once, or once per seed with ``--seeds``) and ``modaltune eval``; rank 0 prints the
+    summary."""
+    from modaltune.shared import dist  # lazy: start-up time
+    from modaltune.shared.run import execute  # lazy: start-up time
+    from modaltune.shared.runfolder import FINISHED  # lazy: start-up time
+    from modaltune.shared.seeds import execute_seeds  # lazy: start-up time
 
     if getattr(args, "seeds", None):
         summary, code = execute_seeds(args.recipe, args.seeds, config=args.config, out=args.out, quick=args.quick,
                                       overrides=args.overrides)
-        from modaltune.shared import dist
-
         if dist.is_main():
             _print_spread(summary)
             if summary.get("regression"):
@@ -224,8 +276,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         checkpoint=getattr(args, "checkpoint", None),
     )
-    from modaltune.shared import dist
-
     if not dist.is_main():  # rank 0 prints the run's summary; the others printed their own errors
         return code
     if report.get("status") not in FINISHED:
@@ -244,7 +294,7 @@ def _run_help(recipe_name: str | None) -> str:
     text = sub.format_help()
     if not recipe_name:
         return text + "\nGive a recipe (`modaltune recipes` lists them) to see its config keys."
-    from modaltune.shared.recipe import get_recipe, recipe_config
+    from modaltune.shared.recipe import get_recipe, recipe_config  # lazy: start-up time
 
     recipe = get_recipe(recipe_name)
     cfg = recipe_config(recipe, None)
@@ -252,10 +302,11 @@ def _run_help(recipe_name: str | None) -> str:
             f"{recipe.default_config_path()}):\n\n{_keys(cfg)}")
 
 
-def _keys(cfg) -> str:
-    import json
+def _keys(cfg: object) -> str:
+    """Every config key with its type, value and meaning, for ``--keys`` and ``run RECIPE --help``."""
+    import json  # lazy: start-up time (only these two commands print JSON)
 
-    from modaltune.shared.config import config_reference
+    from modaltune.shared.config import config_reference  # lazy: start-up time
 
     lines = []
     for key, type_name, value, help_text in config_reference(type(cfg), cfg):

@@ -44,13 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from modaltune.shared.checkpoint import problem, read_meta, read_trained
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write, atomic_write_json, atomic_write_text
 from modaltune.shared.peft import LORA_FAMILY
+from modaltune.shared.zoo import resolve_model
 
 HOW = ("cat", "linear", "svd", "ties", "dare")
 PREFIX = "base_model.model."
@@ -113,8 +116,6 @@ def adapter_folder(source: str | Path, component: str | None = None) -> Path:
     if (path / "adapter_config.json").is_file():
         return path
     if (path / "modaltune.json").is_file():
-        from modaltune.shared.checkpoint import problem
-
         broken = problem(path)
         if broken:
             raise ModaltuneError(f"checkpoint {path} is not usable: {broken}")
@@ -145,8 +146,6 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def _wrapped_components(checkpoint: Path) -> dict[str, str]:
     """A checkpoint's LoRA-tuned components whose adapters sit in one PEFT wrapper of the whole model (Whisper's
     encoder and decoder), not in PEFT folders of their own: ``{component: its path inside the wrapped model}``."""
-    from modaltune.shared.checkpoint import read_meta
-
     meta = read_meta(checkpoint)
     out = {}
     for comp, root in (meta.get("components") or {}).items():
@@ -158,8 +157,6 @@ def _wrapped_components(checkpoint: Path) -> dict[str, str]:
 
 def _from_checkpoint(path: Path, component: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The PEFT config and tensors of ``component``'s adapter read from a checkpoint's trained weights."""
-    from modaltune.shared.checkpoint import read_meta, read_trained
-
     inside = _wrapped_components(path)
     component = component or next(iter(inside))
     root, meta = inside[component], read_meta(path)
@@ -255,13 +252,9 @@ class BaseWeights:
     """The base model's weights, read one matrix at a time from its safetensors files (needed for DoRA only)."""
 
     def __init__(self, name: str, log: Callable[[str], None] = print) -> None:
-        from modaltune.shared.zoo import resolve_model
-
         path, kind = resolve_model(name, log=log)
         folder = Path(path)
         if not folder.is_dir():  # a hub id not yet on this machine
-            from huggingface_hub import snapshot_download
-
             folder = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
         self.files = sorted(folder.glob("*.safetensors"))
         if not self.files:
@@ -351,6 +344,54 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
             density: float = 0.5, seed: int = 0, base: BaseWeights | None = None,
             dtype: torch.dtype = torch.float32) -> Combined:
     """Combine ``adapters`` with ``weights`` by ``how``; see the module docstring for what each method computes."""
+    dora_out, fan = _check_inputs(adapters, weights, how, rank=rank, density=density, base=base)
+    names = sorted({m for a in adapters for m in a.modules})
+    out_tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    sq_err = sq_target = 0.0
+    for name in names:
+        parts = [(w, a.modules[name]) for w, a in zip(weights, adapters) if name in a.modules]
+        W = _module_base(name, parts, base, fan, dora_out)
+        c = [f.magnitude / _row_norm(W + f.scale * f.B @ f.A) if f.magnitude is not None else None for _, f in parts]
+        deltas = [f.scale * f.B @ f.A if ci is None else ci[:, None] * (W + f.scale * f.B @ f.A) - W
+                  for (_, f), ci in zip(parts, c)]
+        target = sum(w * d for (w, _), d in zip(parts, deltas))
+        if how in ("cat", "linear", "svd"):
+            B, A, magnitude, result, truncation = _factor_combination(name, parts, c, W, how, rank)
+        else:
+            B, A, magnitude, result, truncation = _dense_combination(name, parts, deltas, how, rank=rank,
+                                                                     density=density, seed=seed)
+        err = float(torch.linalg.norm(result - target))
+        norm = float(torch.linalg.norm(target))
+        sq_err, sq_target = sq_err + err ** 2, sq_target + norm ** 2
+        ranks[name] = A.shape[0]
+        rows.append({"module": name, "rank": A.shape[0], "adapters": len(parts),
+                     "relative_error": err / norm if norm > 0 else err, "truncation_error": truncation})
+        out_tensors[f"{PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        out_tensors[f"{PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
+        if magnitude is not None:
+            out_tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.to(dtype).contiguous()
+    use_dora = any(k.endswith("lora_magnitude_vector") for k in out_tensors)
+    config = _combined_config(adapters, names, ranks, use_dora, base)
+    report = {
+        "how": how, "weights": list(weights), "density": density if how in ("ties", "dare") else None,
+        "seed": seed if how == "dare" else None, "rank": rank,
+        "adapters": [{"label": a.label, "folder": str(a.folder), "kind": a.kind, "modules": len(a.modules),
+                      "ranks": sorted({f.A.shape[0] for f in a.modules.values()})} for a in adapters],
+        "output": {"kind": "dora" if use_dora else "lora", "modules": len(names),
+                   "ranks": sorted(set(ranks.values())), "parameters": sum(t.numel() for t in out_tensors.values())},
+        "relative_error": math.sqrt(sq_err / sq_target) if sq_target > 0 else math.sqrt(sq_err),
+        "max_module_error": max(r["relative_error"] for r in rows),
+        "max_truncation_error": max(r["truncation_error"] for r in rows),
+        "modules": rows,
+    }
+    return Combined(config, out_tensors, report)
+
+
+def _check_inputs(adapters: list[Adapter], weights: list[float], how: str, *, rank: int | None, density: float,
+                  base: BaseWeights | None) -> tuple[bool, bool]:
+    """Refuse a combination that cannot be computed; returns (the result is DoRA, the layers are fan-in-fan-out)."""
     if how not in HOW:
         raise ModaltuneError(f"unknown combination {how!r}; use one of {', '.join(HOW)}")
     if not adapters or len(weights) != len(adapters):
@@ -367,77 +408,77 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
     if len(fans) > 1:
         raise ModaltuneError("the adapters disagree on fan_in_fan_out (Conv1D-style and Linear-style layers): they "
                              "were trained on different model classes; combine adapters of one base model")
-    fan = fans.pop()
-    names = sorted({m for a in adapters for m in a.modules})
-    out_tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    rows: list[dict[str, Any]] = []
-    sq_err = sq_target = 0.0
-    for name in names:
-        parts = [(w, a.modules[name]) for w, a in zip(weights, adapters) if name in a.modules]
-        shapes = {(f.B.shape[0], f.A.shape[1]) for _, f in parts}
-        if len(shapes) > 1:
-            raise ModaltuneError(f"module {name} has different shapes in the adapters ({sorted(shapes)}): they were "
-                                 "trained on different base models; combine adapters of one base model")
-        # a DoRA result needs every module's magnitude (peft would start a missing one at ||W||), so every W
-        W = base.weight(name, fan) if base is not None and (dora_out or any(f.magnitude is not None
-                                                                             for _, f in parts)) else None
-        if W is not None and tuple(W.shape) != next(iter(shapes)):
-            raise ModaltuneError(f"base model {base.name}'s weight for {name} is {tuple(W.shape)}, the adapters' "
-                                 f"{next(iter(shapes))}: it is not their base model; pass the right one with --base")
-        c = [f.magnitude / _row_norm(W + f.scale * f.B @ f.A) if f.magnitude is not None else None for _, f in parts]
-        deltas = [f.scale * f.B @ f.A if ci is None else ci[:, None] * (W + f.scale * f.B @ f.A) - W
-                  for (_, f), ci in zip(parts, c)]
-        target = sum(w * d for (w, _), d in zip(parts, deltas))
-        magnitude = None
-        truncation = 0.0
-        if how in ("cat", "linear", "svd"):
-            d = torch.ones(parts[0][1].B.shape[0], dtype=torch.float64) + sum(w * (ci - 1.0) for (w, _), ci in zip(parts, c) if ci is not None)
-            if W is not None and bool((d.abs() < 1e-6).any()):
-                raise ModaltuneError(f"module {name}: the weighted DoRA magnitudes cancel (a row scaled by 0); "
-                                     "change the weights")
-            rows_scale = [(ci / d if ci is not None else 1.0 / d) if W is not None else None for ci in c]
-            if how == "linear":
-                if len({f.A.shape[0] for _, f in parts}) > 1:
-                    raise ModaltuneError(f"linear mixes factors entry by entry and needs equal ranks; module {name} "
-                                         f"has ranks {[f.A.shape[0] for _, f in parts]}; use cat or svd")
-                B = sum(w * f.scale * f.B * (1 if g is None else g[:, None]) for (w, f), g in zip(parts, rows_scale))
-                total = sum(abs(w) for w, _ in parts) or 1.0
-                A = sum(abs(w) / total * f.A for w, f in parts)
-            else:
-                B = torch.cat([w * f.scale * f.B * (1 if g is None else g[:, None])
-                               for (w, f), g in zip(parts, rows_scale)], dim=1)
-                A = torch.cat([f.A for _, f in parts], dim=0)
-                if how == "svd":
-                    B, A, _, truncation = _truncate(B, A, rank or max(f.A.shape[0] for _, f in parts))
-            if W is not None:
-                magnitude = d * _row_norm(W + B @ A)
-                result = (magnitude / _row_norm(W + B @ A))[:, None] * (W + B @ A) - W
-            else:
-                result = B @ A
-        else:
-            if how == "ties":
-                trimmed = [w * _trim(dl, density) for (w, _), dl in zip(parts, deltas)]
-                sign = torch.sign(sum(trimmed))
-                agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
-                merged = sum(t * g for t, g in zip(trimmed, agree)) / sum(g.double() for g in agree).clamp(min=1)
-            else:
-                gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
-                merged = sum(w * dl * (torch.rand(dl.shape, generator=gen, dtype=torch.float64) < density) / density
-                             for (w, _), dl in zip(parts, deltas))
-            B, A, _, truncation = _dense_svd(merged, rank or sum(f.A.shape[0] for _, f in parts))
-            result = B @ A
-        err = float(torch.linalg.norm(result - target))
-        norm = float(torch.linalg.norm(target))
-        sq_err, sq_target = sq_err + err ** 2, sq_target + norm ** 2
-        ranks[name] = A.shape[0]
-        rows.append({"module": name, "rank": A.shape[0], "adapters": len(parts),
-                     "relative_error": err / norm if norm > 0 else err, "truncation_error": truncation})
-        out_tensors[f"{PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
-        out_tensors[f"{PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
-        if magnitude is not None:
-            out_tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.to(dtype).contiguous()
-    use_dora = any(k.endswith("lora_magnitude_vector") for k in out_tensors)
+    return dora_out, fans.pop()
+
+
+def _module_base(name: str, parts: list[tuple[float, Factors]], base: BaseWeights | None, fan: bool,
+                 dora_out: bool) -> torch.Tensor | None:
+    """The base weight of module ``name`` where the combination needs it (DoRA in or out), else None; refuses
+    adapters whose shapes disagree with each other or with the base model."""
+    shapes = {(f.B.shape[0], f.A.shape[1]) for _, f in parts}
+    if len(shapes) > 1:
+        raise ModaltuneError(f"module {name} has different shapes in the adapters ({sorted(shapes)}): they were "
+                             "trained on different base models; combine adapters of one base model")
+    # a DoRA result needs every module's magnitude (peft would start a missing one at ||W||), so every W
+    W = base.weight(name, fan) if base is not None and (dora_out or any(f.magnitude is not None
+                                                                         for _, f in parts)) else None
+    if W is not None and tuple(W.shape) != next(iter(shapes)):
+        raise ModaltuneError(f"base model {base.name}'s weight for {name} is {tuple(W.shape)}, the adapters' "
+                             f"{next(iter(shapes))}: it is not their base model; pass the right one with --base")
+    return W
+
+
+def _factor_combination(name: str, parts: list[tuple[float, Factors]], c: list[torch.Tensor | None],
+                        W: torch.Tensor | None, how: str, rank: int | None) -> tuple:
+    """``cat``, ``linear`` or ``svd`` of one module's factors (``c``: each DoRA input's row scaling, None for
+    LoRA); returns ``(B, A, magnitude or None, result delta, truncation error)``."""
+    truncation, magnitude = 0.0, None
+    d = torch.ones(parts[0][1].B.shape[0], dtype=torch.float64) + sum(w * (ci - 1.0) for (w, _), ci in zip(parts, c) if ci is not None)
+    if W is not None and bool((d.abs() < 1e-6).any()):
+        raise ModaltuneError(f"module {name}: the weighted DoRA magnitudes cancel (a row scaled by 0); "
+                             "change the weights")
+    rows_scale = [(ci / d if ci is not None else 1.0 / d) if W is not None else None for ci in c]
+    if how == "linear":
+        if len({f.A.shape[0] for _, f in parts}) > 1:
+            raise ModaltuneError(f"linear mixes factors entry by entry and needs equal ranks; module {name} "
+                                 f"has ranks {[f.A.shape[0] for _, f in parts]}; use cat or svd")
+        B = sum(w * f.scale * f.B * (1 if g is None else g[:, None]) for (w, f), g in zip(parts, rows_scale))
+        total = sum(abs(w) for w, _ in parts) or 1.0
+        A = sum(abs(w) / total * f.A for w, f in parts)
+    else:
+        B = torch.cat([w * f.scale * f.B * (1 if g is None else g[:, None])
+                       for (w, f), g in zip(parts, rows_scale)], dim=1)
+        A = torch.cat([f.A for _, f in parts], dim=0)
+        if how == "svd":
+            B, A, _, truncation = _truncate(B, A, rank or max(f.A.shape[0] for _, f in parts))
+    if W is not None:
+        magnitude = d * _row_norm(W + B @ A)
+        result = (magnitude / _row_norm(W + B @ A))[:, None] * (W + B @ A) - W
+    else:
+        result = B @ A
+    return B, A, magnitude, result, truncation
+
+
+def _dense_combination(name: str, parts: list[tuple[float, Factors]], deltas: list[torch.Tensor], how: str, *,
+                       rank: int | None, density: float, seed: int) -> tuple:
+    """``ties`` or ``dare`` of one module's dense deltas, then SVD to ``rank``; returns ``(B, A, None, result delta,
+    truncation error)``. DARE's drop is seeded per module (``seed`` plus a hash of the module name)."""
+    if how == "ties":
+        trimmed = [w * _trim(dl, density) for (w, _), dl in zip(parts, deltas)]
+        sign = torch.sign(sum(trimmed))
+        agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
+        merged = sum(t * g for t, g in zip(trimmed, agree)) / sum(g.double() for g in agree).clamp(min=1)
+    else:
+        gen = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+        merged = sum(w * dl * (torch.rand(dl.shape, generator=gen, dtype=torch.float64) < density) / density
+                     for (w, _), dl in zip(parts, deltas))
+    B, A, _, truncation = _dense_svd(merged, rank or sum(f.A.shape[0] for _, f in parts))
+    return B, A, None, B @ A, truncation
+
+
+def _combined_config(adapters: list[Adapter], names: list[str], ranks: dict[str, int], use_dora: bool,
+                     base: BaseWeights | None) -> dict[str, Any]:
+    """The result's ``adapter_config.json``: the first input's, with scale 1 at every module's own rank."""
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(n): r for n, r in ranks.items() if r != common}
     config = {**adapters[0].config, "r": common, "lora_alpha": common, "rank_pattern": pattern,
@@ -446,19 +487,7 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
               "modules_to_save": None}
     if base is not None:
         config["base_model_name_or_path"] = base.name
-    report = {
-        "how": how, "weights": list(weights), "density": density if how in ("ties", "dare") else None,
-        "seed": seed if how == "dare" else None, "rank": rank,
-        "adapters": [{"label": a.label, "folder": str(a.folder), "kind": a.kind, "modules": len(a.modules),
-                      "ranks": sorted({f.A.shape[0] for f in a.modules.values()})} for a in adapters],
-        "output": {"kind": "dora" if use_dora else "lora", "modules": len(names),
-                   "ranks": sorted(set(ranks.values())), "parameters": sum(t.numel() for t in out_tensors.values())},
-        "relative_error": math.sqrt(sq_err / sq_target) if sq_target > 0 else math.sqrt(sq_err),
-        "max_module_error": max(r["relative_error"] for r in rows),
-        "max_truncation_error": max(r["truncation_error"] for r in rows),
-        "modules": rows,
-    }
-    return Combined(config, out_tensors, report)
+    return config
 
 
 def write_combined(combined: Combined, out: str | Path) -> Path:

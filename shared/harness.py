@@ -1,16 +1,16 @@
 """The before/after evaluation harness every recipe uses: timing, "before" metrics kept for resumed runs, item
-pairing across columns, grouped before/after bar charts, and the one merge.
+pairing across columns, and the log lines of data counts and metrics.
 
 A recipe measures its model before training and after each stage; these helpers own what is the same for every
 modality: how long each part took (``report["timing"]``), reusing the "before" column when a run resumes (the
-model it measured is gone by then), one row per test item with every column's output side by side, and the
-charts people compare.
+model it measured is gone by then), and one row per test item with every column's output side by side. The charts
+people compare are drawn by :mod:`modaltune.shared.plots` (:func:`~modaltune.shared.plots.grouped_bars`); merging
+adapters into a model lives in :mod:`modaltune.shared.merge`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from modaltune.shared import dist
-from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.io import atomic_write_json
 
 BEFORE_FILE = "before.json"
 
@@ -49,8 +49,6 @@ def measure_before(run_dir: Path, resume: bool, measure: Callable[[], tuple[dict
         return saved["metrics"], saved["items"]
     metrics, items = measure() if collective else dist.on_main(measure, "measuring the untrained model")
     if dist.is_main():
-        from modaltune.shared.io import atomic_write_json
-
         atomic_write_json(path, {"metrics": metrics, "items": items})
     return metrics, items
 
@@ -93,32 +91,6 @@ def pair_items(columns: dict[str, list[dict]], *, key: tuple[str, ...], keep: tu
     return rows
 
 
-def grouped_bars(path: Path, metrics: dict[str, dict[str, float]], keys: list[str], *, labels: list[str],
-                 legend: dict[str, str], title: str, ylabel: str, rotate: bool = False) -> Path:
-    """A grouped bar chart: one group per metric key, one bar per column of ``metrics`` named in ``legend``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = [c for c in legend if c in metrics]
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(keys)), 3.6))
-    width = 0.8 / max(len(cols), 1)
-    for j, col in enumerate(cols):
-        vals = [metrics[col].get(k, float("nan")) for k in keys]
-        bars = ax.bar([i + j * width for i in range(len(keys))], vals, width, label=legend[col])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7 if rotate else 8)
-    ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(keys))], labels,
-                  **({"rotation": 20, "ha": "right", "fontsize": 8} if rotate else {}))
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    if dist.is_main():  # one writer per run under a launcher
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def data_line(counts: dict[str, dict]) -> str:
     """``train 3000 kept / 5 skipped (35570 capped), ...`` for the log."""
     parts = []
@@ -131,48 +103,3 @@ def data_line(counts: dict[str, dict]) -> str:
 def metric_line(metrics: dict[str, float], keys: Callable[[str], bool] | None = None, digits: int = 3) -> str:
     """``k=v, ...`` of the metrics (those ``keys`` accepts), sorted by name."""
     return ", ".join(f"{k}={v:.{digits}f}" for k, v in sorted(metrics.items()) if keys is None or keys(k))
-
-
-def merge_config(cfg: Any) -> Any:
-    """The config a merge rebuilds the model with: fp32, no gradient checkpointing, and every quantised component
-    (QLoRA, 8-bit) as plain LoRA, since adapters merge into the full-precision base they were trained on.
-
-    Raises:
-        ModaltuneError: a component uses prompt or prefix tuning (virtual tokens have no weights to merge into).
-    """
-    from modaltune.shared.peft import PROMPT_METHODS, QUANTISED, ComponentConfig
-
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, ComponentConfig):
-            if value.method in PROMPT_METHODS:
-                raise ModaltuneError(
-                    f"{f.name}.method={value.method} adds virtual tokens that cannot be merged into weights; load "
-                    f"the checkpoint's adapter folder with peft instead")
-            if value.method in QUANTISED:
-                changes[f.name] = dataclasses.replace(value, method="lora")
-    train = getattr(cfg, "train", None)
-    if train is not None:
-        changes["train"] = dataclasses.replace(train, precision="fp32", gradient_checkpointing=False)
-    return dataclasses.replace(cfg, **changes)
-
-
-def deploy_generation_config(base: Any, tokenizer: Any, max_new_tokens: int) -> Any:
-    """The generation settings a merged model is evaluated with, for its ``generation_config.json``: greedy decoding
-    (the base's sampling settings dropped) that stops at the tokenizer's EOS, as the model was trained to."""
-    from transformers import GenerationConfig
-
-    cfg = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-    eos = [tokenizer.eos_token_id] + [e for e in eos if e is not None and e != tokenizer.eos_token_id]
-    cfg.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    return cfg
-
-
-def merged(module: Any, dtype: Any = None) -> Any:
-    """``module`` with its PEFT adapters merged into its weights (itself when it has none), then cast to ``dtype``
-    (a ``torch.dtype``; the merge itself runs in the precision the module was rebuilt in, fp32)."""
-    out = module.merge_and_unload() if hasattr(module, "merge_and_unload") else module
-    return out.to(dtype) if dtype is not None else out

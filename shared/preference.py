@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainingArguments
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
 from modaltune.shared.provenance import data_fingerprint, fingerprint
+from modaltune.shared.training import ModaltuneTrainer
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -145,112 +146,104 @@ def preference_stage_trainer(cfg: PreferenceConfig) -> Any:
     loss of :func:`preference_loss` on pairs from :class:`PairedDataset` / :class:`PairCollator`, against the
     model as the stage starts."""
     def make(*, arguments: dict[str, Any], **kwargs: Any) -> Any:
-        from transformers import TrainingArguments
-
-        return _preference_trainer_class()(args=TrainingArguments(**arguments), preference=cfg, **kwargs)
+        return PreferenceTrainer(args=TrainingArguments(**arguments), preference=cfg, **kwargs)
     return make
 
 
-@functools.cache
-def _preference_trainer_class() -> type:
-    from modaltune.shared.training import ModaltuneTrainer
+class PreferenceTrainer(ModaltuneTrainer):
+    """ModaltuneTrainer (component learning rates, checkpoints, resume) with a preference loss against the
+    model as the stage starts: the weights this stage trains are kept as they were when the trainer was built,
+    and a pair's reference log-probabilities are computed with them the first time the pair is seen, then
+    reused. The reference is exact whatever trains: adapters, a projector, whole weights."""
 
-    class PreferenceTrainer(ModaltuneTrainer):
-        """ModaltuneTrainer (component learning rates, checkpoints, resume) with a preference loss against the
-        model as the stage starts: the weights this stage trains are kept as they were when the trainer was built,
-        and a pair's reference log-probabilities are computed with them the first time the pair is seen, then
-        reused. The reference is exact whatever trains: adapters, a projector, whole weights."""
+    def __init__(self, *args: Any, preference: PreferenceConfig, **kwargs: Any) -> None:
+        self.preference = preference
+        super().__init__(*args, **kwargs)
+        self.start = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.references: dict[tuple[int, int], tuple[float, float]] = {}
+        self._logged: dict[str, list[float]] = {}
 
-        def __init__(self, *args: Any, preference: PreferenceConfig, **kwargs: Any) -> None:
-            self.preference = preference
-            super().__init__(*args, **kwargs)
-            self.start = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-            self.references: dict[tuple[int, int], tuple[float, float]] = {}
-            self._logged: dict[str, list[float]] = {}
-
-        @torch.no_grad()
-        def _reference(self, inputs: dict[str, Any], dataset: Any) -> torch.Tensor:
-            """``(B, 2)`` reference log-probs of a batch's pairs, computed with the stage's starting weights."""
-            keys = [(id(dataset), int(i)) for i in inputs["index"]]
-            missing = [k for k in keys if k not in self.references]
-            if missing:
-                model = self.model
-                params = dict(model.named_parameters())
-                now = {n: params[n].data for n in self.start}
-                was_training = model.training
-                model.eval()
-                try:
-                    for n, value in self.start.items():
-                        params[n].data = value
-                    with self.compute_loss_context_manager():
-                        logps = sequence_logps(model, inputs["pairs"]).float().cpu()
-                finally:
-                    for n, value in now.items():
-                        params[n].data = value
-                    model.train(was_training)
-                chosen, rejected = logps.chunk(2)
-                for i, k in enumerate(keys):
-                    self.references[k] = (float(chosen[i]), float(rejected[i]))
-            return torch.tensor([self.references[k] for k in keys], dtype=torch.float32)
-
-        def train(self, *args: Any, **kwargs: Any) -> Any:
-            """Trains with dropout off, as trl's DPOTrainer does: the log-probability ratios DPO compares would
-            otherwise be noise on top of the policy's change."""
-            rates = {m: m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)}
-            for m in rates:
-                m.p = 0.0
-            try:
-                return super().train(*args, **kwargs)
-            finally:
-                for m, p in rates.items():
-                    m.p = p
-
-        def _pair_loss(self, model: Any, inputs: dict[str, Any], dataset: PairedDataset) -> dict[str, torch.Tensor]:
-            pairs = inputs["pairs"]
-            ref = self._reference(inputs, dataset)
-            logps = sequence_logps(model, pairs)
-            tokens = answer_tokens(self.model, pairs)
-            ref = ref.to(logps.device)
-            chosen, rejected = logps.chunk(2)
-            n_chosen, n_rejected = tokens.chunk(2)
-            return preference_loss(chosen, rejected, ref[:, 0].to(logps.dtype), ref[:, 1].to(logps.dtype),
-                                   self.preference, chosen_tokens=n_chosen, rejected_tokens=n_rejected)
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            out = self._pair_loss(model, inputs, self.train_dataset)
-            for key in ("accuracy", "margin"):
-                self._logged.setdefault(f"rewards/{key}", []).append(float(out[key]))
-            for key in ("chosen_rewards", "rejected_rewards"):
-                self._logged.setdefault(f"rewards/{key.split('_')[0]}", []).append(float(out[key].mean()))
-            return (out["loss"], out) if return_outputs else out["loss"]
-
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs and self._logged:  # training logs carry the rewards since the last log
-                logs.update({k: sum(v) / len(v) for k, v in self._logged.items()})
-                self._logged = {}
-            super().log(logs, *args, **kwargs)
-
-        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
-                     ) -> dict:
-            """Mean preference loss, reward accuracy and margin over the validation pairs."""
-            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            model, size = self.model, self.args.per_device_eval_batch_size
+    @torch.no_grad()
+    def _reference(self, inputs: dict[str, Any], dataset: Any) -> torch.Tensor:
+        """``(B, 2)`` reference log-probs of a batch's pairs, computed with the stage's starting weights."""
+        keys = [(id(dataset), int(i)) for i in inputs["index"]]
+        missing = [k for k in keys if k not in self.references]
+        if missing:
+            model = self.model
+            params = dict(model.named_parameters())
+            now = {n: params[n].data for n in self.start}
             was_training = model.training
             model.eval()
-            sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-            with torch.no_grad():
-                for start in range(0, len(dataset), size):
-                    part = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-                    with self.compute_loss_context_manager():
-                        out = self._pair_loss(model, self._prepare_inputs(self.data_collator(part)), dataset)
-                    for key in sums:
-                        sums[key] += float(out[key]) * len(part)
-            model.train(was_training)
-            metrics = {f"{metric_key_prefix}_{'loss' if k == 'loss' else 'rewards/' + k}": v / max(len(dataset), 1)
-                       for k, v in sums.items()}
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
+            try:
+                for n, value in self.start.items():
+                    params[n].data = value
+                with self.compute_loss_context_manager():
+                    logps = sequence_logps(model, inputs["pairs"]).float().cpu()
+            finally:
+                for n, value in now.items():
+                    params[n].data = value
+                model.train(was_training)
+            chosen, rejected = logps.chunk(2)
+            for i, k in enumerate(keys):
+                self.references[k] = (float(chosen[i]), float(rejected[i]))
+        return torch.tensor([self.references[k] for k in keys], dtype=torch.float32)
 
-    return PreferenceTrainer
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Trains with dropout off, as trl's DPOTrainer does: the log-probability ratios DPO compares would
+        otherwise be noise on top of the policy's change."""
+        rates = {m: m.p for m in self.model.modules() if isinstance(m, torch.nn.Dropout)}
+        for m in rates:
+            m.p = 0.0
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for m, p in rates.items():
+                m.p = p
+
+    def _pair_loss(self, model: Any, inputs: dict[str, Any], dataset: PairedDataset) -> dict[str, torch.Tensor]:
+        pairs = inputs["pairs"]
+        ref = self._reference(inputs, dataset)
+        logps = sequence_logps(model, pairs)
+        tokens = answer_tokens(self.model, pairs)
+        ref = ref.to(logps.device)
+        chosen, rejected = logps.chunk(2)
+        n_chosen, n_rejected = tokens.chunk(2)
+        return preference_loss(chosen, rejected, ref[:, 0].to(logps.dtype), ref[:, 1].to(logps.dtype),
+                               self.preference, chosen_tokens=n_chosen, rejected_tokens=n_rejected)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        out = self._pair_loss(model, inputs, self.train_dataset)
+        for key in ("accuracy", "margin"):
+            self._logged.setdefault(f"rewards/{key}", []).append(float(out[key]))
+        for key in ("chosen_rewards", "rejected_rewards"):
+            self._logged.setdefault(f"rewards/{key.split('_')[0]}", []).append(float(out[key].mean()))
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._logged:  # training logs carry the rewards since the last log
+            logs.update({k: sum(v) / len(v) for k, v in self._logged.items()})
+            self._logged = {}
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+                 ) -> dict:
+        """Mean preference loss, reward accuracy and margin over the validation pairs."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        model, size = self.model, self.args.per_device_eval_batch_size
+        was_training = model.training
+        model.eval()
+        sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+        with torch.no_grad():
+            for start in range(0, len(dataset), size):
+                part = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+                with self.compute_loss_context_manager():
+                    out = self._pair_loss(model, self._prepare_inputs(self.data_collator(part)), dataset)
+                for key in sums:
+                    sums[key] += float(out[key]) * len(part)
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{'loss' if k == 'loss' else 'rewards/' + k}": v / max(len(dataset), 1)
+                   for k, v in sums.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

@@ -35,7 +35,7 @@ from typing import Any
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.report import lower_is_better
+from modaltune.shared.spread import lower_is_better
 
 try:
     import fcntl

@@ -20,9 +20,11 @@ from modaltune.shared.config import to_dict
 from modaltune.shared.environment import environment
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.provenance import config_differences
-from modaltune.shared.recipe import Recipe, default_run_dir, execute, get_recipe, recipe_config
-from modaltune.shared.report import seed_metrics, write_report
+from modaltune.shared.recipe import Recipe, get_recipe, recipe_config
+from modaltune.shared.report import write_report
+from modaltune.shared.run import default_run_dir, execute
 from modaltune.shared.runfolder import FINISHED, RunLock, check_out_folder
+from modaltune.shared.spread import seed_metrics
 
 
 def parse_seeds(text: str, base: int) -> list[int]:

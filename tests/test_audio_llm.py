@@ -181,7 +181,8 @@ def order_manifests(speech_manifests, tmp_path):
 def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_llama, order_manifests, tmp_path):
     from modaltune.shared.compose import load_composed
     from modaltune.shared.compose_data import ComposedDataset, generate_composed
-    from modaltune.shared.recipe import execute, merge
+    from modaltune.shared.merge import merge
+    from modaltune.shared.run import execute
     from modaltune.shared.skips import Skips
 
     overrides = [f"encoder.name={tiny_whisper}", f"model.name={tiny_llama}", f"data.source={order_manifests['train']}",
@@ -225,7 +226,7 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
     assert merged_text == [trained[f"{k}:transcribe"] for k in waves]  # the merge writes what the run wrote
 
     from modaltune.shared.errors import ModaltuneError
-    from modaltune.shared.recipe import generate
+    from modaltune.shared.generate_cli import generate
 
     clip = sets["test"][0]  # `modaltune generate --input FILE` answers as the run did for that recording
     said = generate(report["checkpoint"], ["Transcribe the audio exactly."], clip.path, log=lambda *_: None)

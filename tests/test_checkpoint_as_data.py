@@ -76,7 +76,8 @@ def test_a_checkpoint_cannot_turn_on_remote_code(trained, capsys):
 
 
 def test_the_user_flag_is_the_only_way_to_remote_code(trained):
-    from modaltune.shared.recipe import checkpoint_config, get_recipe
+    from modaltune.shared.recipe import get_recipe
+    from modaltune.shared.trust import checkpoint_config
 
     root, out = trained
     recipe = get_recipe("text-sft")

@@ -155,7 +155,7 @@ def test_measure_before_is_kept_for_a_resumed_run(tmp_path):
 
 def test_merge_config_unquantises_and_refuses_virtual_tokens():
     from modaltune.shared.errors import ModaltuneError
-    from modaltune.shared.harness import merge_config
+    from modaltune.shared.merge import merge_config
     from modaltune.shared.peft import ComponentConfig
     from modaltune.shared.training import TrainConfig
 

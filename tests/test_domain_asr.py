@@ -157,7 +157,7 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
     with torch.no_grad():
         assert (saved(input_features=feats, decoder_input_ids=ids).logits - want).abs().max() < 1e-4
 
-    from modaltune.shared.recipe import generate
+    from modaltune.shared.generate_cli import generate
 
     row = json.loads(speech_manifests["test"].read_text().splitlines()[0])  # `modaltune generate --input FILE`
     wav = speech_manifests["test"].parent / row["audio"]

@@ -51,7 +51,7 @@ def test_lora_fa_trains_b_only_with_the_lora_fa_optimizer(tmp_path, tiny_llama, 
     out, report = _run(tmp_path, tiny_llama, sft_data, "lora_fa")
     _, lora_report = _run(tmp_path, tiny_llama, sft_data, "lora")
     trained = ckpt.read_trained(out / "checkpoint")
-    from modaltune.shared.recipe import seed_everything
+    from modaltune.shared.run import seed_everything
 
     seed_everything(42)  # as the run did before building its model: the same initial A
     fresh, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="lora_fa", r=16, alpha=32),

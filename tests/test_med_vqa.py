@@ -370,7 +370,7 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     assert merged_proj["words.words"].any()  # the anchor words travel with the projector
     assert json.loads((merged / "composition.json").read_text())["projector"]["group"] == 4
 
-    from modaltune.shared.recipe import generate
+    from modaltune.shared.generate_cli import generate
 
     item = report["items"][0]  # `modaltune generate --input IMAGE` answers as the run did for that question
     said = generate(str(out / "checkpoint"), [item["question"]], str(vqa_files / item["image"]), log=lambda *_: None)

@@ -66,7 +66,7 @@ def test_mezo_refusals(tmp_path, tiny_llama, sft_data, capsys):
 def test_mezo_restores_the_weights_exactly_and_drives_lora_fa(tmp_path, tiny_llama, sft_data):
     from modaltune.shared.lm import ModelConfig, build_text_model
     from modaltune.shared.peft import ComponentConfig
-    from modaltune.shared.recipe import seed_everything
+    from modaltune.shared.run import seed_everything
 
     seed_everything(42)  # as the run does before building its model: the same initial adapter
     start = {n: p.detach().clone() for n, p in build_text_model(

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
+import errno
 import doctest
 import json
 import re
+from pathlib import Path
 
 import pytest
 
-import modaltune.shared.report as report_module
-from modaltune.shared.report import compare_reports, curve_series, write_report
+import modaltune.shared.plots as plots_module
+import modaltune.shared.spread as spread_module
+from modaltune.shared.curve import curve_series
+from modaltune.shared.report import write_report
+from modaltune.shared.spread import compare_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -211,7 +216,7 @@ def test_compare_reports_on_written_files(tmp_path):
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(report_module)
+    result = doctest.testmod(spread_module)
     assert result.attempted >= 1
     assert result.failed == 0
 
@@ -256,13 +261,13 @@ def test_training_table_rounds_and_leaves_missing_values_empty(tmp_path):
 
 def test_learning_rate_is_plotted_and_perplexity_not_charted_twice(tmp_path, monkeypatch):
     drawn = {}
-    real = report_module._save_figure
+    real = plots_module.save_figure
 
     def keep(fig, path):
         drawn[path.name] = [ax.get_ylabel() or ax.get_title() for ax in fig.axes if ax.get_visible()]
         return real(fig, path)
 
-    monkeypatch.setattr(report_module, "_save_figure", keep)
+    monkeypatch.setattr(plots_module, "save_figure", keep)
     metrics = {"before": {"test/loss": 2.0, "test/perplexity": 7.39, "test/rougeL": 0.1},
                "after": {"test/loss": 1.0, "test/perplexity": 2.72, "test/rougeL": 0.3}}
     write_report(tmp_path, {"recipe": "x", "status": "ok", "metrics": metrics,
@@ -270,3 +275,26 @@ def test_learning_rate_is_plotted_and_perplexity_not_charted_twice(tmp_path, mon
     assert drawn["training_curve.png"] == ["loss", "learning rate"]
     assert sorted(drawn["metrics.png"]) == ["test/loss", "test/rougeL"]
     assert "test/perplexity" in (tmp_path / "report.md").read_text()  # still in the table
+
+
+def test_every_chart_is_written_atomically_and_by_rank_zero_only(tmp_path, monkeypatch):
+    """The one figure writer: a failed save leaves the earlier chart whole and no temporary file; only rank 0 writes."""
+    import matplotlib.figure
+
+    metrics = {"before": {"a": 1.0}, "after": {"a": 2.0}}
+    kw = dict(labels=["a"], legend={"before": "before", "after": "after"}, title="t", ylabel="y")
+    path = plots_module.grouped_bars(tmp_path / "bars.png", metrics, ["a"], **kw)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    monkeypatch.setenv("RANK", "1")
+    assert not plots_module.grouped_bars(tmp_path / "other.png", metrics, ["a"], **kw).exists()
+    monkeypatch.setenv("RANK", "0")
+
+    def broken(self, fname, **kwargs):
+        Path(fname).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError):
+        plots_module.grouped_bars(tmp_path / "bars.png", metrics, ["a"], **kw)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert [p.name for p in tmp_path.iterdir()] == ["bars.png"]

@@ -26,7 +26,8 @@ from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.cli import main
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.guards import NonFiniteError
-from modaltune.shared.recipe import Recipe, execute, register_recipe
+from modaltune.shared.recipe import Recipe, register_recipe
+from modaltune.shared.run import execute
 from modaltune.shared.runfolder import regressions
 from modaltune.shared.registry import RECIPES
 from modaltune.shared.runfolder import LOCK_FILE, FolderInUse, RunLock
@@ -341,12 +342,12 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_half_written_stat
 
 
 def test_a_report_the_disk_cannot_take_goes_to_stderr(tmp_path, tiny_llama, sft_data, monkeypatch, capsys):
-    import modaltune.shared.report as report_module
+    import modaltune.shared.run as run_module
 
     def full(run_dir, report):
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / "report.json"))
 
-    monkeypatch.setattr(report_module, "write_report", full)
+    monkeypatch.setattr(run_module, "write_report", full)
     assert _sft(tmp_path, tiny_llama, sft_data) == 0
     err = capsys.readouterr().err
     assert "the report could not be written" in err and '"status": "ok"' in err and "test/loss" in err

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from modaltune.shared.cli import main
-from modaltune.shared.report import compare_reports
+from modaltune.shared.spread import compare_reports
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache
 from modaltune.shared.preference import PairedDataset
 from modaltune.shared.metrics import bleu, normalize_answer, rouge_l, token_recall
+from modaltune.shared.plots import pyplot, save_figure
 from modaltune.shared.skips import Skips, add_to_summary
 from modaltune.vision import data as vdata
 from modaltune.vision.data import CAPTION_INSTRUCTIONS, CAPTION_TEMPLATE, PLACEHOLDER, VQA_TEMPLATE
@@ -449,14 +450,10 @@ def closed_confusion(per_item: list[dict]) -> dict[str, dict[str, int]]:
 
 def confusion_plot(run_dir: Path, items: list[dict]) -> list[dict]:
     """The closed-question confusion chart of per-question rows (none when there are no closed questions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = closed_confusion(items)
     if not table:
         return []
+    plt = pyplot()
     refs = list(table)
     preds = list(next(iter(table.values())))
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(preds), 1.0 + 0.7 * len(refs)))
@@ -470,10 +467,5 @@ def confusion_plot(run_dir: Path, items: list[dict]) -> list[dict]:
     ax.set_xlabel("predicted")
     ax.set_ylabel("reference")
     ax.set_title("Closed questions")
-    path = run_dir / "closed_confusion.png"
-    from modaltune.shared import dist
-
-    if dist.is_main():  # one writer per run under a launcher
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    path = save_figure(fig, run_dir / "closed_confusion.png")
     return [{"title": "Closed-question confusion (final model)", "path": str(path)}]
