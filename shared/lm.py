@@ -50,9 +50,9 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: torch.dtype = torch.float32,
+def load_causal_lm(cfg: ModelConfig, *, method: str | None = None, compute_dtype: torch.dtype = torch.float32,
                    quantize_head: bool = False, log_fn=print):
-    """Load the causal LM (quantised when ``method`` asks for it, e.g. QLoRA) and its tokenizer.
+    """Load the causal LM (quantised when the PEFT ``method`` named asks for it, e.g. QLoRA) and its tokenizer.
 
     Returns:
         ``(model, tokenizer, source)`` where ``source`` says where the weights came from.
@@ -67,7 +67,7 @@ def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: tor
     }
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
-    if get_method(method).quantised:
+    if method is not None and get_method(method).quantised:
         skip = [] if quantize_head else ["lm_head"]
         kwargs.update(quantized_load_kwargs(method, compute_dtype=compute_dtype, skip_modules=skip))
     try:
