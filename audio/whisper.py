@@ -25,7 +25,7 @@ from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import IGNORE_INDEX, label_logits_cross_entropy, unwrap_peft
 from modaltune.shared.model import ModaltuneModel, block_input
-from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
+from modaltune.shared.peft import ComponentConfig, ComponentSpec, apply_peft, method_of
 from modaltune.shared.quant import quantized_load_kwargs
 from modaltune.shared.zoo import load_error, resolve_model
 
@@ -60,13 +60,13 @@ def load_whisper(cfg: WhisperModelConfig, *, encoder: ComponentConfig, decoder: 
 
     path, kind = resolve_model(cfg.name, log=log_fn, revision=cfg.revision)
     kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": torch.float32}
-    quantised = {m for m in (encoder.method, decoder.method) if m in QUANTISED}
+    quantised = {c.method for c in (encoder, decoder) if method_of(c).quantised}
     if len(quantised) > 1:
         raise ConfigError("encoder and decoder ask for different quantisation (qlora vs lora8bit); pick one")
     if quantised:
         method = quantised.pop()
         skip = ["proj_out"] + [f"model.{n}" for n, c in (("encoder", encoder), ("decoder", decoder))
-                               if c.method not in QUANTISED]
+                               if not method_of(c).quantised]
         kwargs.update(quantized_load_kwargs(method, compute_dtype=compute_dtype, skip_modules=skip))
     try:
         model = WhisperForConditionalGeneration.from_pretrained(path, **kwargs)
@@ -225,9 +225,9 @@ def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig
         raise ConfigError(f"unknown Whisper component(s) {sorted(unknown)}; use encoder and decoder")
     enc, dec = components["encoder"], components["decoder"]
     for name, comp in (("encoder", enc), ("decoder", dec)):
-        if comp.method in {"prompt_tuning", "prefix_tuning"}:
+        if method_of(comp).virtual_tokens:
             raise ConfigError(f"{name}.method={comp.method} is for causal LMs; use lora, dora, ia3, full or frozen")
-    if enc.method == "frozen" and dec.method == "frozen":
+    if not method_of(enc).trains and not method_of(dec).trains:
         raise ConfigError("encoder and decoder are both frozen: nothing would train")
     whisper, processor, source = load_whisper(cfg, encoder=enc, decoder=dec, compute_dtype=compute_dtype,
                                               log_fn=log_fn)
@@ -237,7 +237,8 @@ def build_whisper(cfg: WhisperModelConfig, components: dict[str, ComponentConfig
     model = WhisperASR(whisper, pad_token_id=tok.pad_token_id,
                        decoder_start_token_id=unwrap_peft(whisper).config.decoder_start_token_id)
     model.feature_extractor = processor.feature_extractor
-    model.record_trained(full_components=[n for n, c in (("encoder", enc), ("decoder", dec)) if c.method == "full"])
+    model.record_trained(full_components=[n for n, c in (("encoder", enc), ("decoder", dec))
+                                          if method_of(c).full_weights])
     return model, processor, source
 
 

@@ -64,10 +64,8 @@ def run_variant(args) -> dict:
             from modaltune.shared.mezo import MeZOTrainer
 
             trainer_cls, extra = MeZOTrainer, {"mezo_eps": cfg.train.mezo_eps}
-        if model.nested is not None:
-            from modaltune.shared.dylora import NestedRankCallback
-
-            callbacks.append(NestedRankCallback(model.nested, cfg.train.seed))
+        for state in model.peft_states:  # a PEFT method's per-step hooks (DyLoRA's rank draw)
+            callbacks += state.callbacks(cfg.train.seed)
         trainer, mem = trainer_steps(args, model, tok, ds, cfg, precision, times, trainer_cls=trainer_cls,
                                      callbacks=callbacks, **extra)
         state_mb = optimizer_state_mb(trainer.optimizer)

@@ -25,7 +25,7 @@ from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, metric_line, pair_items, timed
 from modaltune.shared.merge import merged
-from modaltune.shared.peft import LORA_FAMILY, ComponentConfig
+from modaltune.shared.peft import ComponentConfig, method_of
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
 
@@ -57,7 +57,8 @@ class DomainASRConfig:
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
     def validate(self, where: str) -> None:
-        if self.replay.kl_weight > 0 and self.decoder.method not in LORA_FAMILY | {"ia3"}:
+        decoder = method_of(self.decoder)  # the KL term needs adapters it can switch off
+        if self.replay.kl_weight > 0 and (decoder.adapter_kind is None or decoder.virtual_tokens):
             raise ConfigError(f"replay.kl_weight={self.replay.kl_weight} needs an adapter method on the decoder "
                               f"(lora, dora, qlora, lora8bit, ia3), not {self.decoder.method}: the KL term compares "
                               "with the decoder's adapters switched off; set replay.kl_weight=0")

@@ -18,7 +18,7 @@ from modaltune.shared.config import doc, from_dict, to_dict
 from modaltune.shared.errors import ConfigError
 from modaltune.shared.harness import data_line, measure_before, metric_line, timed
 from modaltune.shared.lm import ModelConfig
-from modaltune.shared.peft import ComponentConfig
+from modaltune.shared.peft import ComponentConfig, method_of
 from modaltune.shared.preference import PreferenceConfig
 from modaltune.shared.recipe import RunContext, register_recipe
 from modaltune.shared.training import StageConfig, StagePlan, TrainConfig, resolve_precision, run_stages
@@ -68,7 +68,7 @@ class TextDPOConfig:
                                   "use loss: model")
         if not any(s.data == "pairs" for s in self.stages):
             raise ConfigError(f"{where}.stages has no stage on pairs: add one (data: pairs), or use text-sft")
-        if self.llm.method in ("prompt_tuning", "prefix_tuning"):
+        if method_of(self.llm).virtual_tokens:
             raise ConfigError(f"{where}.llm.method={self.llm.method}: preference training here takes adapters "
                               "(lora, qlora, dora, ia3) or weights (full, hft)")
 

@@ -20,7 +20,7 @@ from modaltune.shared.config import doc, to_dict
 from modaltune.shared.errors import ConfigError
 from modaltune.shared.harness import metric_line, pair_items, timed
 from modaltune.shared.lm import ModelConfig
-from modaltune.shared.peft import LORA_FAMILY, ComponentConfig
+from modaltune.shared.peft import ComponentConfig, method_of, registered_methods
 from modaltune.shared.plots import grouped_bars
 from modaltune.shared.recipe import RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, resolve_precision, run_stages
@@ -55,9 +55,9 @@ class TextMultitaskConfig:
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
     def validate(self, where: str) -> None:
-        if self.llm.method not in LORA_FAMILY:
+        if not method_of(self.llm).lora_family:
             raise ConfigError(f"llm.method={self.llm.method}: combining adapters needs a LoRA-family method "
-                              f"({', '.join(sorted(LORA_FAMILY))})")
+                              f"({', '.join(sorted(m.name for m in registered_methods() if m.lora_family))})")
         if len(set(self.tasks.names)) < 2 or len(set(self.tasks.names)) != len(self.tasks.names):
             raise ConfigError(f"tasks.names needs two or more distinct categories, got {self.tasks.names}")
         if clash := [t for t in self.tasks.names if t in RESERVED]:

@@ -13,11 +13,11 @@ from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.config import doc, to_dict
 from modaltune.shared.errors import ConfigError, ModaltuneError
-from modaltune.shared.dylora import measure_ranks
 from modaltune.shared.harness import data_line, measure_before, metric_line, pair_items, timed
 from modaltune.shared.lm import ModelConfig, build_text_model
 from modaltune.shared.merge import deploy_generation_config, merged
-from modaltune.shared.peft import PROMPT_METHODS, ComponentConfig
+from modaltune.shared.peft import ComponentConfig, method_of
+from modaltune.shared.peft.dylora import measure_ranks
 from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
 from modaltune.text.data import (Example, InstructionDataConfig, PackedCollator, PackedDataset, PadCollator,
@@ -37,7 +37,7 @@ class TextSFTConfig:
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
     def validate(self, where: str) -> None:
-        if self.data.packing and self.llm.method in PROMPT_METHODS:
+        if self.data.packing and method_of(self.llm).virtual_tokens:
             raise ConfigError(f"data.packing with llm.method={self.llm.method}: virtual tokens are prepended to each "
                               "row, not to each packed example; turn packing off or use another method")
 

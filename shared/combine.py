@@ -52,7 +52,7 @@ from modaltune.shared.checkpoint import problem, read_meta, read_trained
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write, atomic_write_json, atomic_write_text
-from modaltune.shared.peft import LORA_FAMILY
+from modaltune.shared.peft import adapter_kind, get_method, registered_methods
 from modaltune.shared.zoo import resolve_model
 
 HOW = ("cat", "linear", "svd", "ties", "dare")
@@ -104,9 +104,7 @@ class Adapter:
 
     @property
     def kind(self) -> str:
-        if self.config.get("use_dora"):
-            return "dora"
-        return "rslora" if self.config.get("use_rslora") else "lora"
+        return adapter_kind(self.config)
 
 
 def adapter_folder(source: str | Path, component: str | None = None) -> Path:
@@ -150,7 +148,8 @@ def _wrapped_components(checkpoint: Path) -> dict[str, str]:
     out = {}
     for comp, root in (meta.get("components") or {}).items():
         section = (meta.get("config") or {}).get(comp)
-        if isinstance(section, dict) and section.get("method") in LORA_FAMILY and PREFIX in root + ".":
+        method = section.get("method") if isinstance(section, dict) else None
+        if method in {m.name for m in registered_methods() if m.lora_family} and PREFIX in root + ".":
             out[comp] = (root + ".").split(PREFIX, 1)[1].rstrip(".")
     return out
 
@@ -175,7 +174,7 @@ def _from_checkpoint(path: Path, component: str | None) -> tuple[dict[str, Any],
     if not tensors:
         raise ModaltuneError(f"checkpoint {path} holds no LoRA factors under {component} ({root})")
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": False,
-              "use_dora": section["method"] == "dora", "base_model_name_or_path": source.get("name") if isinstance(source, dict) else None,
+              "use_dora": getattr(get_method(section["method"]), "use_dora", False), "base_model_name_or_path": source.get("name") if isinstance(source, dict) else None,
               "fan_in_fan_out": False}
     return config, tensors
 
@@ -379,7 +378,7 @@ def combine(adapters: list[Adapter], weights: list[float], how: str = "cat", *, 
         "seed": seed if how == "dare" else None, "rank": rank,
         "adapters": [{"label": a.label, "folder": str(a.folder), "kind": a.kind, "modules": len(a.modules),
                       "ranks": sorted({f.A.shape[0] for f in a.modules.values()})} for a in adapters],
-        "output": {"kind": "dora" if use_dora else "lora", "modules": len(names),
+        "output": {"kind": adapter_kind({"use_dora": use_dora}), "modules": len(names),
                    "ranks": sorted(set(ranks.values())), "parameters": sum(t.numel() for t in out_tensors.values())},
         "relative_error": math.sqrt(sq_err / sq_target) if sq_target > 0 else math.sqrt(sq_err),
         "max_module_error": max(r["relative_error"] for r in rows),

@@ -26,8 +26,8 @@ def suggest(name: str, known: Iterable[str], n: int = 3) -> str:
     """Return a ``did you mean ...?`` hint for ``name`` among ``known``, or an empty string.
 
     Example:
-        >>> suggest("lroa", ["lora", "dora", "full"])
-        " (did you mean 'lora'?)"
+        >>> suggest("encodr", ["encoder", "projector", "llm"])
+        " (did you mean 'encoder'?)"
     """
     close = difflib.get_close_matches(name, list(known), n=n, cutoff=0.6)
     if not close:

@@ -12,7 +12,7 @@ from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.loss import causal_lm_loss, check_label_logits
 from modaltune.shared.model import ModaltuneModel
-from modaltune.shared.peft import QUANTISED, ComponentConfig, ComponentSpec, apply_peft
+from modaltune.shared.peft import ComponentConfig, ComponentSpec, apply_peft, get_method, method_of
 from modaltune.shared.quant import quantized_load_kwargs
 from modaltune.shared.zoo import hub_error, load_error, resolve_model
 
@@ -50,9 +50,9 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: torch.dtype = torch.float32,
+def load_causal_lm(cfg: ModelConfig, *, method: str | None = None, compute_dtype: torch.dtype = torch.float32,
                    quantize_head: bool = False, log_fn=print):
-    """Load the causal LM (quantised for ``qlora``/``lora8bit``) and its tokenizer.
+    """Load the causal LM (quantised when the PEFT ``method`` named asks for it, e.g. QLoRA) and its tokenizer.
 
     Returns:
         ``(model, tokenizer, source)`` where ``source`` says where the weights came from.
@@ -67,7 +67,7 @@ def load_causal_lm(cfg: ModelConfig, *, method: str = "lora", compute_dtype: tor
     }
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
-    if method in QUANTISED:
+    if method is not None and get_method(method).quantised:
         skip = [] if quantize_head else ["lm_head"]
         kwargs.update(quantized_load_kwargs(method, compute_dtype=compute_dtype, skip_modules=skip))
     try:
@@ -122,17 +122,18 @@ class CausalLMModel(ModaltuneModel):
 def build_text_model(model_cfg: ModelConfig, llm_cfg: ComponentConfig, *, compute_dtype: torch.dtype,
                      label_logits_only: bool = True, log_fn=print):
     """Load the LM, apply the ``llm`` component's method and wrap it; returns ``(model, tokenizer, source)``."""
-    if llm_cfg.method == "frozen":
-        raise ConfigError("llm.method is 'frozen': nothing would train; pick lora, qlora, dora, ia3, ... or full")
+    method = method_of(llm_cfg)
+    if not method.trains:
+        raise ConfigError(f"llm.method is {llm_cfg.method!r}: nothing would train; pick lora, qlora, dora, ia3, ... "
+                          "or full")
     lm, tok, source = load_causal_lm(
         model_cfg, method=llm_cfg.method, compute_dtype=compute_dtype, quantize_head=llm_cfg.quantize_head,
         log_fn=log_fn,
     )
-    if llm_cfg.method == "prompt_tuning" and llm_cfg.prompt_init_text:
-        lm.config._name_or_path = source["path"]
+    method.prepare(lm, llm_cfg, source["path"])
     lm = apply_peft(lm, [ComponentSpec("llm", "", llm_cfg)])
     model = CausalLMModel(lm, label_logits_only=label_logits_only)
-    model.record_trained(full_components=["llm"] if llm_cfg.method == "full" else [])
+    model.record_trained(full_components=["llm"] if method.full_weights else [])
     if label_logits_only:
         diff = check_label_logits(lm, lm.config.vocab_size if hasattr(lm.config, "vocab_size") else 1000,
                                   device=model.device)

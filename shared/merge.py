@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.peft import PROMPT_METHODS, QUANTISED, ComponentConfig
+from modaltune.shared.peft import ComponentConfig, method_of
 from modaltune.shared.recipe import get_recipe
 from modaltune.shared.runfolder import check_out_folder
 from modaltune.shared.training import resolve_precision
@@ -30,22 +30,20 @@ LICENCE_NAMES = ("licen", "notice", "copying", "terms", "use_policy", "acceptabl
 
 
 def merge_config(cfg: Any) -> Any:
-    """The config a merge rebuilds the model with: fp32, no gradient checkpointing, and every quantised component
-    (QLoRA, 8-bit) as plain LoRA, since adapters merge into the full-precision base they were trained on.
+    """The config a merge rebuilds the model with: fp32, no gradient checkpointing, and each component with the
+    method its own ``merge_substitute`` names (quantised ones, QLoRA and 8-bit, as plain LoRA, since adapters merge
+    into the full-precision base they were trained on).
 
     Raises:
-        ModaltuneError: a component uses prompt or prefix tuning (virtual tokens have no weights to merge into).
+        ModaltuneError: a component's method has nothing to merge (prompt or prefix tuning: virtual tokens).
     """
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, ComponentConfig):
-            if value.method in PROMPT_METHODS:
-                raise ModaltuneError(
-                    f"{f.name}.method={value.method} adds virtual tokens that cannot be merged into weights; load "
-                    f"the checkpoint's adapter folder with peft instead")
-            if value.method in QUANTISED:
-                changes[f.name] = dataclasses.replace(value, method="lora")
+            substitute = method_of(value).merge_substitute(f.name)
+            if substitute != value.method:
+                changes[f.name] = dataclasses.replace(value, method=substitute)
     train = getattr(cfg, "train", None)
     if train is not None:
         changes["train"] = dataclasses.replace(train, precision="fp32", gradient_checkpointing=False)

@@ -3,6 +3,8 @@
 A :class:`ModaltuneModel` maps component names (``llm``, ``encoder``, ``projector`` ...) to module paths inside
 it. After PEFT methods are applied it records which parameters train (LoRA weights, fully-trained modules such
 as a projector); checkpoints save exactly those, whatever stage froze them later, so no trained weight is lost.
+It names no method: what a method keeps on the model (fixed weights, a draw per stage, a rank controller) is that
+method's :class:`~modaltune.shared.peft.MethodState`, whose hooks it calls.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 from torch import nn
 
 from modaltune.shared.errors import ModaltuneError
-from modaltune.shared.peft import FIXED_FACTORS, HALF_PLANS, count_parameters, draw_half
+from modaltune.shared.peft import MARKS, MethodState, count_parameters, get_method
+from modaltune.shared.peft.base import registry_position
 
 
 class _Reached(Exception):
@@ -59,9 +62,7 @@ class ModaltuneModel(nn.Module):
         self.components = {}
         self._trained: set[str] = set()
         self._trained_buffers: set[str] = set()
-        self._half: dict[str, tuple[str, list[int]]] = {}  # hft components: blocks path in self, block indices
-        self.fixed_factors: set[str] = set()  # LoRA-FA's A matrices: saved with the adapter, never trained
-        self.nested = None  # DyLoRA components' rank controller (modaltune.shared.dylora.NestedRanks)
+        self._states: dict[str, MethodState] = {}  # method name -> its state on this model (registry order)
 
     def component_of(self, name: str) -> str | None:
         """The component a parameter or buffer name belongs to (longest matching root)."""
@@ -72,27 +73,42 @@ class ModaltuneModel(nn.Module):
         return best
 
     def record_trained(self, full_components: list[str] = ()) -> None:
-        """Remember the currently trainable parameters (and buffers of fully-trained components) as trained."""
-        # LoRA-FA's A matrices stay trained weights (saved) on a second call, though they never require grad
+        """Remember the currently trainable parameters (and buffers of fully-trained components) as trained, and
+        build each method's state from what :func:`~modaltune.shared.peft.apply_peft` marked on the models inside."""
+        # fixed weights (LoRA-FA's A) stay trained weights (saved) on a second call, though they never require grad
         self._trained = {n for n, p in self.named_parameters() if p.requires_grad} | self.fixed_factors
-        roots = [".".join(x for x in (path, root) if x) for path, module in self.named_modules()
-                 for root in vars(module).get(FIXED_FACTORS, [])]  # peft wrappers forward getattr inward
-        self.fixed_factors = {n for n in self._trained if ".lora_A." in n
-                              and any(not r or n.startswith(r + ".") for r in roots)}
-        from modaltune.shared.dylora import nested_ranks
-
-        if self.nested is not None:  # one rank controller: the previous one's hooks come off
-            self.nested.remove()
-        self.nested = nested_ranks(self)
-        self._half = {comp: (f"{path}.{prefix}" if path else prefix, blocks) for path, module in self.named_modules()
-                      for comp, (prefix, blocks) in getattr(module, HALF_PLANS, {}).items()}
-        if self._half or self.fixed_factors:  # what one stage trains: the parameter counts report this
+        marks: dict[str, list[tuple[str, object]]] = {}
+        for path, module in self.named_modules():
+            for name, found in vars(module).get(MARKS, {}).items():  # its own attribute (peft wrappers forward
+                marks.setdefault(name, []).append((path, found))  # getattr inward)
+        for state in self._states.values():  # one state per method: the previous one's hooks come off
+            state.remove()
+        self._states = {}
+        for name in sorted(marks, key=registry_position):
+            state = get_method(name).attach(self, marks[name])
+            if state is not None:
+                self._states[name] = state
+        if any(state.restricts_stages for state in self._states.values()):  # the parameter counts report a stage
             self.set_stage_trainable(None, draw="setup")
         self._trained_buffers = {
             n
             for n, b in self.named_buffers()
             if self.component_of(n) in set(full_components) and b.dtype.is_floating_point
         }
+
+    @property
+    def fixed_factors(self) -> set[str]:
+        """Trained weights that never receive gradients (saved with the model, read by its optimizer)."""
+        return set().union(*(state.fixed for state in self._states.values()))
+
+    def peft_state(self, method: str) -> MethodState | None:
+        """The state method ``method`` keeps on this model (None when no component uses it)."""
+        return self._states.get(method)
+
+    @property
+    def peft_states(self) -> list[MethodState]:
+        """Every method's state on this model, in registry order (their training hooks run in this order)."""
+        return list(self._states.values())
 
     @property
     def trained_names(self) -> set[str]:
@@ -112,18 +128,20 @@ class ModaltuneModel(nn.Module):
     def set_stage_trainable(self, components: list[str] | None, draw: str = "") -> dict[str, dict]:
         """Let only the trained parameters of ``components`` (all when ``None``) receive gradients.
 
-        A Half Fine-Tuning component (``method: hft``) trains the half of its block weights drawn for ``draw`` (the
-        seed and stage: a new half each stage, the same one on a rerun); returns each such component's draw summary.
+        A method that trains a drawn part of its components (Half Fine-Tuning's half of the block weights) draws it
+        for ``draw`` (the seed and stage: a new draw each stage, the same one on a rerun); returns each such
+        component's draw summary. Fixed weights never train.
         """
         allowed = None if components is None else set(components)
         half: set[str] = set()
         drawn = {}
-        for comp, (prefix, blocks) in self._half.items():
-            if allowed is None or comp in allowed:
-                names, drawn[comp] = draw_half(self, prefix, blocks, f"{draw}:{comp}")
+        for state in self._states.values():
+            for comp, (names, summary) in state.stage_draw(self, allowed, draw).items():
+                drawn[comp] = summary
                 half |= names
+        fixed = self.fixed_factors
         for name, param in self.named_parameters():
-            on = name in self._trained and name not in self.fixed_factors and (
+            on = name in self._trained and name not in fixed and (
                 allowed is None or self.component_of(name) in allowed)
             if on and self.component_of(name) in drawn:
                 on = name in half

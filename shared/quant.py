@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.peft import get_method
 
 
 def check_bitsandbytes(method: str) -> None:
@@ -35,13 +36,15 @@ def check_bitsandbytes(method: str) -> None:
 
 
 def bnb_config(method: str, *, compute_dtype: torch.dtype, skip_modules: list[str]):
-    """A ``BitsAndBytesConfig`` for ``qlora`` (NF4, double quantisation) or ``lora8bit``; ``None`` otherwise."""
-    if method not in {"qlora", "lora8bit"}:
+    """A ``BitsAndBytesConfig`` for a method that asks for a quantised base (``quantised``: ``4bit`` is NF4 with
+    double quantisation, ``8bit`` LLM.int8); ``None`` for the others."""
+    level = get_method(method).quantised
+    if level is None:
         return None
     check_bitsandbytes(method)
     from transformers import BitsAndBytesConfig
 
-    if method == "qlora":
+    if level == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -53,7 +56,7 @@ def bnb_config(method: str, *, compute_dtype: torch.dtype, skip_modules: list[st
 
 
 def quantized_load_kwargs(method: str, *, compute_dtype: torch.dtype, skip_modules: list[str]) -> dict:
-    """``from_pretrained`` keyword arguments that load a model quantised for ``qlora``/``lora8bit``.
+    """``from_pretrained`` keyword arguments that load a model quantised for ``method`` (one whose ``quantised`` is set).
 
     On a GPU the quantised weights are placed on this rank's device (bitsandbytes needs them there at load time;
     under torchrun / accelerate launch each rank holds its own copy on its own GPU).

@@ -13,11 +13,11 @@ DeepSpeed) with no launcher of ours. What this module adds:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
-import errno
+import io
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -27,17 +27,21 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
-from modaltune.shared.config import CROSS_CHECKS, doc
+from modaltune.shared.config import doc
 from modaltune.shared.environment import bf16_matmul_kernel, cpu_flags
-from modaltune.shared.errors import ConfigError, ModaltuneError
-from modaltune.shared.guards import IndexedCollator, IndexedDataset, NonFiniteGuard
-from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.errors import ConfigError
+from modaltune.shared.guards import IndexedCollator, IndexedDataset
+from modaltune.shared.io import atomic_write_json, atomic_write_text, iter_jsonl
+from modaltune.shared.peft import lora_scale
 from modaltune.shared.provenance import check_resume, data_fingerprint, run_identity
-from modaltune.shared.io import (WriteFailure, as_os_error, atomic_write_json, atomic_write_text, free_bytes,
-                                 iter_jsonl, write_failure)
 from modaltune.shared.tracking import check_report_to, trainer_report_to
+from modaltune.shared.trainer import (STATE_FILE, CheckpointingMixin, EarlyStopping, MetricsLogger, ModaltuneTrainer,
+                                      optimizer_state_mb)
 
-STATE_FILE = "modaltune_state.json"  # in a step checkpoint: the stage's training-loss sum so far
+# the Trainer and its callbacks live in modaltune.shared.trainer; importers of this module keep their names
+__all__ = ["STATE_FILE", "CheckpointingMixin", "EarlyStopping", "MetricsLogger", "ModaltuneTrainer", "StageConfig",
+           "StagePlan", "TrainConfig", "TrainResult", "autocast", "autocast_dtype", "compute_dtype", "lora_scale",
+           "optimizer_state_mb", "resolve_precision", "run_stages", "write_metrics_csv"]
 
 
 @dataclasses.dataclass
@@ -130,19 +134,6 @@ class StagePlan:
     collator: Callable | None = None  # this stage's batches (default: run_stages' collator)
 
 
-def _mezo_refuses_dylora(cfg: Any) -> None:
-    """MeZO's update moves every trainable weight along its perturbation, including the DyLoRA ranks a step masks."""
-    if getattr(getattr(cfg, "train", None), "optimizer", None) != "mezo" or not dataclasses.is_dataclass(cfg):
-        return
-    for f in dataclasses.fields(cfg):
-        if getattr(getattr(cfg, f.name), "method", None) == "dylora":
-            raise ConfigError(f"train.optimizer=mezo with {f.name}.method=dylora: MeZO's update would move the "
-                              f"ranks a step does not use; train DyLoRA with adamw, or use {f.name}.method=lora")
-
-
-CROSS_CHECKS.append(_mezo_refuses_dylora)
-
-
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
     """Pick fp32/bf16/fp16; ``auto`` takes bf16 where the hardware runs it fast."""
     if precision != "auto":
@@ -173,223 +164,10 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def autocast(precision: str, device: torch.device | str):
     """The autocast context that matches a resolved training precision (a no-op for fp32)."""
-    import contextlib
-
     dtype = autocast_dtype(precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-class CheckpointingMixin(NonFiniteGuard):
-    """Modaltune checkpoints for any transformers Trainer (ours, or a library's such as trl's ``DPOTrainer``), and the
-    non-finite guard (:class:`modaltune.shared.guards.NonFiniteGuard`) that keeps NaN out of them.
-
-    ``owner`` is the modaltune model whose trained weights the checkpoints hold; it defaults to the Trainer's model
-    and differs when the Trainer trains an inner module (a library trainer given the wrapped Hugging Face model).
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        checkpoint_meta: dict | None = None,
-        keep_checkpoints: int = 2,
-        prior_loss_sum: float = 0.0,
-        owner: Any = None,
-        **kwargs,
-    ) -> None:
-        self.checkpoint_meta = checkpoint_meta or {}
-        self.keep_checkpoints = keep_checkpoints
-        self.prior_loss_sum = prior_loss_sum  # training-loss sum of the steps before a resume
-        self._saving_step = False
-        self.owner = owner
-        super().__init__(*args, **kwargs)
-        if self.owner is None:
-            self.owner = self.model
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            # inside a step checkpoint the marker comes after the Trainer's own files (see _save_checkpoint)
-            ckpt.save_checkpoint(self.owner, output_dir, meta=self.checkpoint_meta, mark_complete=not self._saving_step)
-            atomic_write_text(Path(output_dir) / "training_args.json", self.args.to_json_string())
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        # The Trainer writes weights, optimizer, scheduler, RNG and trainer_state.json; the COMPLETE marker, which
-        # lists every file with its size and hash, is written after all of them. Old checkpoints are rotated only
-        # then, so a kill at any moment leaves a complete checkpoint to resume from.
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"checkpoint-{self.state.global_step}"
-        self._saving_step = True
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as exc:  # noqa: BLE001 - torch.save reports a full disk as "RuntimeError: ... write failed"
-            error = exc.os_error if isinstance(exc, WriteFailure) else as_os_error(exc, folder)
-            if error is None and not (isinstance(exc, RuntimeError) and "write failed" in str(exc).lower()):
-                raise
-            ckpt.discard(folder)  # half written: never resumed from; its space comes back
-            done = ckpt.latest_checkpoint(run_dir)  # the size of a complete one, else weights + optimizer state
-            needed = ckpt.folder_bytes(done) if done is not None else ckpt.state_bytes(
-                self.owner.trained_state_dict()) + int(optimizer_state_mb(self.optimizer) * 2**20 if self.optimizer else 0) + 2**16
-            if error is None:
-                error = OSError(errno.ENOSPC if (free_bytes(run_dir) or 0) < needed else errno.EIO, str(exc),
-                                str(folder))
-            raise write_failure(error, run_dir, needed=needed) from exc
-        finally:
-            self._saving_step = False
-        if self.args.should_save and folder.is_dir():
-            atomic_write_json(folder / STATE_FILE, {"step": self.state.global_step, "loss_sum": self.loss_sum()})
-            ckpt.write_marker(folder)
-            ckpt.rotate(run_dir, self.keep_checkpoints)
-
-    def loss_sum(self) -> float:
-        """Sum of the per-step training losses of this stage so far, steps before a resume included."""
-        pending = getattr(self, "_tr_loss", None)
-        pending = float(pending.item()) if isinstance(pending, torch.Tensor) else 0.0
-        return self.prior_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + pending
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        ckpt.load_trained(self.owner, resume_from_checkpoint)
-
-    def _issue_warnings_after_load(self, load_result: Any) -> None:  # keys are checked by load_trained
-        return None
-
-
-def lora_scale(model: torch.nn.Module, param_name: str) -> float:
-    """The LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA) of the layer a ``lora_A``/``lora_B`` weight is in."""
-    layer, _, rest = param_name.rpartition(".lora_")
-    return float(model.get_submodule(layer).scaling[rest.split(".")[1]])
-
-
-def optimizer_state_mb(optimizer: Any) -> float:
-    """Megabytes of tensors the optimizer keeps between steps (Adam's moments, ...)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor)) / 2 ** 20
-
-
-class ModaltuneTrainer(CheckpointingMixin, Trainer):
-    """The transformers Trainer with component learning rates, modaltune checkpoints and a token-weighted
-    validation loss."""
-
-    _uses_gradients = True  # False for gradient-free trainers (MeZO): a plain optimizer carries their learning rates
-
-    def __init__(self, *args: Any, component_lrs: dict[str, float] | None = None, **kwargs) -> None:
-        self.component_lrs = component_lrs or {}
-        super().__init__(*args, **kwargs)
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is not None:
-            return self.optimizer
-        model = self.model
-        decay_names = set(self.get_decay_parameter_names(model))
-        fixed = getattr(model, "fixed_factors", set()) if self._uses_gradients else set()
-        params = dict(model.named_parameters())
-        groups: dict[tuple[str, bool], dict[str, Any]] = {}
-        for name, param in params.items():
-            if not param.requires_grad:
-                continue
-            comp = model.component_of(name) or "other"
-            decay = name in decay_names
-            group = groups.setdefault(
-                (comp, decay),
-                {
-                    "params": [],
-                    "lr": self.component_lrs.get(comp, self.args.learning_rate),
-                    "weight_decay": self.args.weight_decay if decay else 0.0,
-                    "component": comp,
-                    **({"names": [], "scaling_factors": []} if fixed else {}),
-                },
-            )
-            partner = name.replace(".lora_B.", ".lora_A.")
-            if fixed and partner in fixed:  # LoRA-FA: the optimizer takes each fixed A just before its B
-                scale = lora_scale(model, name)
-                group["params"] += [params[partner], param]
-                group["names"] += [partner, name]
-                group["scaling_factors"] += [scale, scale]
-            else:
-                group["params"].append(param)
-                if fixed:
-                    group["names"].append(name)
-                    group["scaling_factors"].append(None)
-        if not groups:
-            raise ModaltuneError("nothing to train: every component is frozen in this stage")
-        if fixed:
-            from peft.optimizers.lorafa import LoraFAOptimizer
-
-            self.optimizer = LoraFAOptimizer(list(groups.values()), betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                             eps=self.args.adam_epsilon)
-            return self.optimizer
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
-        return self.optimizer
-
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
-        """Validation loss as the report measures it: the mean over every labelled token of the whole split.
-
-        The Trainer's own loop averages per-batch means (and, under a launcher, each rank's shard padded to equal
-        size), which gives a second, different validation loss for the same split. Here every rank runs the whole
-        split in order on its unwrapped model (no collective inside), so the training curve's last evaluation and
-        the report's ``validation/loss`` are one figure.
-        """
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        model, size = self.model, self.args.per_device_eval_batch_size
-        shifted = getattr(model, "shifted_labels", True)
-        was_training = model.training
-        model.eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(dataset), size):
-                batch = self._prepare_inputs(self.data_collator(
-                    [dataset[i] for i in range(start, min(start + size, len(dataset)))]))
-                labels = batch["labels"][:, 1:] if shifted else batch["labels"]
-                n = int((labels != IGNORE_INDEX).sum())
-                with self.compute_loss_context_manager():
-                    loss = model(**batch)["loss"]
-                total += float(loss) * n
-                tokens += n
-        model.train(was_training)
-        metrics = {f"{metric_key_prefix}_loss": total / max(tokens, 1)}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-class MetricsLogger(TrainerCallback):
-    """Appends every Trainer log line (with its stage) to ``metrics.jsonl``; keeps the rows for plots."""
-
-    def __init__(self, path: Path, stage: str, rows: list[dict]) -> None:
-        self.path = path
-        self.stage = stage
-        self.rows = rows
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
-        if not logs or not state.is_world_process_zero:
-            return
-        row = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch, **logs}
-        self.rows.append(row)
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, default=float) + "\n")
-
-
-class EarlyStopping(TrainerCallback):
-    """Stops a stage after ``patience`` evaluations without a lower ``eval_loss``."""
-
-    def __init__(self, patience: int) -> None:
-        self.patience = patience
-        self.best = math.inf
-        self.bad = 0
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: D102
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None:
-            return
-        if loss < self.best - 1e-6:
-            self.best, self.bad = loss, 0
-        else:
-            self.bad += 1
-            if self.bad >= self.patience:
-                control.should_training_stop = True
 
 
 @dataclasses.dataclass
@@ -424,18 +202,17 @@ def run_stages(
     """
     run_dir = Path(run_dir)
     log_path = run_dir / "metrics.jsonl"
-    rows: list[dict] = []
     main = dist.is_main()  # under a launcher rank 0 writes the run's files; the Trainer shards the data
-    if cfg.resume and log_path.exists():
-        rows = [row for _, row in iter_jsonl(log_path)]
-    elif log_path.exists() and main:
-        log_path.unlink()
+    rows = _start_log(log_path, cfg.resume, main)
     precision = resolve_precision(cfg.precision)
     config = checkpoint_meta.get("config") or {}
     identity = run_identity(config, {stage.name: data_fingerprint(stage.train_dataset) for stage in stages})
     checkpoint_meta = {**checkpoint_meta, "run": identity}
     if cfg.resume_from:
         _start_from(model, Path(cfg.resume_from), log)
+    run = _Run(model=model, cfg=cfg, log_path=log_path, rows=rows, main=main, precision=precision, config=config,
+               identity=identity, checkpoint_meta=checkpoint_meta, collator=collator, component_lrs=component_lrs,
+               callbacks=callbacks or [], log=log)
     summaries = []
     for stage in stages:
         stage_dir = run_dir / "stages" / stage.name
@@ -445,115 +222,11 @@ def run_stages(
             ckpt.load_trained(model, final)
             log(f"resume: stage {stage.name!r} finished earlier; loaded {final}")
             summaries.append({"stage": stage.name, "resumed": "finished earlier, loaded", "steps": None})
-            if after_stage is not None:
-                after_stage(stage)
-            continue
-        drawn = model.set_stage_trainable(stage.components, draw=f"{cfg.seed}:{stage.name}")
-        resume_from = ckpt.latest_checkpoint(stage_dir, log=log) if cfg.resume else None
-        if resume_from is not None:
-            check_resume(resume_from, ckpt.read_meta(resume_from), config, identity)
-            log(f"resume: stage {stage.name!r} continues from {resume_from} (step "
-                f"{resume_from.name.split('-')[1]} of {stage.max_steps or cfg.max_steps})")
-        elif cfg.resume:
-            log(f"resume: stage {stage.name!r} has no complete checkpoint in {stage_dir}; it starts at step 0")
-        prior_loss_sum = _prior_loss_sum(resume_from)
-        if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
-            done = int(resume_from.name.split("-")[1]) if resume_from else 0
-            rows[:] = [r for r in rows if r.get("stage") != stage.name or r.get("step", 0) <= done]
+        else:
+            summaries.append(_train_stage(run, stage, stage_dir))
             if main:
-                atomic_write_text(log_path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
-        max_steps = stage.max_steps if stage.max_steps is not None else cfg.max_steps
-        steps_for_warmup = max_steps if max_steps > 0 else 0
-        evaluate = stage.eval_dataset is not None
-        arguments = dict(
-            output_dir=str(stage_dir),
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=stage.lr if stage.lr is not None else cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=int(cfg.warmup_ratio * steps_for_warmup) if steps_for_warmup else cfg.warmup_ratio,
-            lr_scheduler_type=cfg.scheduler,
-            max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
-            max_steps=max_steps,
-            num_train_epochs=cfg.epochs,
-            logging_steps=cfg.logging_steps,
-            logging_first_step=True,
-            save_strategy="steps",
-            save_steps=cfg.save_steps,
-            save_total_limit=None,  # rotated by ModaltuneTrainer once a new checkpoint is complete
-            eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no",
-            eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
-            prediction_loss_only=True,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            dataloader_num_workers=cfg.num_workers,
-            remove_unused_columns=False,
-            report_to=trainer_report_to(cfg.report_to),
-            disable_tqdm=False,
-            save_only_model=False,
-            use_cpu=not torch.cuda.is_available(),
-        )
-        stage_callbacks: list[TrainerCallback] = [MetricsLogger(log_path, stage.name, rows), *(callbacks or [])]
-        nested = getattr(model, "nested", None)
-        if nested is not None:  # DyLoRA: a rank drawn per step
-            from modaltune.shared.dylora import NestedRankCallback
-
-            nested_callback = NestedRankCallback(nested, cfg.seed)
-            stage_callbacks.append(nested_callback)
-        if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
-            stage_callbacks.append(EarlyStopping(cfg.early_stopping_patience))
-        if cfg.optimizer == "mezo":
-            if stage.trainer is not None:
-                raise ConfigError(f"train.optimizer=mezo: stage {stage.name!r} trains with its own objective (e.g. "
-                                  "preference pairs), which MeZO does not drive; use adamw for it")
-            if nested is not None:
-                raise ConfigError("train.optimizer=mezo with a dylora component: MeZO's update would move the ranks "
-                                  "a step does not use; train DyLoRA with adamw, or use lora with mezo")
-            arguments["max_grad_norm"] = 0.0  # there are no gradients to clip
-            arguments["fp16"] = False  # no backward, so no loss scaler: fp16 is the forward's autocast alone
-        # our own trainers see each item's position, so a non-finite step can name its batch's items
-        named = stage.trainer is None
-        trainer = (stage.trainer or (_mezo_trainer(cfg.mezo_eps, precision) if cfg.optimizer == "mezo"
-                                     else _modaltune_trainer))(
-            model=model,
-            arguments=arguments,
-            train_dataset=IndexedDataset(stage.train_dataset) if named else stage.train_dataset,
-            eval_dataset=stage.eval_dataset,
-            data_collator=IndexedCollator(stage.collator or collator) if named else stage.collator or collator,
-            callbacks=stage_callbacks,
-            component_lrs=component_lrs,
-            checkpoint_meta={**checkpoint_meta, "stage": stage.name},
-            keep_checkpoints=max(cfg.save_total_limit, 1),
-            prior_loss_sum=prior_loss_sum,
-        )
-        trainer.nonfinite_patience, trainer.stage_name, trainer.stage_dir = cfg.nonfinite_patience, stage.name, stage_dir
-        trainer.log_line = log
-        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        steps = trainer.state.global_step
-        trained_now = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
-        summary = {
-            "stage": stage.name,
-            "steps": steps,
-            # the mean over every step of the stage, those trained before a resume included
-            "train_loss": (prior_loss_sum + output.training_loss * trained_now) / steps if steps else None,
-            "train_seconds": output.metrics.get("train_runtime"),
-            "resumed_from": str(resume_from) if resume_from else None,
-            "precision": precision,
-            "optimizer_state_mb": round(optimizer_state_mb(trainer.optimizer), 3) if trainer.optimizer else None,
-            **({"half_fine_tuning": drawn} if drawn else {}),
-            **({"dylora_ranks_drawn": nested_callback.counts(steps)} if nested is not None else {}),
-        }
-        if evaluate:  # the evaluation of the last step, if the schedule made one, else one now
-            done = [r["eval_loss"] for r in rows if r.get("stage") == stage.name and "eval_loss" in r
-                    and r.get("step") == trainer.state.global_step]
-            summary["eval_loss"] = done[-1] if done else trainer.evaluate().get("eval_loss")
-        summaries.append(summary)
-        if main:
-            ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})
-        dist.barrier()
+                ckpt.save_checkpoint(model, final, meta={**checkpoint_meta, "stage": stage.name})
+            dist.barrier()
         if after_stage is not None:
             after_stage(stage)
     model.set_stage_trainable(None)
@@ -566,12 +239,162 @@ def run_stages(
     return TrainResult(rows=rows, stages=summaries, checkpoint=final_dir)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one :func:`run_stages` call shares."""
+
+    model: Any
+    cfg: TrainConfig
+    log_path: Path
+    rows: list[dict]  # the metrics log; MetricsLogger appends to this very list
+    main: bool
+    precision: str
+    config: dict
+    identity: dict
+    checkpoint_meta: dict
+    collator: Callable
+    component_lrs: dict[str, float]
+    callbacks: list[TrainerCallback]
+    log: Callable[[str], None]
+
+
+def _start_log(log_path: Path, resume: bool, main: bool) -> list[dict]:
+    """The metrics log's rows: those of the run being resumed, or none (an old log is removed)."""
+    rows: list[dict] = []
+    if resume and log_path.exists():
+        rows = [row for _, row in iter_jsonl(log_path)]
+    elif log_path.exists() and main:
+        log_path.unlink()
+    return rows
+
+
+def _train_stage(run: _Run, stage: StagePlan, stage_dir: Path) -> dict:
+    """Train one stage (from its last usable checkpoint when resuming); returns its summary."""
+    cfg, model = run.cfg, run.model
+    drawn = model.set_stage_trainable(stage.components, draw=f"{cfg.seed}:{stage.name}")
+    resume_from = _resume_point(run, stage, stage_dir)
+    prior_loss_sum = _prior_loss_sum(resume_from)
+    if cfg.resume:  # steps logged after the last complete checkpoint are trained (and logged) again
+        done = int(resume_from.name.split("-")[1]) if resume_from else 0
+        run.rows[:] = [r for r in run.rows if r.get("stage") != stage.name or r.get("step", 0) <= done]
+        if run.main:
+            atomic_write_text(run.log_path, "".join(json.dumps(r, default=float) + "\n" for r in run.rows))
+    evaluate = stage.eval_dataset is not None
+    arguments = _training_arguments(cfg, stage, stage_dir, run.precision, evaluate)
+    stage_callbacks: list[TrainerCallback] = [MetricsLogger(run.log_path, stage.name, run.rows), *run.callbacks]
+    for state in model.peft_states:  # a PEFT method's per-step hooks (e.g. DyLoRA's rank drawn per step)
+        stage_callbacks += state.callbacks(cfg.seed)
+    if cfg.early_stopping_patience > 0 and evaluate and cfg.eval_steps > 0:
+        stage_callbacks.append(EarlyStopping(cfg.early_stopping_patience))
+    if cfg.optimizer == "mezo":
+        if stage.trainer is not None:
+            raise ConfigError(f"train.optimizer=mezo: stage {stage.name!r} trains with its own objective (e.g. "
+                              "preference pairs), which MeZO does not drive; use adamw for it")
+        for state in model.peft_states:
+            state.check_optimizer(cfg.optimizer)
+        arguments["max_grad_norm"] = 0.0  # there are no gradients to clip
+        arguments["fp16"] = False  # no backward, so no loss scaler: fp16 is the forward's autocast alone
+    # our own trainers see each item's position, so a non-finite step can name its batch's items
+    named = stage.trainer is None
+    trainer = (stage.trainer or (_mezo_trainer(cfg.mezo_eps, run.precision) if cfg.optimizer == "mezo"
+                                 else _modaltune_trainer))(
+        model=model,
+        arguments=arguments,
+        train_dataset=IndexedDataset(stage.train_dataset) if named else stage.train_dataset,
+        eval_dataset=stage.eval_dataset,
+        data_collator=IndexedCollator(stage.collator or run.collator) if named else stage.collator or run.collator,
+        callbacks=stage_callbacks,
+        component_lrs=run.component_lrs,
+        checkpoint_meta={**run.checkpoint_meta, "stage": stage.name},
+        keep_checkpoints=max(cfg.save_total_limit, 1),
+        prior_loss_sum=prior_loss_sum,
+    )
+    trainer.nonfinite_patience, trainer.stage_name, trainer.stage_dir = cfg.nonfinite_patience, stage.name, stage_dir
+    trainer.log_line = run.log
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return _stage_summary(run, stage, trainer, output, resume_from, prior_loss_sum, drawn)
+
+
+def _resume_point(run: _Run, stage: StagePlan, stage_dir: Path) -> Path | None:
+    """The step checkpoint a resumed stage continues from (None: it starts at step 0), checked to be this run's."""
+    resume_from = ckpt.latest_checkpoint(stage_dir, log=run.log) if run.cfg.resume else None
+    if resume_from is not None:
+        check_resume(resume_from, ckpt.read_meta(resume_from), run.config, run.identity)
+        run.log(f"resume: stage {stage.name!r} continues from {resume_from} (step "
+                f"{resume_from.name.split('-')[1]} of {stage.max_steps or run.cfg.max_steps})")
+    elif run.cfg.resume:
+        run.log(f"resume: stage {stage.name!r} has no complete checkpoint in {stage_dir}; it starts at step 0")
+    return resume_from
+
+
+def _training_arguments(cfg: TrainConfig, stage: StagePlan, stage_dir: Path, precision: str,
+                        evaluate: bool) -> dict[str, Any]:
+    """The stage's ``TrainingArguments`` keywords."""
+    max_steps = stage.max_steps if stage.max_steps is not None else cfg.max_steps
+    steps_for_warmup = max_steps if max_steps > 0 else 0
+    return dict(
+        output_dir=str(stage_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=stage.lr if stage.lr is not None else cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=int(cfg.warmup_ratio * steps_for_warmup) if steps_for_warmup else cfg.warmup_ratio,
+        lr_scheduler_type=cfg.scheduler,
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+        max_steps=max_steps,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,  # rotated by ModaltuneTrainer once a new checkpoint is complete
+        eval_strategy="steps" if evaluate and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        prediction_loss_only=True,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.num_workers,
+        remove_unused_columns=False,
+        report_to=trainer_report_to(cfg.report_to),
+        disable_tqdm=False,
+        save_only_model=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _stage_summary(run: _Run, stage: StagePlan, trainer: Trainer, output: Any, resume_from: Path | None,
+                   prior_loss_sum: float, drawn: dict[str, dict]) -> dict:
+    """A trained stage's row of ``stages.json``."""
+    steps = trainer.state.global_step
+    trained_now = steps - (int(resume_from.name.split("-")[1]) if resume_from else 0)
+    summary = {
+        "stage": stage.name,
+        "steps": steps,
+        # the mean over every step of the stage, those trained before a resume included
+        "train_loss": (prior_loss_sum + output.training_loss * trained_now) / steps if steps else None,
+        "train_seconds": output.metrics.get("train_runtime"),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "precision": run.precision,
+        "optimizer_state_mb": round(optimizer_state_mb(trainer.optimizer), 3) if trainer.optimizer else None,
+    }
+    for state in run.model.peft_states:  # a PEFT method's own figures (HFT's draw, DyLoRA's ranks drawn)
+        summary.update(state.summary(drawn, run.cfg.seed, steps))
+    if stage.eval_dataset is not None:  # the evaluation of the last step, if the schedule made one, else one now
+        done = [r["eval_loss"] for r in run.rows if r.get("stage") == stage.name and "eval_loss" in r
+                and r.get("step") == trainer.state.global_step]
+        summary["eval_loss"] = done[-1] if done else trainer.evaluate().get("eval_loss")
+    return summary
+
+
 def _modaltune_trainer(*, arguments: dict[str, Any], **kwargs) -> ModaltuneTrainer:
     return ModaltuneTrainer(args=TrainingArguments(**arguments), **kwargs)
 
 
 def _mezo_trainer(eps: float, precision: str) -> Callable[..., Trainer]:
-    from modaltune.shared.mezo import MeZOTrainer
+    from modaltune.shared.mezo import MeZOTrainer  # lazy: a real cycle (mezo imports this module's trainer)
 
     return lambda *, arguments, **kwargs: MeZOTrainer(args=TrainingArguments(**arguments), mezo_eps=eps,
                                                       precision=precision, **kwargs)
@@ -602,8 +425,6 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()

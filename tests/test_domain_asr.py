@@ -450,13 +450,13 @@ def test_memory_methods_apply_to_a_whisper_component(method, tiny_whisper):
         assert model.fixed_factors == {f"{n}.weight" for n in decoder}
         assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
     else:
-        assert model.nested is not None and len(model.nested.layers) == len(decoder)
+        assert model.peft_state("dylora") is not None and len(model.peft_state("dylora").layers) == len(decoder)
         _, _, batch = _batch(processor)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if ".lora_B." in n:
                     p.normal_(0, 0.5)  # trained-looking: rank 1 then differs from rank 4
             full = model(**batch)["loss"]
-            with model.nested.at(1):
+            with model.peft_state("dylora").at(1):
                 one = model(**batch)["loss"]
         assert torch.isfinite(one) and abs(float(one) - float(full)) > 1e-4

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modaltune.shared.cli import main
-from modaltune.shared.dylora import eval_ranks, export_rank
+from modaltune.shared.peft.dylora import eval_ranks, export_rank
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.lm import ModelConfig, build_text_model
 from modaltune.shared.peft import ComponentConfig
@@ -29,7 +29,7 @@ def _model(tiny_llama, r=8):
 def test_rank_b_is_the_truncated_adapter_at_scale_alpha_over_b(tiny_llama):
 
     model = _model(tiny_llama)
-    nested = model.nested
+    nested = model.peft_state("dylora")
     assert nested is not None and nested.max_rank == 8 and len(nested.layers) == 14  # 7 targets x 2 blocks
     layer = nested.layers[0]
     x = torch.randn(3, layer.in_features)
@@ -51,9 +51,9 @@ def test_rank_b_is_the_truncated_adapter_at_scale_alpha_over_b(tiny_llama):
 
 def test_gradients_reach_only_the_drawn_ranks(tiny_llama):
     model = _model(tiny_llama).train()
-    with model.nested.at(3):
+    with model.peft_state("dylora").at(3):
         model(input_ids=IDS, labels=IDS)["loss"].backward()
-    layer = model.nested.layers[0]
+    layer = model.peft_state("dylora").layers[0]
     ga, gb = layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
     assert ga[:3].abs().sum() > 0 and gb[:, :3].abs().sum() > 0
     assert ga[3:].abs().sum() == 0 and gb[:, 3:].abs().sum() == 0
@@ -83,7 +83,7 @@ def test_text_sft_dylora_reports_each_rank_and_exports_it(tmp_path, tiny_llama, 
     from modaltune.shared import checkpoint as ckpt
 
     ckpt.load_trained(model, out / "checkpoint")
-    with torch.no_grad(), model.nested.at(2):
+    with torch.no_grad(), model.peft_state("dylora").at(2):
         want = model.llm(IDS).logits
     with torch.no_grad():
         assert (lm(IDS).logits - want).abs().max() < 1e-5

@@ -28,7 +28,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 def test_the_core_imports_no_modality_package():
     """``modaltune.shared`` stands alone: modalities register into it (plugins), it never reaches into them."""
     bad = [f"shared/{path.name}:{line} imports {module}"
-           for path in sorted((ROOT / "shared").glob("*.py")) for line, module in _imports(path)
+           for path in sorted((ROOT / "shared").rglob("*.py")) for line, module in _imports(path)
            if module.startswith(MODALITIES)]
     assert not bad, bad
 
@@ -63,7 +63,7 @@ def _library_modules() -> list[str]:
     names = []
     for package in ("modaltune.shared", "modaltune.vision", "modaltune.audio", "modaltune.text"):
         pkg = importlib.import_module(package)
-        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.ispkg]
+        names += [m.name for m in pkgutil.walk_packages(pkg.__path__, package + ".")]
     return sorted(names)
 
 

@@ -108,6 +108,6 @@ def test_recording_the_trained_weights_again_keeps_fixed_factors_and_one_rank_co
     assert fa.fixed_factors == fixed and fa.trained_names == trained  # A is still saved, still fixed
     dy, _, _ = build_text_model(ModelConfig(name=str(tiny_llama)), ComponentConfig(method="dylora", r=4, alpha=8),
                                 compute_dtype=torch.float32)
-    layer = dy.nested.layers[0]
+    layer = dy.peft_state("dylora").layers[0]
     dy.record_trained()
     assert len(layer.lora_A["default"]._forward_hooks) == 1  # the first controller's hooks came off

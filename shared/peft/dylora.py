@@ -18,15 +18,54 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from modaltune.shared.errors import ModaltuneError
+from modaltune.shared.errors import ConfigError, ModaltuneError
 from modaltune.shared.io import atomic_write, atomic_write_json
+from modaltune.shared.peft.base import MethodState, register_method
+from modaltune.shared.peft.lora import Lora
 
-NESTED = "_modaltune_nested_ranks"  # on a transformers model: roots of its dylora components
+if TYPE_CHECKING:  # type hints only
+    from modaltune.shared.peft.config import ComponentConfig, ComponentSpec
+
+class DyLoRA(Lora):
+    """LoRA trained at a rank drawn per step (:class:`NestedRanks`), usable at any rank up to ``r`` afterwards."""
+
+    name, adapter_kind = "dylora", "dylora"  # its rank controller acts on every LoRA layer of a model: shares none
+    help = ("DyLoRA: LoRA trained at a rank drawn per step (1..r, lower ranks shared), so it can be used at any rank "
+            "up to r afterwards")
+    own_fields = ("eval_ranks",)
+
+    def validate(self, cfg: ComponentConfig, where: str) -> None:
+        super().validate(cfg, where)
+        if cfg.eval_ranks is not None:
+            bad = [b for b in cfg.eval_ranks if not 1 <= b <= cfg.r]
+            if bad:
+                raise ConfigError(f"{where}.eval_ranks {bad} are outside 1..{cfg.r} (the adapter's rank, {where}.r)")
+
+    def check_optimizer(self, optimizer: str, where: str) -> None:
+        if optimizer == "mezo":  # MeZO moves every trainable weight along its perturbation, masked ranks included
+            raise ConfigError(f"train.optimizer=mezo with {where}.method=dylora: MeZO's update would move the "
+                              f"ranks a step does not use; train DyLoRA with adamw, or use {where}.method=lora")
+
+    def mark(self, base: torch.nn.Module, specs: list[ComponentSpec]) -> list[str]:
+        return [s.root for s in specs]  # the rank each step trains is set by NestedRanks
+
+    def attach(self, model: torch.nn.Module, marks: list) -> NestedRanks | None:
+        """The DyLoRA controller of ``model``'s dylora components (None when it has none)."""
+        from peft.tuners.lora import LoraLayer  # lazy: peft is imported when a model is built
+
+        layers = []
+        for path, roots in marks:
+            for root in roots:
+                prefix = ".".join(x for x in (path, root) if x)
+                layers += [m for name, m in model.named_modules() if isinstance(m, LoraLayer)
+                           and "default" in m.lora_A and (not prefix or name.startswith(prefix + "."))]
+        return NestedRanks(layers) if layers else None
 
 
 class _RankMask:
@@ -45,8 +84,9 @@ class _RankMask:
         return out * self._masks[key]
 
 
-class NestedRanks:
-    """The rank every DyLoRA layer of a model runs at (:meth:`set_rank`), and the seeded draw per step."""
+class NestedRanks(MethodState):
+    """The rank every DyLoRA layer of a model runs at (:meth:`set_rank`), and the seeded draw per step: the dylora
+    state of a ModaltuneModel (``model.peft_state("dylora")``)."""
 
     def __init__(self, layers: list[torch.nn.Module], adapter: str = "default") -> None:
         self.layers = layers
@@ -86,18 +126,20 @@ class NestedRanks:
         """The rank trained at ``step`` (uniform over 1..r; the same on a rerun or resume)."""
         return random.Random(f"{seed}:{step}").randint(1, self.max_rank)
 
+    def counts(self, seed: int, steps: int) -> dict[int, int]:
+        """How often each rank was trained in steps ``0..steps-1`` (a resumed run's earlier steps included)."""
+        return dict(sorted(Counter(self.draw(seed, s) for s in range(steps)).items()))
 
-def nested_ranks(model: torch.nn.Module) -> NestedRanks | None:
-    """The DyLoRA controller of ``model``'s dylora components (None when it has none)."""
-    from peft.tuners.lora import LoraLayer
+    def callbacks(self, seed: int) -> list:
+        return [NestedRankCallback(self, seed)]
 
-    layers = []
-    for path, module in model.named_modules():
-        for root in vars(module).get(NESTED, []):  # its own attribute (peft wrappers forward getattr inward)
-            prefix = ".".join(x for x in (path, root) if x)
-            layers += [m for name, m in model.named_modules() if isinstance(m, LoraLayer)
-                       and "default" in m.lora_A and (not prefix or name.startswith(prefix + "."))]
-    return NestedRanks(layers) if layers else None
+    def check_optimizer(self, optimizer: str) -> None:
+        if optimizer == "mezo":
+            raise ConfigError("train.optimizer=mezo with a dylora component: MeZO's update would move the ranks "
+                              "a step does not use; train DyLoRA with adamw, or use lora with mezo")
+
+    def summary(self, drawn: dict[str, dict], seed: int, steps: int) -> dict[str, Any]:
+        return {"dylora_ranks_drawn": self.counts(seed, steps)}
 
 
 class NestedRankCallback(TrainerCallback):
@@ -117,7 +159,7 @@ class NestedRankCallback(TrainerCallback):
 
     def counts(self, steps: int) -> dict[int, int]:
         """How often each rank was trained in steps ``0..steps-1`` (a resumed run's earlier steps included)."""
-        return dict(sorted(Counter(self.nested.draw(self.seed, s) for s in range(steps)).items()))
+        return self.nested.counts(self.seed, steps)
 
 
 def eval_ranks(max_rank: int, wanted: list[int] | None) -> list[int]:
@@ -152,7 +194,7 @@ def measure_ranks(model, wanted: list[int] | None, measure, checkpoint: Path, ru
                   log=print) -> dict[str, dict]:
     """A DyLoRA model measured at each evaluation rank: ``{"after_rB": metrics}``; each rank's adapters are also
     written as plain PEFT folders to ``run_dir/adapters/rB/COMPONENT``. Empty for a model without DyLoRA."""
-    nested = getattr(model, "nested", None)
+    nested = model.peft_state(DyLoRA.name)
     if nested is None:
         return {}
     columns = {}
@@ -163,3 +205,6 @@ def measure_ranks(model, wanted: list[int] | None, measure, checkpoint: Path, ru
             export_rank(folder.parent, b, run_dir / "adapters" / f"r{b}" / folder.parent.name)
         log(f"rank {b}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(columns[f'after_r{b}'].items())))
     return columns
+
+
+register_method(DyLoRA())
