@@ -200,6 +200,18 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
     assert all("test/words_wer" in report["metrics"][c] for c in ("before", "after_words", "after"))
     assert report["data"]["test rows"]["kept"] == 4 + 2 + 1  # 4 transcripts, 2 orders, 1 spoken question
     assert all(it["shuffled"] is not None for it in report["items"]) and report["plots"]
+    # the main figures are what the report's own rows give: drug accuracy of the order rows, WER of the transcripts
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    from modaltune.shared.metrics import word_error_rate
+
+    orders = [it for it in report["items"] if it["task"] == "orders"]
+    scored, _ = order_scores([it["after"] for it in orders], [json.loads(it["reference"]) for it in orders])
+    assert len(orders) == 2 and after["orders/drug_accuracy"] == scored["orders/drug_accuracy"]
+    heard = [it for it in report["items"] if it["task"] == "transcribe"]
+    norm = EnglishTextNormalizer({})
+    assert len(heard) == 4 and after["test/wer"] == pytest.approx(
+        word_error_rate([norm(it["after"]) for it in heard], [norm(it["reference"]) for it in heard]), abs=1e-12)
     stages = {s["stage"]: s for s in report["training"]["stages"]}
     assert set(stages) == {"words", "tasks"}
     assert report["timing"]["heldout_seconds"] > 0  # the tasks stage learned from held-out readings (the default)

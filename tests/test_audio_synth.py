@@ -14,7 +14,15 @@ import soundfile as sf
 from modaltune.audio import synth
 from modaltune.shared.errors import ModaltuneError
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+@pytest.fixture
+def espeak(system_package):
+    """espeak-ng on PATH: under CI its absence fails the test, locally it skips with the package to install."""
+    system_package(shutil.which("espeak-ng") is not None, "espeak-ng", "speaking the dictation set")
+
+
+needs_espeak = pytest.mark.usefixtures("espeak")
 
 
 def _word_runs(template: str) -> list[list[str]]:

@@ -69,6 +69,13 @@ def _logits(base_dir, adapter_dir, ids):
         return model(ids).logits
 
 
+def _deltas(base_dir, adapter_dir) -> dict[str, torch.Tensor]:
+    """The weight change peft's own merge of ``adapter_dir`` makes, per base weight it touches (float64)."""
+    base = _base(base_dir).state_dict()
+    merged = _weights_of(base_dir, adapter_dir)
+    return {k: (merged[k] - base[k]).double() for k in base if not torch.equal(merged[k], base[k])}
+
+
 IDS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64]])
 
 
@@ -116,6 +123,22 @@ def test_svd_linear_ties_and_dare_say_how_far_they_are_from_the_sum(tmp_path, ti
         errors[(how, tuple(extra.items()))] = (rep, (got - want).abs().max().item())
     svd4, svd8 = errors[("svd", ())][0], errors[("svd", (("rank", 8),))][0]
     assert svd4["output"]["ranks"] == [4] and svd4["max_truncation_error"] > 0.01
+    # what svd's adapter does to each weight: the best rank-4 approximation of the exact weighted sum of the
+    # adapters' weight changes (Eckart-Young, from torch's SVD of that sum), and its reported error is that gap
+    exact: dict[str, torch.Tensor] = {}
+    for folder, w in zip(folders, weights):
+        for k, d in _deltas(tiny_llama, folder).items():
+            exact[k] = exact.get(k, 0) + w * d
+    got = _deltas(tiny_llama, tmp_path / "svd-0")
+    assert set(got) == set(exact) and len(exact) == 2 * len(TARGETS)  # q, v, down_proj in both layers
+    for k, target in exact.items():
+        u, sv, vh = torch.linalg.svd(target, full_matrices=False)
+        best = (u[:, :4] * sv[:4]) @ vh[:4]  # (out, in)
+        assert (got[k] - best).abs().max() < 1e-5 * target.abs().max(), k
+        assert (got[k] - target).norm() > 0.01 * target.norm(), k  # rank 8 cut to 4: not the sum itself
+    sq_err = sum(float(((got[k] - exact[k]) ** 2).sum()) for k in exact)
+    sq_sum = sum(float((exact[k] ** 2).sum()) for k in exact)
+    assert svd4["relative_error"] == pytest.approx((sq_err / sq_sum) ** 0.5, rel=1e-3)
     assert svd8["relative_error"] < 1e-6 and errors[("svd", (("rank", 8),))][1] < 1e-5  # rank 4 + 4: nothing cut
     assert errors[("linear", ())][0]["relative_error"] > 0.05  # cross terms B_i A_j
     # ties averages the entries whose signs agree (it does not add them): far from the sum even at density 1

@@ -122,6 +122,23 @@ def test_recipe_run_eval_merge_and_pipeline(tmp_path, tiny_whisper, speech_manif
     assert {"test/wer@s0", "test/wer@s1"} <= set(after)  # per-speaker WER, in every column, with its own plot
     assert (out / "wer_by_speaker.png").exists() and "wer_by_speaker.png" in json.dumps(report["plots"])
     assert report["items"] and {"reference", "zero_shot", "fine_tuned", "wer", "errors"} <= set(report["items"][0])
+    # test WER is what the report's own rows give: their transcripts through Whisper's English normaliser (the
+    # tiny model is English-only), pooled over the test clips
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    from modaltune.shared.metrics import word_error_rate
+
+    norm = EnglishTextNormalizer({})
+    test_rows = [it for it in report["items"] if it["set"] == "test"]
+    assert len(test_rows) == report["data"]["test"]["kept"]
+    refs = [norm(it["reference"]) for it in test_rows]
+    for column, metrics in (("zero_shot", before), ("fine_tuned", after)):
+        hyps = [it[column] for it in test_rows]
+        assert metrics["test/wer"] == pytest.approx(word_error_rate([norm(h) for h in hyps], refs), abs=1e-12)
+        assert metrics["test/wer_raw"] == pytest.approx(
+            word_error_rate(hyps, [it["reference"] for it in test_rows]), abs=1e-12)
+    for it in test_rows:
+        assert it["wer"] == pytest.approx(word_error_rate([norm(it["fine_tuned"])], [norm(it["reference"])]), abs=1e-4)
 
     assert main(["eval", "domain-asr", "--checkpoint", str(out / "checkpoint"), "--out", str(tmp_path / "ev"),
                  "eval.max_new_tokens=8"]) == 0

@@ -34,10 +34,26 @@ def source_model() -> torch.nn.Module:
     return _random_timm_model()
 
 
+def _package_names_in_order() -> list[str]:
+    """The package's 296 tensor names in its module order (stem, blocks, head, classifier), written out here
+    independently of :func:`lite.lite0_name_map`: block 0 has no expansion conv, the other 15 blocks do."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    names = ["_conv_stem.weight", *(f"_bn0.{s}" for s in bn)]
+    for i in range(16):
+        layers = (["_expand_conv", "_bn0"] if i else []) + ["_depthwise_conv", "_bn1", "_project_conv", "_bn2"]
+        for layer in layers:
+            names += [f"_blocks.{i}.{layer}.{s}" for s in bn] if "_bn" in layer else [f"_blocks.{i}.{layer}.weight"]
+    return names + ["_conv_head.weight", *(f"_bn1.{s}" for s in bn), "_fc.weight", "_fc.bias"]
+
+
 @pytest.fixture(scope="module")
 def package_sd(source_model) -> dict[str, torch.Tensor]:
-    """A random model's state_dict in the efficientnet-lite-pytorch package's naming."""
-    return lite.to_package_names(source_model.state_dict())
+    """A random model's state_dict in the efficientnet-lite-pytorch package's naming, built without the converter:
+    both models list their tensors in forward order (the real file does: see the slow test), so the package's
+    names pair with timm's tensors by position."""
+    timm_sd = source_model.state_dict()
+    assert len(timm_sd) == 296
+    return dict(zip(_package_names_in_order(), timm_sd.values()))
 
 
 def test_name_map_covers_every_timm_tensor():
@@ -52,6 +68,8 @@ def test_name_map_covers_every_timm_tensor():
 
 def test_package_names_convert_to_identical_model(package_sd, source_model):
     assert "_blocks.1._expand_conv.weight" in package_sd and len(package_sd) == 296
+    renamed = lite.to_package_names(source_model.state_dict())  # the converter's inverse names the same tensors
+    assert list(renamed) == list(package_sd) and all(torch.equal(renamed[k], v) for k, v in package_sd.items())
     source = source_model
     target = timm.create_model(lite.ARCHITECTURE, pretrained=False).eval()
     converted = lite.convert_lite0_state_dict(package_sd)
@@ -147,6 +165,8 @@ def test_packaged_weights_classify_real_images():
     import modaltune.vision.zoo  # noqa: F401  (registers the entry)
     from modaltune.shared import zoo
 
+    real = lite.load_package_state_dict(lite.package_weights_path())
+    assert list(real) == _package_names_in_order()  # the order the fast tests pair names by
     folder = zoo.install("efficientnet-lite0")
     config = lite.read_lite0_config(folder)
     assert config["architecture"] == "tf_efficientnet_lite0" and config["source"]["sha256"] == lite.WEIGHTS_SHA256

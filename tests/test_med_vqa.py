@@ -353,6 +353,16 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     assert stages == ["vqa"]  # no caption data for the jsonl layout: stage 1 is skipped and said so
     assert (out / "closed_confusion.png").exists()
     assert report["items"] and {"question", "reference", "before", "after", "image"} <= set(report["items"][0])
+    # accuracy is what the report's own rows give: each row's answer (after the last "Answer:") against its reference
+    from modaltune.shared.metrics import normalize_answer
+    from modaltune.vision.vqa import split_answer
+
+    items = report["items"]
+    for it in items:
+        assert it["correct"] == (normalize_answer(split_answer(it["after"])[1]) == normalize_answer(it["reference"]))
+    assert m["after"]["test/accuracy"] == sum(it["correct"] for it in items) / len(items)
+    closed = [it["correct"] for it in items if it["type"] == "closed"]
+    assert m["after"]["test/closed_accuracy"] == sum(closed) / len(closed)
 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -520,7 +530,25 @@ def test_closed_image_margin_runs_on_a_composed_model(tiny_llama, vqa_files):
     cache.fill([it.image for it in items])
     ds = _dataset(vqa_rows(items), tok, cache, max_length=128, skipped=Skips())
     m = closed_image_margin(model, tok, ds, batch_size=4)
-    assert m["closed_image_margin_questions"] == 1.0 and m["closed_image_margin"] == m["closed_image_margin"]
+    # the margin it claims, by hand: each closed yes/no question alone (a batch of one, no padding) through the
+    # model's plain forward; per question text, the mean yes-minus-no logit where the truth is yes minus where no
+    yes = tok(" yes", add_special_tokens=False)["input_ids"][0]
+    no = tok(" no", add_special_tokens=False)["input_ids"][0]
+    collate = _collator(tok, prompt_only=True)
+    model.eval()
+    groups: dict[str, dict[str, list[float]]] = {}
+    for i, row in enumerate(ds.rows):
+        truth = row["target"].strip().lower()
+        if row.get("type") != "closed" or truth not in {"yes", "no"}:
+            continue
+        with torch.no_grad():
+            logits = model(**collate([ds[i]])).logits[0, -1]  # the prompt's last position
+        margin = float(logits[yes] - logits[no])
+        groups.setdefault(row["question"].strip().lower(), {"yes": [], "no": []})[truth].append(margin)
+    gaps = [sum(g["yes"]) / len(g["yes"]) - sum(g["no"]) / len(g["no"]) for g in groups.values() if g["yes"] and g["no"]]
+    assert m["closed_image_margin_questions"] == len(gaps) == 1.0
+    assert m["closed_image_margin"] == pytest.approx(sum(gaps) / len(gaps), abs=1e-5)
+    assert abs(m["closed_image_margin"]) > 1e-4  # a random model's image does move its answer: the check has teeth
 
 
 def test_word_grounding_pulls_word_tokens_onto_the_caption_words():

@@ -88,6 +88,16 @@ def test_sft_then_dpo_reports_preferences_and_reloads(tmp_path, tiny_llama, sft_
     pairs = [r for r in report["items"] if "pair" in r]
     assert len(pairs) == report["data"]["pairs_test"]["kept"] > 0
     assert {"failure", "margin_after", "margin_after_sft"} <= set(pairs[0])
+    # the preference figures are what the report's own pair rows give (margins are rounded to 4 decimals there)
+    margins = [r["margin_after"] for r in pairs]
+    assert metrics["after"]["test/preference_accuracy"] == pytest.approx(sum(x > 0 for x in margins) / len(margins),
+                                                                         rel=1e-6)  # a float32 mean
+    assert metrics["after"]["test/reward_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    from modaltune.shared.metrics import rouge_l
+
+    texts = [r for r in report["items"] if "pair" not in r]
+    scores = rouge_l([r["after"] for r in texts], [r["reference"] for r in texts])
+    assert metrics["after"]["test/rougeL"] == pytest.approx(sum(scores) / len(texts), abs=1e-12)
     ckpt_dir = out / "checkpoint"
     assert not (ckpt_dir / "adapter" / "llm" / "ref").exists()  # trl's frozen reference is not a trained weight
 

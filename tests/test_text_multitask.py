@@ -42,6 +42,20 @@ def test_every_task_is_scored_by_every_adapter(tmp_path, tiny_llama):
     assert (out / "tasks.png").is_file() and "Per-task rougeL" in (out / "report.md").read_text()
     rows = report["items"]
     assert rows and all(c in rows[0] for c in columns)
+    # every per-task score is what the report's own rows give: ROUGE-L of that column's text on that task's rows
+    from modaltune.shared.metrics import rouge_l
+
+    for task in tasks:
+        part = [r for r in rows if r["category"] == task]
+        assert part, task
+        for column in columns:
+            scores = rouge_l([r[column] for r in part], [r["reference"] for r in part])
+            assert report["metrics"][column][f"{task}/rougeL"] == pytest.approx(sum(scores) / len(part), abs=1e-12)
+    for task in tasks:  # kept: a combination's score over the task's own adapter's (where that is not 0)
+        own = report["metrics"][task][f"{task}/rougeL"]
+        for column in ("cat", "linear", "svd", "ties", "dare", "joint"):
+            kept = report["metrics"][column].get(f"{task}/kept")
+            assert kept is None if own == 0 else kept == pytest.approx(report["metrics"][column][f"{task}/rougeL"] / own)
 
 
 def test_lora_fa_task_adapters_share_a_so_linear_is_exact(tmp_path, tiny_llama):

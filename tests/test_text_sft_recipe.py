@@ -37,6 +37,17 @@ def test_run_writes_reports_with_before_and_after(tmp_path, tiny_llama, sft_data
     assert (out / "report.md").exists() and (out / "config.yaml").exists()
     assert (out / "checkpoint" / "COMPLETE").exists()
     assert len(report["items"]) == report["data"]["test"]["kept"]
+    # the headline figures are what the report's own rows give: ROUGE-L of each row's text, exact match per row
+    from modaltune.shared.metrics import rouge_l
+
+    items = report["items"]
+    refs = [it["reference"] for it in items]
+    for column, metrics in (("before", before), ("after", after)):
+        scores = rouge_l([it[column] for it in items], refs)
+        assert metrics["test/rougeL"] == pytest.approx(sum(scores) / len(items), abs=1e-12), column
+    assert after["test/rougeL"] == pytest.approx(sum(it["rougeL_after"] for it in items) / len(items), abs=1e-4)
+    assert after["test/exact_match"] == sum(it["exact_after"] for it in items) / len(items)
+    assert json.loads((out / "items.jsonl").read_text().splitlines()[0]) == items[0]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows)
 
@@ -191,6 +202,32 @@ def test_eval_during_training_early_stopping_and_gradient_checkpointing(tmp_path
     evals = [r for r in report["training"]["curve"] if "eval_loss" in r]
     assert report["training"]["stages"][0]["steps"] == 3  # lr 0: no improvement after the first evaluation
     assert len(evals) >= 3
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_llama, sft_data):
+    """Recomputing activations in the backward pass changes memory, not arithmetic: at a real learning rate the
+    run with checkpointing logs the same losses and gradient norms and ends at the same weights (to float
+    tolerance) as the run without, and those weights did move."""
+    from modaltune.shared import checkpoint as ckpt
+
+    runs = {}
+    for gc in ("false", "true"):
+        code, out = _run(tmp_path / f"gc-{gc}", tiny_llama, sft_data, "train.lr=1e-2",
+                         f"train.gradient_checkpointing={gc}", "train.max_steps=3", "eval.max_examples=1")
+        assert code == 0
+        report = json.loads((out / "report.json").read_text())
+        steps = [r for r in report["training"]["curve"] if "loss" in r and "grad_norm" in r]
+        runs[gc] = (report, steps, ckpt.read_trained(out / "checkpoint"))
+    (plain, plain_steps, plain_w), (gc, gc_steps, gc_w) = runs["false"], runs["true"]
+    assert [r["step"] for r in gc_steps] == [r["step"] for r in plain_steps] == [1, 2, 3]
+    for a, b in zip(plain_steps, gc_steps):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert set(gc_w) == set(plain_w) and plain_w
+    for name, tensor in plain_w.items():
+        assert torch.allclose(gc_w[name], tensor, rtol=1e-4, atol=1e-6), name
+    assert any(t.abs().max() > 0 for n, t in gc_w.items() if "lora_B" in n)  # LoRA's B starts at zero
+    after, before = gc["metrics"]["after"]["test/loss"], gc["metrics"]["before"]["test/loss"]
+    assert after != before and after == pytest.approx(plain["metrics"]["after"]["test/loss"], rel=1e-5)
 
 
 def test_quantisation_unavailable_is_one_clear_line(tmp_path, tiny_llama, sft_data, monkeypatch):

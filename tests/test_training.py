@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -51,13 +52,39 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, tiny_llama,
     assert logged_steps == sorted(set(logged_steps)) and logged_steps[-1] == 6
 
 
+def _optimizer_state(path) -> dict[int, dict[str, torch.Tensor]]:
+    return torch.load(path / "optimizer.pt", weights_only=True)["state"]
+
+
 def test_resume_restores_optimizer_state(tmp_path, tiny_llama, sft_data, lora_sft, crash):
+    """A run cut after step 3 resumes from checkpoint-2 with AdamW's moments and step counts as they were: at
+    checkpoint-4 its optimizer state and weights are those of a run that never stopped (a fresh optimizer there
+    would restart the moments and the bias correction, and step 3 would differ)."""
+    cfg = dataclasses.replace(CFG, max_steps=4)
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
+    _train(model, tok, ds, tmp_path / "a", cfg)
+    straight = tmp_path / "a" / "stages" / "sft" / "checkpoint-4"
+
     model, tok, ds = lora_sft(tiny_llama, sft_data)
     with pytest.raises(KeyboardInterrupt):
-        _train(model, tok, ds, tmp_path / "r", CFG, callbacks=[crash(3)])
-    saved = torch.load(tmp_path / "r" / "stages" / "sft" / "checkpoint-2" / "optimizer.pt", weights_only=True)
-    steps = {int(s["step"]) for s in saved["state"].values()}
-    assert steps == {2}
+        _train(model, tok, ds, tmp_path / "r", cfg, callbacks=[crash(3)])
+    stage_dir = tmp_path / "r" / "stages" / "sft"
+    saved = _optimizer_state(stage_dir / "checkpoint-2")
+    assert saved and {int(s["step"]) for s in saved.values()} == {2}
+    model, tok, ds = lora_sft(tiny_llama, sft_data)
+    resumed = _train(model, tok, ds, tmp_path / "r", dataclasses.replace(cfg, resume=True))
+    assert resumed.stages[0]["resumed_from"].endswith("checkpoint-2")
+
+    want, got = _optimizer_state(straight), _optimizer_state(stage_dir / "checkpoint-4")
+    assert set(got) == set(want) and {int(s["step"]) for s in got.values()} == {4}
+    for index, state in want.items():
+        assert set(got[index]) == set(state) >= {"exp_avg", "exp_avg_sq"}
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(got[index][key], state[key], rtol=1e-5, atol=1e-9), (index, key)
+    want_w, got_w = ckpt.read_trained(straight), ckpt.read_trained(stage_dir / "checkpoint-4")
+    assert set(got_w) == set(want_w) and want_w
+    for name, tensor in want_w.items():
+        assert torch.allclose(got_w[name], tensor, atol=1e-6), name
 
 
 def test_stages_train_only_their_components_and_keep_all_trained_weights(tmp_path, tiny_llama, sft_data, lora_sft):
@@ -123,13 +150,66 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_gemma, sft
 @pytest.mark.parametrize("kernel,expected", [("brg_matmul:avx10_1_512_amx", "bf16"), ("brg_matmul:avx512_core_bf16", "bf16"),
                                              ("brg_matmul:avx2", "fp32"), ("gemm:jit", "fp32"), ("none", "fp32"),
                                              (None, "bf16")])
-def test_auto_precision_takes_bf16_only_where_onednn_runs_it(monkeypatch, kernel, expected):
+def test_auto_precision_reads_the_onednn_kernel_name(monkeypatch, kernel, expected):
+    """The rule on a oneDNN kernel name alone (the detection itself is tested below, unpatched)."""
     from modaltune.shared import training
 
     monkeypatch.setattr(training.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
     monkeypatch.setattr(training, "bf16_matmul_kernel", lambda: kernel)
     assert training.resolve_precision("auto") == expected
+
+
+def _isa_capped() -> bool:
+    return any(os.environ.get(v) for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))
+
+
+def test_auto_precision_detects_this_cpu_as_torch_reports_it(monkeypatch):
+    """Unpatched detection against torch's own report of the CPU (its cpuinfo library, not /proc/cpuinfo):
+    bf16 exactly where torch sees bf16 instructions (AVX512-BF16 or AMX) and oneDNN is not capped below them."""
+    from modaltune.shared import environment
+    from modaltune.shared.training import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if os.path.exists("/proc/cpuinfo"):  # the flags modaltune reads agree with what torch found
+        flags = environment.cpu_flags()
+        assert ("avx512_bf16" in flags) == torch.cpu._is_avx512_bf16_supported(), sorted(flags)
+        assert ("avx512f" in flags) == torch.cpu._is_avx512_supported(), sorted(flags)
+    if hardware and _isa_capped():
+        pytest.skip("oneDNN's ISA is capped in this environment; the capped case is tested in a subprocess below")
+    assert resolve_precision("auto") == ("bf16" if hardware else "fp32")
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: a test CPU
+flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl{extra}
+
+processor\t: 1
+"""
+
+
+@pytest.mark.parametrize("extra,bf16", [(" avx512_bf16", True), (" amx_tile amx_bf16", True), ("", False)])
+def test_auto_precision_follows_the_cpuinfo_flags(monkeypatch, extra, bf16):
+    """Only the lowest probe is replaced (the text of ``/proc/cpuinfo``); the oneDNN kernel probe runs for real.
+    Flags without bf16 give fp32; bf16 flags give bf16 wherever oneDNN reports bf16 support on this CPU."""
+    import io
+
+    from modaltune.shared import environment
+    from modaltune.shared.training import resolve_precision
+
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return io.StringIO(CPUINFO.format(extra=extra)) if str(path) == "/proc/cpuinfo" else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(environment, "open", fake_open, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # torch's own hint stays neutral
+    assert "avx512f" in environment.cpu_flags() and ("avx512_bf16" in extra) == ("avx512_bf16" in environment.cpu_flags())
+    onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not _isa_capped()
+    assert resolve_precision("auto") == ("bf16" if bf16 and onednn_bf16 else "fp32")
 
 
 def test_auto_precision_follows_a_capped_onednn_isa():
