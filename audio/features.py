@@ -19,6 +19,7 @@ from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache
 from modaltune.shared.loss import IGNORE_INDEX
 from modaltune.shared.provenance import fingerprint
+from modaltune.shared.sequences import pad_sequences
 
 __all__ = ["ASRCollator", "ASRDataset", "log_mel"]
 
@@ -65,11 +66,7 @@ class ASRCollator:
     """Stacks features or encoder states, right-pads labels with ``-100``, and stacks replay flags if any."""
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(b["labels"]) for b in batch)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-        for i, b in enumerate(batch):
-            labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
-        out = {"labels": labels}
+        out = {"labels": pad_sequences([b["labels"] for b in batch], IGNORE_INDEX)[0]}  # (B, T)
         key = "features" if "features" in batch[0] else "input_features"
         out[key] = torch.stack([b[key] for b in batch])
         if "features_depth" in batch[0]:

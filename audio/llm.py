@@ -305,7 +305,7 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
     from modaltune.audio.whisper import WhisperASR, WhisperModelConfig, load_whisper
     from modaltune.shared.lm import build_text_model
     from modaltune.shared.peft import ComponentConfig
-    from modaltune.shared.loss import IGNORE_INDEX
+    from modaltune.shared.sequences import encode_prompt_target
     from modaltune.shared.training import StagePlan, compute_dtype, run_stages
     from modaltune.text.data import PadCollator
     from modaltune.text.eval import GenerationEvalConfig, generate
@@ -338,12 +338,8 @@ def cascade(*, model_cfg, llm_cfg, train_cfg, cfg: CascadeConfig, train_rows: li
         return metrics, items
     model, tok, _ = build_text_model(model_cfg, llm_cfg, compute_dtype=compute_dtype(precision), log_fn=log)
 
-    def encode(r: dict) -> dict:
-        prompt = tok(r["prompt"], add_special_tokens=True)["input_ids"]
-        target = tok(" " + r["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
-
-    train = [encode(r) for r in gold]
+    train = [{"input_ids": e.input_ids, "labels": e.labels}
+             for e in (encode_prompt_target(tok, r["prompt"], " " + r["target"]) for r in gold)]
     plan = StagePlan("cascade", train, None, max_steps=cfg.max_steps, lr=cfg.lr)
     run_stages(model, [plan], dc.replace(train_cfg, resume=False, save_steps=10**9, eval_steps=0),
                run_dir=run_dir / "cascade", collator=PadCollator(tok.pad_token_id), component_lrs={},

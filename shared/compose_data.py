@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError, DataError
 from modaltune.shared.features import FeatureCache, token_count
-from modaltune.shared.loss import IGNORE_INDEX
 from modaltune.shared.provenance import fingerprint
+from modaltune.shared.sequences import encode_prompt_target, pad_batch
 from modaltune.shared.skips import Skips
 
 
@@ -57,12 +57,11 @@ class ComposedDataset(torch.utils.data.Dataset):
         self.rows, self.items = [], []
         for row in rows:
             ids, pos = encode_prompt(tokenizer, row["prompt"], placeholder)
-            target = tokenizer(" " + row["target"].strip(), add_special_tokens=False)["input_ids"] + [
-                tokenizer.eos_token_id]
-            if len(ids) + len(target) > max_length:
+            enc = encode_prompt_target(tokenizer, ids, " " + row["target"].strip(), max_length=max_length)
+            if enc is None:
                 skipped.add(f"longer than max_length={max_length} tokens", row["id"])
                 continue
-            self.items.append({"input_ids": ids + target, "labels": [IGNORE_INDEX] * len(ids) + target,
+            self.items.append({"input_ids": enc.input_ids, "labels": enc.labels,
                                "prompt_ids": ids, "placeholder_position": pos, "input": row["input"],
                                "caption": row.get("type") == "caption"})
             self.rows.append(row)
@@ -111,22 +110,12 @@ class ComposedCollator:
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         key = "prompt_ids" if self.prompt_only else "input_ids"
-        width = max(len(b[key]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        pos = torch.zeros(len(batch), dtype=torch.long)  # (B,)
-        for i, b in enumerate(batch):
-            n = len(b[key])
-            off = width - n if self.left else 0
-            ids[i, off : off + n] = torch.tensor(b[key])
-            mask[i, off : off + n] = 1
-            if not self.prompt_only:
-                labels[i, off : off + n] = torch.tensor(b["labels"])
-            pos[i] = b["placeholder_position"] + off
-        out = {"input_ids": ids, "attention_mask": mask, "placeholder_positions": pos}
+        out = pad_batch([b[key] for b in batch], None if self.prompt_only else [b["labels"] for b in batch],
+                        pad_id=self.pad, left=self.left)
+        width = out["input_ids"].size(1)
+        out["placeholder_positions"] = torch.tensor(  # (B,)
+            [b["placeholder_position"] + (width - len(b[key]) if self.left else 0) for b in batch], dtype=torch.long)
         if not self.prompt_only:
-            out["labels"] = labels
             if any(b.get("caption") for b in batch):  # targets that describe the input (projector.word_grounding)
                 out["ground_words"] = torch.tensor([bool(b.get("caption")) for b in batch])
         if "features" in batch[0]:

@@ -8,11 +8,46 @@ states at labelled positions and projects only those.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+
+
+def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor, *, shift: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a label, their target ids, and where they are.
+
+    Args:
+        hidden: final hidden states, ``(B, T, D)``.
+        labels: token ids with ``-100`` where no loss is taken, ``(B, T)``.
+        shift: position ``t`` predicts ``labels[t+1]`` (causal LMs); else ``labels[t]`` (Whisper's decoder).
+
+    Returns:
+        ``(selected, targets, mask)``: ``(N, D)`` hidden states, ``(N,)`` ids, and the ``(B, T-1)`` (or ``(B, T)``
+        unshifted) mask of the labelled positions.
+    """
+    shift_labels = labels[:, 1:] if shift else labels  # (B, T-1) or (B, T)
+    mask = shift_labels != IGNORE_INDEX
+    return (hidden[:, :-1] if shift else hidden)[mask], shift_labels[mask], mask  # (N, D), (N,), (B, T')
+
+
+def head_logits(selected: torch.Tensor, head: nn.Module, *, softcap: float | None = None,
+                logit_scale: float | None = None) -> torch.Tensor:
+    """fp32 logits ``(N, V)`` of hidden states ``(N, D)``, scaled and soft-capped as the model declares
+    (:func:`head_transform`)."""
+    logits = head(selected).float()  # (N, V)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def label_logits_cross_entropy(
@@ -43,17 +78,10 @@ def label_logits_cross_entropy(
     Returns:
         The mean loss over labelled tokens, as a scalar (``per_row``: the per-row sums).
     """
-    shift_labels = labels[:, 1:] if shift else labels  # (B, T-1) or (B, T)
-    mask = shift_labels != IGNORE_INDEX
-    selected = (hidden[:, :-1] if shift else hidden)[mask]  # (N, D)
-    targets = shift_labels[mask]  # (N,)
+    selected, targets, mask = labelled_positions(hidden, labels, shift=shift)  # (N, D), (N,)
     if targets.numel() == 0:
         return hidden.new_zeros(labels.size(0)) + hidden.sum() * 0.0 if per_row else hidden.sum() * 0.0
-    logits = head(selected).float()  # (N, V)
-    if logit_scale is not None:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = head_logits(selected, head, softcap=softcap, logit_scale=logit_scale)  # (N, V)
     if per_row:
         token_loss = F.cross_entropy(logits, targets.to(logits.device), reduction="none")  # (N,)
         rows = mask.nonzero()[:, 0].to(token_loss.device)  # the row of each selected position
@@ -132,6 +160,40 @@ def causal_lm_loss(
         hidden, labels, base.get_output_embeddings(), num_items_in_batch=num_items_in_batch, per_row=per_row,
         **head_transform(base.config)
     )
+
+
+def labelled_tokens(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's number of labelled (scored) tokens, ``(B,)``, as ``model``'s loss counts them: ``labels[:, 1:]``
+    for a causal LM, every position for a model whose labels are already shifted (``shifted_labels = False``:
+    Whisper's decoder)."""
+    scored = labels[:, 1:] if getattr(model, "shifted_labels", True) else labels
+    return (scored != IGNORE_INDEX).sum(dim=1)
+
+
+@torch.no_grad()
+def token_weighted_loss(model: nn.Module, batches: Iterable[dict[str, Any]],
+                        context: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> float:
+    """The mean loss over every labelled token of ``batches`` (a split's validation loss, as reports give it).
+
+    Each batch's loss (its mean over its labelled tokens) is weighted by its labelled-token count, so the figure
+    does not depend on how the split is batched. The model's train/eval mode is the caller's to set.
+
+    Args:
+        model: a model whose forward takes a batch (with ``labels``) and returns its mean ``loss``.
+        batches: the split's batches on the model's device, made as they are consumed.
+        context: a fresh context manager around each forward (autocast).
+
+    Returns:
+        The mean (0.0 when no token is labelled).
+    """
+    total, tokens = 0.0, 0
+    for batch in batches:
+        n = int(labelled_tokens(model, batch["labels"]).sum())
+        with context():
+            loss = model(**batch)["loss"]
+        total += float(loss) * n
+        tokens += n
+    return total / max(tokens, 1)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
+from modaltune.shared.loss import labelled_tokens
 from modaltune.shared.provenance import data_fingerprint, fingerprint
 from modaltune.shared.training import ModaltuneTrainer
 
@@ -137,8 +138,7 @@ class PairCollator:
 
 def answer_tokens(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Each row's number of labelled (scored) tokens, ``(B,)``."""
-    labels = batch["labels"][:, 1:] if getattr(model, "shifted_labels", True) else batch["labels"]
-    return (labels != -100).sum(dim=1)
+    return labelled_tokens(model, batch["labels"])
 
 
 def preference_stage_trainer(cfg: PreferenceConfig) -> Any:

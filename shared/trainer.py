@@ -19,7 +19,7 @@ from modaltune.shared import checkpoint as ckpt
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.guards import NonFiniteGuard
 from modaltune.shared.io import WriteFailure, as_os_error, atomic_write_json, atomic_write_text, free_bytes, write_failure
-from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.loss import token_weighted_loss
 
 STATE_FILE = "modaltune_state.json"  # in a step checkpoint: the stage's training-loss sum so far
 
@@ -168,22 +168,12 @@ class ModaltuneTrainer(CheckpointingMixin, Trainer):
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         model, size = self.model, self.args.per_device_eval_batch_size
-        shifted = getattr(model, "shifted_labels", True)
         was_training = model.training
         model.eval()
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(dataset), size):
-                batch = self._prepare_inputs(self.data_collator(
-                    [dataset[i] for i in range(start, min(start + size, len(dataset)))]))
-                labels = batch["labels"][:, 1:] if shifted else batch["labels"]
-                n = int((labels != IGNORE_INDEX).sum())
-                with self.compute_loss_context_manager():
-                    loss = model(**batch)["loss"]
-                total += float(loss) * n
-                tokens += n
+        chunks = (range(start, min(start + size, len(dataset))) for start in range(0, len(dataset), size))
+        batches = (self._prepare_inputs(self.data_collator([dataset[i] for i in chunk])) for chunk in chunks)
+        metrics = {f"{metric_key_prefix}_loss": token_weighted_loss(model, batches, self.compute_loss_context_manager)}
         model.train(was_training)
-        metrics = {f"{metric_key_prefix}_loss": total / max(tokens, 1)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -179,7 +179,7 @@ def test_a_template_that_rewrites_earlier_turns_is_named_with_the_fix(tiny_llama
     ex = Example("chat.jsonl:3", CONVERSATION[:4], "heart rate")
     with pytest.raises(DataError, match="chat.jsonl:3.*train_on=last"):
         PromptFormatter(tok, "chat", "all").encode(ex)
-    assert PromptFormatter(tok, "chat", "last").encode(ex)[2]
+    assert PromptFormatter(tok, "chat", "last").encode(ex).labels[-1] == tok.eos_token_id
 
 
 def test_packed_rows_train_exactly_as_the_examples_apart(tiny_llama, tiny_gemma, sft_data):

@@ -24,6 +24,7 @@ from modaltune.shared.errors import ConfigError, DataError
 from modaltune.shared.io import read_hf_rows, read_rows, seeded_split
 from modaltune.shared.skips import Skips
 from modaltune.shared.loss import IGNORE_INDEX
+from modaltune.shared.sequences import PromptTarget, encode_prompt_target, pad_batch
 
 SPLITS = ("train", "validation", "test")
 
@@ -356,9 +357,11 @@ class PromptFormatter:
             spans.append((len(start), len(end)))
         return spans
 
-    def encode(self, ex: Example) -> tuple[list[int], list[int], list[int]]:
-        """``(prompt_ids, prompt_labels, response_ids)``: the prompt's labels are masked except for earlier assistant
-        turns (with ``train_on="all"``); the response ends with the EOS token so the model learns to stop."""
+    def encode(self, ex: Example, max_length: int | None = None) -> PromptTarget | None:
+        """The example's prompt and response as one sequence (see
+        :func:`~modaltune.shared.sequences.encode_prompt_target`): the prompt's labels are masked except for earlier
+        assistant turns (with ``train_on="all"``); the response ends with the EOS token so the model learns to stop.
+        None when longer than ``max_length`` tokens."""
         prompt = self.prompt(ex)
         special = not self.use_chat
         spans = self.earlier_answers(ex, prompt) if self.train_on == "all" else []
@@ -368,10 +371,9 @@ class PromptFormatter:
             prompt_labels = [tid if any(a <= s < b for a, b in spans) and e > s else IGNORE_INDEX
                              for tid, (s, e) in zip(prompt_ids, enc["offset_mapping"])]
         else:
-            prompt_ids = self.tok(prompt, add_special_tokens=special)["input_ids"]
-            prompt_labels = [IGNORE_INDEX] * len(prompt_ids)
-        response_ids = self.tok(ex.response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        return prompt_ids, prompt_labels, response_ids
+            prompt_ids, prompt_labels = self.tok(prompt, add_special_tokens=special)["input_ids"], None
+        return encode_prompt_target(self.tok, prompt_ids, ex.response, prompt_labels=prompt_labels,
+                                    max_length=max_length)
 
 
 def prompt_style(examples: list[Example]) -> str:
@@ -408,13 +410,11 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.items: list[dict[str, Any]] = []
         self.examples: list[Example] = []
         for ex in examples:
-            prompt_ids, prompt_labels, response_ids = formatter.encode(ex)
-            ids = prompt_ids + response_ids
-            if len(ids) > max_length:
+            enc = formatter.encode(ex, max_length)
+            if enc is None:
                 skipped.add(f"longer than max_length={max_length} tokens", ex.id)
                 continue
-            labels = prompt_labels + response_ids
-            self.items.append({"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids})
+            self.items.append({"input_ids": enc.input_ids, "labels": enc.labels, "prompt_ids": enc.prompt_ids})
             self.examples.append(ex)
 
     def __len__(self) -> int:
@@ -440,16 +440,7 @@ class PadCollator:
         self.pad = pad_token_id
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return pad_batch([b["input_ids"] for b in batch], [b["labels"] for b in batch], pad_id=self.pad)
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modaltune.shared.config import ConfigError, doc
+from modaltune.shared.loss import token_weighted_loss
 from modaltune.shared.training import autocast
 from modaltune.shared.metrics import exact_match, normalize_answer, perplexity, rouge_l
 from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset
@@ -36,16 +37,9 @@ def evaluate_loss(model, dataset: TokenizedDataset, pad_id: int, *, batch_size: 
         return {}
     model.eval()
     collate = PadCollator(pad_id)
-    total, tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        with autocast(precision, model.device):
-            loss = model(**batch)["loss"]
-        total += float(loss) * n
-        tokens += n
-    mean = total / max(tokens, 1)
+    chunks = (range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size))
+    batches = ({k: v.to(model.device) for k, v in collate([dataset[i] for i in chunk]).items()} for chunk in chunks)
+    mean = token_weighted_loss(model, batches, lambda: autocast(precision, model.device))
     return {"loss": mean, "perplexity": perplexity(mean)}
 
 

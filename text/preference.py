@@ -23,7 +23,7 @@ import torch
 
 from modaltune.shared.config import doc
 from modaltune.shared.errors import ConfigError
-from modaltune.shared.loss import head_transform, unwrap_peft
+from modaltune.shared.loss import head_logits, head_transform, labelled_positions, unwrap_peft
 from modaltune.shared.preference import PreferenceConfig, preference_loss, sequence_logps
 from modaltune.shared.skips import Skips
 from modaltune.shared.training import CheckpointingMixin, autocast
@@ -122,15 +122,13 @@ class TokenizedPairs(torch.utils.data.Dataset):
         self.pairs: list[Pair] = []
         self.items: list[dict[str, dict]] = []
         for pair in pairs:
-            encoded = {}
-            for side, ex in (("chosen", pair.example), ("rejected", pair.rejected_example)):
-                prompt_ids, prompt_labels, answer_ids = formatter.encode(ex)
-                encoded[side] = {"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_ids}
-            if max(len(e["input_ids"]) for e in encoded.values()) > max_length:
+            encoded = {side: formatter.encode(ex, max_length)
+                       for side, ex in (("chosen", pair.example), ("rejected", pair.rejected_example))}
+            if None in encoded.values():
                 skipped.add(f"longer than max_length={max_length} tokens", pair.example.id)
                 continue
             self.pairs.append(pair)
-            self.items.append(encoded)
+            self.items.append({side: {"input_ids": e.input_ids, "labels": e.labels} for side, e in encoded.items()})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -241,20 +239,15 @@ def _score_answers_only(model: Any) -> None:
                 is not None:
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         kwargs.pop("num_items_in_batch", None)
-        hidden = model.get_decoder()(*args, **{**kwargs, "use_cache": False}).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        mask = targets != -100  # (B, T-1)
-        logits = model.get_output_embeddings()(hidden[mask]).float()  # (N, V)
-        if transform["logit_scale"] is not None:
-            logits = logits * transform["logit_scale"]
-        if transform["softcap"] is not None:
-            logits = torch.tanh(logits / transform["softcap"]) * transform["softcap"]
+        hidden = model.get_decoder()(*args, **{**kwargs, "use_cache": False}).last_hidden_state  # (B, T, D)
+        selected, targets, mask = labelled_positions(hidden, labels)  # (N, D), (N,), (B, T-1)
+        logits = head_logits(selected, model.get_output_embeddings(), **transform)  # (N, V)
         log_z = torch.logsumexp(logits, dim=-1)
-        chosen = logits.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - log_z
+        chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
         with torch.no_grad():
             probs = (logits - log_z.unsqueeze(-1)).exp()
             entropy = log_z - (probs * logits).sum(-1)
-            mean, top1 = logits.mean(-1), logits.argmax(-1) == targets[mask]
+            mean, top1 = logits.mean(-1), logits.argmax(-1) == targets
 
         def spread(values: torch.Tensor) -> torch.Tensor:
             return values.new_zeros(mask.shape).masked_scatter(mask, values)
