@@ -19,9 +19,8 @@ from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES
                                  reading_scores, speech_cache, task_line, task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
-from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm,
-                                      check_stage_losses, composed_report, save_merged)
-from modaltune.shared.compose import HeldoutConfig, check_heldout
+from modaltune.shared.compose import (EncoderConfig, HeldoutConfig, ProjectorConfig, anchor_on_text, build_composed_lm,
+                                      check_heldout, check_stage_losses, composed_report, save_merged)
 from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
                                            stage_collator)
 from modaltune.shared.config import ConfigError, doc, to_dict
