@@ -10,6 +10,8 @@ top-block tuning (``encoder_tuning.layers``), only the blocks above the cached d
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -80,12 +82,24 @@ class WhisperEncoder(nn.Module):
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:
         return self.encoder(input_features).last_hidden_state  # (B, 1500, D)
 
+    def architecture(self) -> dict[str, Any]:
+        """What :func:`build_whisper_encoder` rebuilds this encoder from without its weights: Whisper's config and
+        the feature extractor's settings (JSON)."""
+        return {"whisper": self.encoder.config.to_dict(), "feature_extractor": self.feature_extractor.to_dict()}
+
 
 @ENCODERS.register("whisper")
-def build_whisper_encoder(cfg: EncoderConfig, log=print) -> WhisperEncoder:
-    """The encoder of the Whisper model ``cfg.name`` (zoo name, local folder or hub id; default whisper-tiny.en)."""
-    from transformers import WhisperFeatureExtractor, WhisperModel
+def build_whisper_encoder(cfg: EncoderConfig, log=print, *, architecture: dict[str, Any] | None = None
+                          ) -> WhisperEncoder:
+    """The encoder of the Whisper model ``cfg.name`` (zoo name, local folder or hub id; default whisper-tiny.en), or,
+    with ``architecture`` (:meth:`WhisperEncoder.architecture`), that encoder with no weights loaded."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as WhisperBlocks
 
+    if architecture is not None:
+        blocks = WhisperBlocks(WhisperConfig.from_dict(architecture["whisper"]))
+        return WhisperEncoder(blocks.eval(), WhisperFeatureExtractor.from_dict(architecture["feature_extractor"]),
+                              layer=cfg.layer)
     name = cfg.name or "whisper-tiny.en"
     path, kind = resolve_model(name, log=log)
     try:

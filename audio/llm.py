@@ -392,9 +392,9 @@ def speech_cache(model, cfg, ids: list[str], load: Callable[[str], Any], *, batc
 def heldout_for(cfg, model, dataset: Callable[..., Any], rows: dict[str, list[dict]], *, precision: str,
                 log: Callable[[str], None], report: dict) -> dict[str, dict[str, Any]]:
     """Stage name -> the cross-fitted readings of every training clip, for the stages ``cfg.heldout`` names (none
-    when off): see :func:`~modaltune.shared.compose_data.heldout_readings`. Each fold reader trains like the first
+    when off): see :func:`~modaltune.shared.compose.heldout.heldout_readings`. Each fold reader trains like the first
     ``loss: grounding`` stage, on the transcription rows of the other folds."""
-    from modaltune.shared.compose_data import check_heldout, heldout_readings
+    from modaltune.shared.compose import check_heldout, heldout_readings
     from modaltune.shared.harness import timed
 
     used, steps, lr = check_heldout(cfg.heldout, cfg.stages, cfg.projector, cfg.train)

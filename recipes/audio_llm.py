@@ -19,10 +19,10 @@ from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES
                                  reading_scores, speech_cache, task_line, task_plots, task_rows)
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
-from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
-                                      check_stage_losses, composed_report, save_composed)
-from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, HeldoutConfig, check_heldout,
-                                           generate_about, generate_composed, stage_collator)
+from modaltune.shared.compose import (EncoderConfig, HeldoutConfig, ProjectorConfig, anchor_on_text, build_composed_lm,
+                                      check_heldout, check_stage_losses, composed_report, save_merged)
+from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
+                                           stage_collator)
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, timed
@@ -84,7 +84,7 @@ class AudioLLM(Recipe):
 
     def build_model(self, cfg: AudioLLMConfig, log=print):
         return build_composed_lm(
-            encoder=build_encoder(cfg.encoder, log=log), encoder_tuning=cfg.encoder_tuning, model=cfg.model,
+            encoder=cfg.encoder, encoder_tuning=cfg.encoder_tuning, model=cfg.model,
             llm=cfg.llm, projector=cfg.projector, compute_dtype=compute_dtype(resolve_precision(cfg.train.precision)),
             label_logits_only=cfg.train.label_logits_only, gradient_checkpointing=cfg.train.gradient_checkpointing,
             log=log)
@@ -107,7 +107,7 @@ class AudioLLM(Recipe):
         def dataset(rows_: list[dict], name: str = "test", readings: dict | None = None) -> ComposedDataset:
             skipped = Skips()
             made = ComposedDataset(rows_, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=cfg.max_length,
-                                   skipped=skipped, readings=readings, readings_captions=cfg.heldout.captions)
+                                   skipped=skipped, readings=readings)
             report["data"][f"{name} rows"] = skipped.summary(len(made))
             return made
 
@@ -200,8 +200,7 @@ class AudioLLM(Recipe):
                               precision=resolve_precision(cfg.train.precision), **cfg.eval.decoding())
 
     def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
-        return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
-                                               "template": AUDIO_TEMPLATE, "placeholder": AUDIO_PLACEHOLDER}, dtype)
+        return save_merged(model, tok, out, template=AUDIO_TEMPLATE, placeholder=AUDIO_PLACEHOLDER, dtype=dtype)
 
 
 register_recipe(AudioLLM())

@@ -12,8 +12,8 @@ from typing import Any
 
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
-from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm, build_encoder,
-                                      check_stage_losses, composed_report, save_composed)
+from modaltune.shared.compose import (EncoderConfig, ProjectorConfig, anchor_on_text, build_composed_lm,
+                                      check_stage_losses, composed_report, save_merged)
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.errors import ModaltuneError
 from modaltune.shared.features import CacheConfig
@@ -79,7 +79,7 @@ class MedVQA(Recipe):
 
     def build_model(self, cfg: MedVQAConfig, log=print):
         return build_composed_lm(
-            encoder=build_encoder(cfg.encoder, log=log), encoder_tuning=cfg.encoder_tuning, model=cfg.model,
+            encoder=cfg.encoder, encoder_tuning=cfg.encoder_tuning, model=cfg.model,
             llm=cfg.llm, projector=cfg.projector, compute_dtype=compute_dtype(resolve_precision(cfg.train.precision)),
             label_logits_only=cfg.train.label_logits_only, gradient_checkpointing=cfg.train.gradient_checkpointing,
             log=log)
@@ -186,8 +186,7 @@ class MedVQA(Recipe):
                               precision=resolve_precision(cfg.train.precision))
 
     def save_merged(self, cfg: MedVQAConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
-        return save_composed(model, tok, out, {"encoder": to_dict(cfg.encoder), "projector": to_dict(cfg.projector),
-                                               "template": VQA_TEMPLATE}, dtype)
+        return save_merged(model, tok, out, template=VQA_TEMPLATE, placeholder=PLACEHOLDER, dtype=dtype)
 
 
 def _pair(items: dict[str, list[dict]]) -> list[dict]:

@@ -1,7 +1,7 @@
 """Data for composed models, any modality: prompts with one placeholder, the dataset, the collator, generation.
 
 A prompt carries one placeholder string (``<ImageHere>``, ``<AudioHere>``); it is tokenised as a single pad token
-whose position each example records, so :class:`~modaltune.shared.compose.ComposedLM` can splice the projected
+whose position each example records, so :class:`~modaltune.shared.compose.core.ComposedLM` can splice the projected
 encoder tokens there with no change to the LM's vocabulary. Rows name their input (an image path, a clip id)
 under ``input``; a ``load`` function turns it into what the encoder's ``preprocess`` takes, and a
 :class:`~modaltune.shared.features.FeatureCache` holds the frozen part's states when there is one.
@@ -9,16 +9,13 @@ under ``input``; a ``load`` function turns it into what the encoder's ``preproce
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from modaltune.shared.config import doc
-from modaltune.shared.errors import ConfigError, DataError
+from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache, token_count
 from modaltune.shared.provenance import fingerprint
 from modaltune.shared.sequences import encode_prompt_target, pad_batch
@@ -45,15 +42,14 @@ class ComposedDataset(torch.utils.data.Dataset):
         features: the cache holding every row's input (None: the collator runs the encoder).
         placeholder: the placeholder string in the prompts.
         max_length: longer rows (encoder tokens excluded) are skipped and counted in ``skipped``.
-        readings: input -> ``(R, D)`` word tokens another reader gave it (:func:`heldout_readings`); the LLM is
-            shown them in training instead of the model's own reading.
-        readings_captions: caption rows (a transcript, a caption: the target describes the input) get ``readings``
-            too; else only the other rows (questions, extraction) do.
+        readings: input -> ``(R, D)`` word tokens another reader gave it
+            (:func:`~modaltune.shared.compose.heldout.heldout_readings`); on the rows whose target does not describe
+            their input (questions, extraction; not captions or transcripts) the LLM is shown them in training
+            instead of the model's own reading.
     """
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer, features: FeatureCache | None, *, placeholder: str,
-                 max_length: int, skipped: Skips, readings: dict[Any, torch.Tensor] | None = None,
-                 readings_captions: bool = True) -> None:
+                 max_length: int, skipped: Skips, readings: dict[Any, torch.Tensor] | None = None) -> None:
         self.rows, self.items = [], []
         for row in rows:
             ids, pos = encode_prompt(tokenizer, row["prompt"], placeholder)
@@ -67,7 +63,6 @@ class ComposedDataset(torch.utils.data.Dataset):
             self.rows.append(row)
         self.features = features
         self.readings = readings
-        self.readings_captions = readings_captions
         if readings is not None and (missing := [it["input"] for it in self.items if self._reads(it)
                                                  and it["input"] not in readings]):
             raise DataError(f"no held-out reading of {len(missing)} inputs, e.g. {missing[0]!r}")
@@ -78,7 +73,7 @@ class ComposedDataset(torch.utils.data.Dataset):
         return fingerprint([(it["input_ids"], it["labels"], key(it["input"]), it["caption"]) for it in self.items])
 
     def _reads(self, item: dict[str, Any]) -> bool:
-        return self.readings is not None and (self.readings_captions or not item["caption"])
+        return self.readings is not None and not item["caption"]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -150,7 +145,7 @@ class ComposedCollator:
 
 class ObjectiveCollator:
     """A collator whose batches also name the loss the model computes (``objective``, e.g. ``grounding``: see
-    :class:`~modaltune.shared.compose.ComposedLM`)."""
+    :class:`~modaltune.shared.compose.core.ComposedLM`)."""
 
     def __init__(self, collator: Callable, objective: str) -> None:
         self.collator = collator
@@ -219,131 +214,3 @@ def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template:
     return generate_composed(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              num_beams=num_beams, encoder=model.encoder, load=load, desc="answering",
                              precision=precision, no_repeat_ngram=no_repeat_ngram)
-
-
-@dataclasses.dataclass
-class HeldoutConfig:
-    """Cross-fitting: the LLM learns from readings of inputs their reader was not trained on."""
-
-    folds: int = doc(0, "split the training inputs into this many folds; each fold's inputs are read by a reader "
-                        "(the word projector) trained, by its grounding loss alone, on the other folds, and the "
-                        "LLM is shown those readings in training (0: off; the LLM sees the model's own reader, "
-                        "near-perfect on the clips it learned from and not on held-out ones)")
-    stages: list[str] | None = doc(None, "stages whose LLM is shown held-out readings (null: every stage that "
-                                         "trains the LLM)")
-    captions: bool = doc(False, "also on rows whose target is the input's own transcript or caption (audio-llm, "
-                                "seed 42: test WER 0.877 against 0.721 without: shown misread speech with the right "
-                                "transcript as the answer, the LLM learnt to write fluent text of its own where the "
-                                "reading is unsure); off: only the other tasks' rows (extraction, questions)")
-    steps: int | None = doc(None, "each fold reader's optimizer steps (null: the first loss: grounding stage's, "
-                                  "scaled by the share of inputs a reader trains on, so it sees as many epochs)")
-    lr: float | None = doc(None, "its learning rate (null: as that stage trains the projector)")
-
-    def validate(self, where: str) -> None:
-        if self.folds == 1 or self.folds < 0:
-            raise ConfigError(f"{where}.folds must be 0 (off) or at least 2, got {self.folds}")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"{where}.steps must be at least 1 (or null)")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be positive (or null)")
-
-
-def check_heldout(cfg: HeldoutConfig, stages: list[Any], projector: Any, train: Any) -> tuple[list[str], int, float]:
-    """A held-out config checked against the run's stages, projector and ``train`` config (``lr``, ``max_steps``):
-    the stages whose LLM is shown held-out readings (none when off), and each fold reader's steps and learning rate
-    (by default as the first stage with ``loss: grounding`` trains the projector, its steps scaled by the share of
-    the inputs a reader trains on)."""
-    if not cfg.folds:
-        return [], 0, 0.0
-    if not (projector.collapse and projector.norm == "words"):
-        raise ConfigError("heldout.folds needs a reading to hold out: projector.norm: words, grounding: ctc and "
-                          "collapse: true (or set heldout.folds: 0)")
-    names = [s.name for s in stages]
-    if cfg.stages is None:
-        used = [s.name for s in stages if s.loss == "model" and (s.components is None or "llm" in s.components)]
-    else:
-        used = list(cfg.stages)
-    for name in used:
-        stage = next((s for s in stages if s.name == name), None)
-        if stage is None:
-            raise ConfigError(f"heldout.stages names {name!r}, which is not a stage ({', '.join(names)})")
-        if stage.loss != "model":
-            raise ConfigError(f"heldout.stages: stage {name!r} has loss: {stage.loss}; held-out readings are for "
-                              "stages that train the LLM")
-    grounding = next((s for s in stages if s.loss == "grounding"), None)
-    base = (train.max_steps if grounding.max_steps is None else grounding.max_steps) if grounding else None
-    steps = cfg.steps or (max(1, round(base * (cfg.folds - 1) / cfg.folds)) if base and base > 0 else None)
-    lr = cfg.lr or projector.lr or (grounding.lr if grounding else None) or train.lr
-    if used and steps is None:
-        raise ConfigError("heldout.steps is needed: no stage with loss: grounding and max_steps to take it from")
-    return used, steps or 0, lr
-
-
-def heldout_readings(model, data: ComposedDataset, inputs: list[Any], *, folds: int, steps: int, lr: float,
-                     batch_size: int, seed: int, precision: str = "fp32", max_grad_norm: float = 1.0,
-                     log: Callable[[str], None] = print) -> dict[Any, torch.Tensor]:
-    """Cross-fitted readings: input -> the ``(R, D)`` word tokens (what the LLM is shown) a reader gave it that
-    never trained on it.
-
-    ``inputs`` are dealt into ``folds`` at random (``seed``); for each fold the word projector, from its present
-    weights, trains ``steps`` AdamW steps (cosine, 5% warm-up) on the grounding loss of ``data``'s grounding rows
-    whose input is in another fold, then reads the fold's inputs. The projector's weights and trainability come
-    back as they were. Trained on its own clips, a reader spells them almost perfectly, so an LLM shown those
-    readings learns to copy them; shown held-out ones it learns the errors it meets on new speech.
-    """
-    import random
-
-    from modaltune.shared.compose import read_tokens, word_projector
-    from modaltune.shared.training import autocast
-
-    words = word_projector(model.projector)
-    if words is None or not words.collapse or data.features is None or not data.features.complete:
-        raise ConfigError("held-out readings need a collapsing word projector and a feature cache of the encoder's "
-                          "output (a frozen encoder)")
-    order = sorted(dict.fromkeys(inputs), key=str)
-    random.Random(seed).shuffle(order)
-    fold_of = {x: i % folds for i, x in enumerate(order)}
-    params = list(model.projector.parameters())
-    saved = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
-    trainable, was_training = [p.requires_grad for p in params], model.training
-    collate = ComposedCollator(0)
-    device = params[0].device
-    out: dict[Any, torch.Tensor] = {}
-    try:
-        for fold in range(folds):
-            model.projector.load_state_dict(saved)
-            for p in params:
-                p.requires_grad_(True)
-            pool = [i for i, item in enumerate(data.items) if item["caption"] and fold_of.get(item["input"]) != fold]
-            if not pool:
-                raise DataError(f"held-out fold {fold + 1}/{folds} leaves no transcription rows to train its reader")
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            warm = max(1, round(0.05 * steps))  # the measured figures come from this schedule (transformers'
-            # cosine-with-warmup starts its warm-up at 0, not at lr/warm, and would move them)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-                1.0 + math.cos(math.pi * min(1.0, max(0, s + 1 - warm) / max(1, steps - warm)))))
-            rng = random.Random(f"{seed}:{fold}")
-            model.train()
-            total = 0.0
-            for _ in tqdm(range(steps), desc=f"held-out reader {fold + 1}/{folds}", leave=False):
-                batch = to_device(collate([data[i] for i in rng.sample(pool, min(batch_size, len(pool)))]), device)
-                with autocast(precision, device):
-                    loss = model(**batch, objective="grounding")["loss"]
-                loss.backward()
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                total += loss.item()
-            mine = [x for x in order if fold_of[x] == fold]
-            with autocast(precision, device):
-                out.update(zip(mine, read_tokens(model, [data.features.get(x) for x in mine])))
-            log(f"held-out reader {fold + 1}/{folds}: {len(pool)} rows, {steps} steps, mean loss "
-                f"{total / steps:.3f}; read {len(mine)} inputs")
-    finally:
-        model.projector.load_state_dict(saved)
-        for p, t in zip(params, trainable):
-            p.requires_grad_(t)
-        model.train(was_training)
-    return out

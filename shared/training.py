@@ -358,6 +358,8 @@ def _training_arguments(cfg: TrainConfig, stage: StagePlan, stage_dir: Path, pre
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.num_workers,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=True,  # a stage may leave trained weights without a gradient (what the Trainer
+        # assumes for a model that is not a PreTrainedModel; a composed model is one)
         report_to=trainer_report_to(cfg.report_to),
         disable_tqdm=False,
         save_only_model=False,

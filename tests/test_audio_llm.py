@@ -17,13 +17,12 @@ QUIET = {"log": lambda *_: None}
 
 
 def _composed(tiny_whisper, llm_folder, **projector):
-    from modaltune.shared.compose import EncoderConfig, ProjectorConfig, build_composed_lm, build_encoder
+    from modaltune.shared.compose import EncoderConfig, ProjectorConfig, build_composed_lm
     from modaltune.shared.lm import ModelConfig
     from modaltune.shared.peft import ComponentConfig
 
     torch.manual_seed(0)
-    encoder = build_encoder(EncoderConfig(kind="whisper", name=str(tiny_whisper)), **QUIET)
-    return build_composed_lm(encoder=encoder, encoder_tuning=ComponentConfig(method="frozen"),
+    return build_composed_lm(encoder=EncoderConfig(kind="whisper", name=str(tiny_whisper)), encoder_tuning=ComponentConfig(method="frozen"),
                              model=ModelConfig(name=str(llm_folder)), llm=ComponentConfig(method="lora", r=4, alpha=8),
                              projector=ProjectorConfig(**{"group": 8, "norm": "rms", **projector}), **QUIET)
 
@@ -179,7 +178,8 @@ def order_manifests(speech_manifests, tmp_path):
 
 
 def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_llama, order_manifests, tmp_path):
-    from modaltune.shared.compose import load_composed
+    from transformers import AutoModel, AutoTokenizer
+
     from modaltune.shared.compose_data import ComposedDataset, generate_composed
     from modaltune.shared.merge import merge
     from modaltune.shared.run import execute
@@ -222,14 +222,14 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
     assert ev["metrics"]["after"]["test/wer"] == pytest.approx(after["test/wer"])
 
     out = merge(report["checkpoint"], str(tmp_path / "merged"), log=lambda *_: None)
-    model, tok, composition = load_composed(out, **QUIET)
-    assert composition["placeholder"] == AUDIO_PLACEHOLDER
+    model, tok = AutoModel.from_pretrained(str(out)), AutoTokenizer.from_pretrained(str(out))
+    assert model.config.placeholder == AUDIO_PLACEHOLDER
     from modaltune.audio.asr import ASRDataConfig, load_asr_sets
 
     sets, _ = load_asr_sets(ASRDataConfig(source=str(order_manifests["train"]), test=str(order_manifests["test"]),
                                           general=None), log=lambda *_: None)
     waves = {c.id: c.wave for c in sets["test"]}
-    prompt = composition["template"].format(instruction="Transcribe the audio exactly.")
+    prompt = model.config.template.format(instruction="Transcribe the audio exactly.")
     rows = [{"id": k, "input": k, "prompt": prompt, "target": "x"} for k in waves]
     ds = ComposedDataset(rows, tok, None, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
     merged_text = generate_composed(model, tok, ds, batch_size=4, max_new_tokens=6, encoder=model.encoder,
@@ -287,13 +287,13 @@ def test_word_grounding_on_transcripts_ignores_padding_frames(tiny_whisper, tiny
 def test_ctc_grounding_prefers_word_tokens_that_spell_the_transcript_in_order():
     """``projector.grounding: ctc``: word tokens that spell the target's anchor tokens in order (blanks between)
     cost less than the same words out of order; a projector built for it has the blank choice."""
-    from modaltune.shared.compose import WordAnchoredProjector, build_projector, word_grounding_loss
+    from modaltune.shared.compose import (ProjectorOutput, WordAnchoredProjector, WordChoices, build_projector,
+                                          word_grounding_loss)
 
     torch.manual_seed(0)
     words = torch.randn(4, 8)
     proj = WordAnchoredProjector(torch.nn.Identity(), words, blank=True)
     proj.set_words(words, [11, 12, 13, 14])
-    proj.record = True
     proj.train()
     labels = torch.tensor([[-100, 11, 13, 12, 2]])  # anchors 0, 2, 1; token 2 (EOS) is no anchor
     rows = torch.tensor([True])
@@ -302,13 +302,13 @@ def test_ctc_grounding_prefers_word_tokens_that_spell_the_transcript_in_order():
         logits = torch.full((1, 6, 5), -4.0)
         for t, j in enumerate(order):
             logits[0, t, j] = 4.0  # choice j at step t; 4 is the blank
-        proj.last_weights = torch.softmax(logits, dim=-1)
-        return word_grounding_loss(proj, labels, rows).item()
+        out = ProjectorOutput(torch.zeros(1, 6, 8), aux=WordChoices(torch.softmax(logits, dim=-1)))
+        return word_grounding_loss(proj, out, labels, rows).item()
 
     right, wrong = loss([0, 4, 2, 4, 1, 4]), loss([1, 4, 2, 4, 0, 4])
     assert right < 0.5 < wrong
     built = build_projector("linear", in_dim=3, out_dim=8, group=2, norm="both", scale=1.0, words=words, blank=True)
-    assert built.words.blank is not None and built(torch.randn(1, 5, 6)).shape == (1, 10, 8)
+    assert built.words.blank is not None and built(torch.randn(1, 5, 6)).tokens.shape == (1, 10, 8)
 
 
 def test_collapse_keeps_the_word_tokens_a_greedy_ctc_reading_keeps():
@@ -326,18 +326,11 @@ def test_collapse_keeps_the_word_tokens_a_greedy_ctc_reading_keeps():
     x = torch.zeros(1, len(choices), 8)
     for t, c in enumerate(choices):
         x[0, t, 7 if c == "blank" else c] = 10.0
-    proj(x)
-    assert proj.kept.tolist() == [[True, False, False, True, False, False, True, True]]
+    out = proj(x)
+    assert out.shown.tolist() == [[True, False, False, True, False, False, True, True]]
+    assert out.aux.chosen.tolist() == [[0, 0, 4, 2, 2, 4, 2, 1]]  # 4: the blank
     with pytest.raises(Exception, match="blank"):
         WordAnchoredProjector(torch.nn.Identity(), words, blank=False, collapse=True)
-    proj.dropout = 0.5  # training leaves out about half of the kept words; evaluation none
-    x = x.repeat(256, 1, 1)
-    proj.train()
-    proj(x)
-    assert 0.35 < proj.kept.sum().item() / (4 * 256) < 0.65
-    proj.eval()
-    proj(x)
-    assert proj.kept.sum().item() == 4 * 256
 
 
 def _two_clips(model, tok):
@@ -359,7 +352,7 @@ def _two_clips(model, tok):
 def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whisper, tiny_gemma):
     """With ``collapse``, a row's prompt holds its kept word tokens (only real frames) and all its real feature
     tokens; the grounding loss still sees every word token of the clip."""
-    from modaltune.shared.compose import read_words
+    from modaltune.shared.compose import EncoderBatch, read_words
     from modaltune.shared.compose_data import ComposedCollator
 
     model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=1.0, anchor_words=16,
@@ -368,8 +361,8 @@ def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whis
     batch = ComposedCollator(tok.pad_token_id)([ds[0], ds[1]])
     model.eval()
     with torch.no_grad():
-        prefix, real = model.project(features=batch["features"], features_lengths=batch["features_lengths"])
-        kept = model.projector.words.kept
+        out = model.project(EncoderBatch(features=batch["features"], features_lengths=batch["features_lengths"]))
+        kept, real = out.shown, out.real
         m = kept.size(1)
         _, mask, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["placeholder_positions"],
                                  features=batch["features"], features_lengths=batch["features_lengths"])
@@ -387,7 +380,7 @@ def test_collapsed_prompts_hold_the_kept_words_and_every_feature_token(tiny_whis
 def test_a_grounding_stage_trains_the_projector_without_running_the_llm(tiny_whisper, tiny_gemma, monkeypatch):
     """``loss: grounding``: the batch's loss is the weighted word-grounding loss alone, the LLM never runs, and
     only projector weights get gradients."""
-    from modaltune.shared.compose import word_grounding_loss
+    from modaltune.shared.compose import EncoderBatch, word_grounding_loss
     from modaltune.shared.compose_data import ComposedCollator, stage_collator
 
     model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="both", word_grounding=0.5, anchor_words=16,
@@ -399,9 +392,8 @@ def test_a_grounding_stage_trains_the_projector_without_running_the_llm(tiny_whi
     assert batch["objective"] == "grounding"
     model.train()
     torch.manual_seed(1)
-    model.project(features=batch["features"], features_lengths=batch["features_lengths"])
-    _, real = model.project(features=batch["features"], features_lengths=batch["features_lengths"])
-    expected = 0.5 * word_grounding_loss(model.projector, batch["labels"], batch["ground_words"], real)
+    out = model.project(EncoderBatch(features=batch["features"], features_lengths=batch["features_lengths"]))
+    expected = 0.5 * word_grounding_loss(model.projector, out, batch["labels"], batch["ground_words"])
 
     def no_llm(*args, **kwargs):
         raise AssertionError("the LLM ran in a grounding stage")
@@ -427,11 +419,13 @@ def test_heldout_readings_replace_the_words_the_llm_is_shown(tiny_whisper, tiny_
                               grounding="ctc", collapse=True)
     waves, cache, ds = _two_clips(model, tok)
     own = dict(zip(waves, read_tokens(model, [cache.get(k) for k in waves])))
-    assert all(t.ndim == 2 and t.size(0) >= 1 and t.size(1) == model.config.hidden_size for t in own.values())
+    assert all(t.ndim == 2 and t.size(0) >= 1 and t.size(1) == model.config.text_config.hidden_size for t in own.values())
     collate = ComposedCollator(tok.pad_token_id)
 
+    asked = [{**r, "type": "orders"} for r in ds.rows]  # readings stand in on rows that are not the clip's transcript
+
     def loss(readings):
-        data = ComposedDataset(ds.rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+        data = ComposedDataset(asked, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
                                readings=readings)
         batch = collate([data[0], data[1]])
         assert ("readings" in batch) == (readings is not None)
@@ -444,10 +438,10 @@ def test_heldout_readings_replace_the_words_the_llm_is_shown(tiny_whisper, tiny_
     torch.manual_seed(2)
     other = {k: 30.0 * torch.randn(v.size(0) + 3, v.size(1)) for k, v in own.items()}
     assert abs(loss(other) - plain) > 1e-3
-    # rows of other tasks only (readings_captions=False): the transcript row keeps the model's own reading
+    # rows of other tasks only: the transcript row keeps the model's own reading
     mixed = [dict(ds.rows[0]), {**ds.rows[1], "type": "orders"}]
     data = ComposedDataset(mixed, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
-                           readings=other, readings_captions=False)
+                           readings=other)
     batch = collate([data[0], data[1]])
     assert batch["readings_rows"].tolist() == [False, True]
     model.eval()
@@ -456,14 +450,14 @@ def test_heldout_readings_replace_the_words_the_llm_is_shown(tiny_whisper, tiny_
         alone = [_loss_of(model, collate, ds, i) for i in range(2)]
     assert first == pytest.approx(alone[0], rel=1e-5) and abs(second - alone[1]) > 1e-3
     together = ComposedDataset(mixed, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
-                               readings=own, readings_captions=False)
+                               readings=own)
     with torch.no_grad():  # own readings on one row, the model's own tokens on the other: the plain batch loss
         assert model(**collate([together[0], together[1]]))["loss"].item() == pytest.approx(plain, rel=1e-5)
     with pytest.raises(DataError, match="no held-out reading of 1 inputs"):
-        ComposedDataset(ds.rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+        ComposedDataset(asked, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
                         readings={list(waves)[0]: own[list(waves)[0]]})
     model.train()
-    data = ComposedDataset(ds.rows, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
+    data = ComposedDataset(mixed, tok, cache, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips(),
                            readings=other)
     model(**collate([data[0], data[1]]))["loss"].backward()
     assert next(model.projector.inner.parameters()).grad.abs().sum() > 0  # the CTC loss trains the reader
@@ -477,7 +471,8 @@ def _loss_of(model, collate, data, i):
 def test_each_heldout_reader_never_trains_on_the_inputs_it_reads(tiny_whisper, tiny_gemma):
     """Cross-fitting: every input is left out of exactly one fold reader's training, that reader reads it, and the
     projector comes back with its weights and trainability unchanged."""
-    from modaltune.shared.compose_data import ComposedDataset, heldout_readings
+    from modaltune.shared.compose import heldout_readings
+    from modaltune.shared.compose_data import ComposedDataset
     from modaltune.shared.skips import Skips
 
     model, tok, _ = _composed(tiny_whisper, tiny_gemma, norm="words", word_grounding=1.0, anchor_words=16,
@@ -514,7 +509,7 @@ def test_each_heldout_reader_never_trains_on_the_inputs_it_reads(tiny_whisper, t
 
 def test_heldout_config_is_checked_against_stages_and_projector():
     from modaltune.recipes.audio_llm import AudioLLMConfig
-    from modaltune.shared.compose_data import check_heldout
+    from modaltune.shared.compose import check_heldout
     from modaltune.shared.config import ConfigError, from_dict
 
     cfg = from_dict(AudioLLMConfig, {}, "")
@@ -563,3 +558,17 @@ def test_stage_loss_is_checked_by_the_config():
         from_dict(AudioLLMConfig, {"eval": {"num_beams": 0}}, "")
     with pytest.raises(ConfigError, match="on a caption stage"):  # med-vqa grounds on captions only
         from_dict(MedVQAConfig, {"stages": [{"name": "vqa", "data": "vqa", "loss": "grounding"}]}, "")
+
+
+@pytest.mark.parametrize("steps", [3, 40, 300])
+def test_a_fold_reader_trains_on_transformers_cosine_schedule_one_step_ahead(steps):
+    """The held-out readers' schedule (the audio-llm default runs use it): 5% linear warm-up then cosine to 0, with
+    the first step at lr / warm-up steps, where transformers' own starts at 0."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from modaltune.shared.compose import reader_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_cosine_schedule_with_warmup(opt, max(1, round(0.05 * steps)), steps).lr_lambdas[0]
+    assert [reader_schedule(s, steps) for s in range(steps)] == pytest.approx([hf(s + 1) for s in range(steps)])
+    assert reader_schedule(0, steps) > 0 and reader_schedule(steps - 1, steps) == pytest.approx(0.0, abs=1e-12)

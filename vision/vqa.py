@@ -354,8 +354,8 @@ def closed_image_margin(model, tokenizer, dataset: ComposedDataset, *, batch_siz
         batch = to_device(collate([dataset[i] for i in idx[start : start + batch_size]]), model.device)
         with autocast(precision, model.device):
             embeds, mask, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["placeholder_positions"],
-                                          None, batch.get("encoder_inputs"), batch.get("features"),
-                                          batch.get("features_depth"))
+                                          encoder_inputs=batch.get("encoder_inputs"), features=batch.get("features"),
+                                          features_depth=batch.get("features_depth"))
             logits = model.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
         margins += (logits[:, yes] - logits[:, no]).tolist()  # left padding: the last position is the prompt's end
     groups: dict[str, dict[str, list[float]]] = {}
