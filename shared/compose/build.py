@@ -20,32 +20,10 @@ from modaltune.shared.compose.parts import EncoderConfig, ProjectorConfig, build
 from modaltune.shared.compose.projectors import embedding_rms
 from modaltune.shared.config import from_dict, to_dict
 from modaltune.shared.errors import ConfigError, ModaltuneError
-from modaltune.shared.harness import merged
 from modaltune.shared.lm import ModelConfig, load_causal_lm
 from modaltune.shared.loss import unwrap_peft
-from modaltune.shared.peft import ComponentConfig, ComponentSpec, apply_peft
-
-
-# TODO(peft-registry): the checks below become `method_of(cfg).virtual_tokens`, `.full_weights` and `.trains`, and
-# `_frozen()` a config of the frozen method, once PEFT methods are registry objects (modaltune.shared.peft).
-def _virtual_tokens(cfg: ComponentConfig) -> bool:
-    """The method prepends virtual tokens (prompt/prefix tuning) instead of changing weights."""
-    return cfg.method in {"prompt_tuning", "prefix_tuning"}
-
-
-def _full_weights(cfg: ComponentConfig) -> bool:
-    """The method trains every weight of the component (so its buffers are trained state too)."""
-    return cfg.method == "full"
-
-
-def _trains(cfg: ComponentConfig) -> bool:
-    """The method trains something in the component."""
-    return cfg.method != "frozen"
-
-
-def _frozen() -> ComponentConfig:
-    """A component config that trains nothing."""
-    return ComponentConfig(method="frozen")
+from modaltune.shared.merge import merged
+from modaltune.shared.peft import ComponentConfig, ComponentSpec, apply_peft, method_of
 
 
 def build_composed_lm(*, encoder: EncoderConfig, encoder_tuning: ComponentConfig, model: ModelConfig,
@@ -71,12 +49,12 @@ def build_composed_lm(*, encoder: EncoderConfig, encoder_tuning: ComponentConfig
         them.
     """
     built = build_encoder(encoder, log=log)
-    if _virtual_tokens(llm):
+    if method_of(llm).virtual_tokens:
         raise ConfigError("llm.method: prompt/prefix tuning cannot take spliced encoder tokens; use lora, dora, ...")
     built = apply_peft(built, [ComponentSpec("encoder", "", encoder_tuning)], causal_lm=False)
     lm, tok, source = load_causal_lm(model, method=llm.method, compute_dtype=compute_dtype,
                                      quantize_head=llm.quantize_head, log_fn=log)
-    if not _trains(llm):
+    if not method_of(llm).trains:
         for p in lm.parameters():
             p.requires_grad_(False)
     else:
@@ -90,9 +68,9 @@ def build_composed_lm(*, encoder: EncoderConfig, encoder_tuning: ComponentConfig
     architecture = getattr(unwrap_peft(built), "architecture", None)
     config = ComposedConfig(encoder=to_dict(encoder), encoder_architecture=architecture() if callable(architecture)
                             else None, projector=to_dict(projector), text_config=unwrap_peft(lm).config.to_dict(),
-                            label_logits_only=label_logits_only, encoder_train_mode=_full_weights(encoder_tuning))
+                            label_logits_only=label_logits_only, encoder_train_mode=method_of(encoder_tuning).full_weights)
     composed = ComposedLM(config, encoder=built, projector=proj, llm=lm)
-    full = ["projector"] + [n for n, c in (("encoder", encoder_tuning), ("llm", llm)) if _full_weights(c)]
+    full = ["projector"] + [n for n, c in (("encoder", encoder_tuning), ("llm", llm)) if method_of(c).full_weights]
     composed.record_trained(full_components=full)
     if gradient_checkpointing:
         composed.activation_checkpointing_enable()
@@ -110,7 +88,7 @@ def composed_report(model: ComposedLM, encoder: Any, projector: ProjectorConfig,
 def save_merged(model: ComposedLM, tokenizer: Any, out: str | Path, *, template: str, placeholder: str | None = None,
                 dtype: torch.dtype | None = None) -> Path:
     """Save a composed model whose checkpoint is loaded as a ``from_pretrained`` folder: adapters merged into the
-    LLM and the encoder (:func:`~modaltune.shared.harness.merged`), every part cast to ``dtype`` (default: as
+    LLM and the encoder (:func:`~modaltune.shared.merge.merged`), every part cast to ``dtype`` (default: as
     built), the tokenizer beside it, and the prompt ``template`` and ``placeholder`` in the config.
     ``AutoModel.from_pretrained(out)`` reads it back (once :mod:`modaltune.shared.compose` is imported). Returns
     ``out``."""
@@ -155,7 +133,7 @@ def load_legacy_composition(folder: str | Path, *,
             raise ModaltuneError(f"{path}: projector.{key} is no longer supported (only {kept!r} is)")
     model, tok, _ = build_composed_lm(
         encoder=from_dict(EncoderConfig, composition["encoder"], where="composition.encoder"),
-        encoder_tuning=_frozen(), model=ModelConfig(name=str(folder / "llm")), llm=_frozen(),
+        encoder_tuning=ComponentConfig(), model=ModelConfig(name=str(folder / "llm")), llm=ComponentConfig(),
         projector=from_dict(ProjectorConfig, projector, where="composition.projector"), log=log)
     model.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
     if (folder / "encoder.safetensors").is_file():
