@@ -162,9 +162,10 @@ def asr_cache(model, cache: CacheConfig, *, spec_augment: bool, precision: str, 
 
 def evaluate_asr(model, processor, sets: dict[str, list[Clip]], *, columns: list[tuple[str, Any]], eval_cfg,
                  language: str | None, task: str | None, normalizer, terms: list[str],
-                 cache: FeatureCache | None) -> tuple[dict[str, dict[str, float]], list[dict]]:
+                 cache: FeatureCache | None, precision: str) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """Decode ``test`` and ``general`` once per column ``(name, prompt ids)``; returns metrics per column
-    (``test/wer``, ``general/wer``, per-speaker WER, ...) and per-utterance rows."""
+    (``test/wer``, ``general/wer``, per-speaker WER, ...) and per-utterance rows; decoded under ``precision``, the
+    resolved training precision."""
     metrics: dict[str, dict[str, float]] = {name: {} for name, _ in columns}
     rows = []
     for set_name in ("test", "general"):
@@ -175,8 +176,8 @@ def evaluate_asr(model, processor, sets: dict[str, list[Clip]], *, columns: list
         secs = audio_seconds(waves)
         hyps = {}
         for name, prompt in columns:
-            texts, seconds = transcribe(model, processor, waves, eval_cfg, language=language, task=task,
-                                        cache=cache, prompt=prompt, desc=f"{set_name} ({name})")
+            texts, seconds = transcribe(model, processor, waves, eval_cfg, precision=precision, language=language,
+                                        task=task, cache=cache, prompt=prompt, desc=f"{set_name} ({name})")
             hyps[name] = texts
             refs = [c.text for c in clips]
             scores = score(texts, refs, seconds, secs, normalizer=normalizer, terms=terms if set_name == "test" else [])

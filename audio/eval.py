@@ -5,26 +5,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
 from modaltune.audio.whisper import log_mel
 from modaltune.audio.io import SAMPLE_RATE
 from modaltune.shared.config import doc
 from modaltune.shared.features import FeatureCache
+from modaltune.shared.generation import DecodingConfig, Inputs, generate
 from modaltune.shared.metrics import alignment, char_error_rate, term_recall, word_error_rate
 
 
 @dataclasses.dataclass
-class ASREvalConfig:
-    """How clips are decoded and scored."""
+class ASREvalConfig(DecodingConfig):
+    """How clips are decoded (the decoding settings) and scored."""
 
-    num_beams: int = doc(1, "1: greedy decoding; more: beam search")
-    batch_size: int = doc(8, "clips per decoding batch")
-    max_new_tokens: int = doc(128, "longest transcript, in tokens")
     prompt_terms: int = doc(40, "domain terms in the prompt-biased zero-shot baseline (0: skip that baseline)")
     normalizer: Literal["auto", "english", "basic"] = doc(
         "auto", "text normaliser for WER/CER: Whisper's English one for English models, the basic one otherwise")
@@ -32,8 +32,6 @@ class ASREvalConfig:
 
 def make_normalizer(kind: str, english: bool):
     """``(name, function)`` of the text normaliser used for the normalised scores."""
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
-
     if kind == "english" or (kind == "auto" and english):
         return "whisper-english", EnglishTextNormalizer({})
     return "whisper-basic", BasicTextNormalizer()
@@ -48,36 +46,54 @@ def prompt_ids(processor, terms: list[str], n: int) -> torch.Tensor | None:
     return ids[:200]  # Whisper keeps the prompt within half of its 448-token context
 
 
+class WhisperClips(Inputs):
+    """Clips for :func:`~modaltune.shared.generation.generate` with a Whisper model, in order: their log-mel
+    features, or (``keys`` of a filled ``cache``) their cached encoder states. Whisper reads the whole padded
+    30 s window (its encoder takes no mask), so the attention mask over the feature frames is all ones."""
+
+    def __init__(self, model, processor, waves: list[np.ndarray], *, cache: FeatureCache | None = None,
+                 keys: list[str] | None = None) -> None:
+        self.items = waves
+        self.model = model
+        self.processor = processor
+        self.cache = cache
+        self.keys = keys
+
+    @contextlib.contextmanager
+    def batch(self, indices: list[int], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        if self.keys is not None:
+            states = self.cache.encoder_output([self.keys[i] for i in indices])
+            with _cached_encoder(self.model, states) as feats:
+                yield {"input_features": feats, "attention_mask": _frames(feats)}
+        else:
+            feats = log_mel(self.processor, [self.items[i] for i in indices]).to(device)
+            yield {"input_features": feats, "attention_mask": _frames(feats)}
+
+
+def _frames(feats: torch.Tensor) -> torch.Tensor:
+    return torch.ones(feats.size(0), feats.size(-1), dtype=torch.long, device=feats.device)  # (B, frames)
+
+
 @torch.no_grad()
-def transcribe(model, processor, waves: list[np.ndarray], cfg: ASREvalConfig, *, language: str | None,
-               task: str | None, cache: FeatureCache | None = None, prompt: torch.Tensor | None = None,
-               desc: str = "decoding") -> tuple[list[str], float]:
-    """Transcripts of ``waves`` and the seconds spent (features + encoder + decoding)."""
+def transcribe(model, processor, waves: list[np.ndarray], cfg: DecodingConfig, *, precision: str,
+               language: str | None, task: str | None, cache: FeatureCache | None = None,
+               prompt: torch.Tensor | None = None, desc: str = "decoding") -> tuple[list[str], float]:
+    """Transcripts of ``waves`` and the seconds spent (features + encoder + decoding); decoded by
+    :func:`~modaltune.shared.generation.generate` under ``precision``."""
     model.eval()
-    gen_kwargs = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, "do_sample": False}
+    args = {}
     if language is not None:
-        gen_kwargs.update(language=language, task=task)
+        args.update(language=language, task=task)
     if prompt is not None:
-        gen_kwargs["prompt_ids"] = prompt.to(model.device)
-    started = time.perf_counter()
+        args["prompt_ids"] = prompt.to(model.device)
     keys = cache.fill(waves, desc="encoding") if cache is not None else None
     # a pass that found its encoder states cached is still charged what encoding them cost, so RTFs compare
     charged = sum(cache.seconds[k] for k in keys) if keys is not None else 0.0
     started = time.perf_counter()
-    texts: list[str] = []
-    whisper = model.whisper
-    for start in tqdm(range(0, len(waves), cfg.batch_size), desc=desc, leave=False):
-        end = min(start + cfg.batch_size, len(waves))
-        with _beam_reorder_self_attention_only(model, cfg.num_beams):
-            if keys is not None:
-                states = cache.encoder_output(keys[start:end])
-                with _cached_encoder(model, states) as feats:
-                    out = whisper.generate(input_features=feats, **gen_kwargs)
-            else:
-                feats = log_mel(processor, waves[start:end]).to(model.device)
-                out = whisper.generate(input_features=feats, **gen_kwargs)
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        texts += [t.strip() for t in processor.batch_decode(sequences, skip_special_tokens=True)]
+    with _beam_reorder_self_attention_only(model, cfg.num_beams):
+        texts = generate(model.whisper, processor.tokenizer, WhisperClips(model, processor, waves, cache=cache,
+                                                                          keys=keys),
+                         cfg, precision=precision, desc=desc, **args)
     if prompt is not None:  # some transformers versions return the prompt text in front of the transcript
         prompt_text = processor.decode(prompt, skip_special_tokens=True).strip()
         texts = [t[len(prompt_text):].strip() if prompt_text and t.startswith(prompt_text) else t for t in texts]
@@ -124,8 +140,6 @@ def _cached_encoder(model, states: torch.Tensor):
     a lookup: the yielded placeholder features carry each row's index, and the encoder returns that row's cached
     states, whatever rows and order a call passes.
     """
-    from transformers.modeling_outputs import BaseModelOutput
-
     encoder = model.base.model.encoder
     cfg = model.config
     feats = torch.zeros(states.size(0), cfg.num_mel_bins, 2 * cfg.max_source_positions, device=states.device)

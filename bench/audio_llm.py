@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from timing import count_flops, summary, table, timed_steps, utilisation_table, utilisations
 
     from modaltune.audio.asr import ASRDataConfig, load_asr_sets
-    from modaltune.audio.llm import AUDIO_PLACEHOLDER, AudioTasksConfig, task_rows
+    from modaltune.audio.tasks import AUDIO_PLACEHOLDER, AudioTasksConfig, task_rows
     from modaltune.shared.compose import anchor_on_text
     from modaltune.shared.compose_data import ComposedCollator, ComposedDataset
     from modaltune.shared.config import load_config

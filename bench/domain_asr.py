@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         model.eval()
         ev_cache = FeatureCache(model, batch_size=cfg.eval.batch_size,
                                 autocast_dtype=autocast_dtype(precision))  # a fresh cache: encoding is counted
-        _, seconds = transcribe(model, processor, eval_waves, cfg.eval, language=None, task=None, cache=ev_cache)
+        _, seconds = transcribe(model, processor, eval_waves, cfg.eval, precision=precision, language=None, task=None,
+                                cache=ev_cache)
         return seconds / secs
 
     rounds, rtf = [], []

@@ -14,15 +14,15 @@ from typing import Any
 
 from modaltune.audio.asr import ASRDataConfig, load_asr_sets, normalizer_for
 from modaltune.audio.io import read_recording
-from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, REPORT_NOTES, AudioLLMEvalConfig, AudioTasksConfig,
-                                 CascadeConfig, cascade, heldout_for, measure_audio_llm, pair_task_items,
-                                 reading_scores, speech_cache, task_line, task_plots, task_rows)
+from modaltune.audio.cascade import CascadeConfig, cascade
+from modaltune.audio.speech_llm import heldout_for, reading_scores, speech_cache
+from modaltune.audio.task_eval import REPORT_NOTES, AudioLLMEvalConfig, measure_audio_llm, pair_task_items, task_line, task_plots
+from modaltune.audio.tasks import AUDIO_PLACEHOLDER, AUDIO_TEMPLATE, AudioTasksConfig, task_rows
 from modaltune.shared import checkpoint as ckpt
 from modaltune.shared import dist
 from modaltune.shared.compose import (EncoderConfig, HeldoutConfig, ProjectorConfig, anchor_on_text, build_composed_lm,
                                       check_heldout, check_stage_losses, composed_report, save_merged)
-from modaltune.shared.compose_data import (ComposedCollator, ComposedDataset, generate_about, generate_composed,
-                                           stage_collator)
+from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_about, stage_collator
 from modaltune.shared.config import ConfigError, doc, to_dict
 from modaltune.shared.features import CacheConfig
 from modaltune.shared.harness import data_line, measure_before, timed
@@ -56,7 +56,7 @@ class AudioLLMConfig:
         StageConfig(name="tasks", data="all", max_steps=250, components=["projector", "llm"])])
     heldout: HeldoutConfig = doc(help="cross-fitting: the LLM learns from unheard clips' readings", factory=lambda: HeldoutConfig(folds=2))
     train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
-    eval: AudioLLMEvalConfig = doc(AudioLLMEvalConfig, "generation for evaluation")
+    eval: AudioLLMEvalConfig = doc(help="generation for evaluation", factory=lambda: AudioLLMEvalConfig(max_new_tokens=64, batch_size=64, no_repeat_ngram=6))
     cascade: CascadeConfig = doc(CascadeConfig, "the cascade baseline (Whisper transcript -> tuned LLM)")
     cache: CacheConfig = doc(CacheConfig, "encoder-feature cache")
     max_length: int = doc(192, "longer rows (audio tokens excluded) are skipped and counted")
@@ -121,13 +121,9 @@ class AudioLLM(Recipe):
         _, normalizer = normalizer_for("auto", {"multilingual": False}, None)
         seconds = {i: c.seconds for i, c in clips.items()}
 
-        def generate(ds, label):
-            return generate_composed(model, tok, ds, batch_size=cfg.eval.batch_size, encoder=encoder, load=load,
-                                     desc=label, precision=precision, **cfg.eval.decoding())
-
         def measure(shuffle: bool = False):  # rank 0 evaluates under a launcher; every rank gets the result
-            return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, generate=generate,
-                                shuffle=shuffle, normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed))
+            return dist.on_main(lambda: measure_audio_llm(model, tok, rows["test"], dataset=dataset, decoding=cfg.eval, precision=precision,
+                                encoder=encoder, load=load, shuffle=shuffle, normalizer=normalizer, seconds=seconds, seed=cfg.eval.shuffle_seed))
 
         def reading() -> dict:  # what the word tokens spell alone, where they can be read
             return dist.on_main(lambda: reading_scores(model, tok, rows["test"], cache, normalizer=normalizer))
@@ -195,9 +191,9 @@ class AudioLLM(Recipe):
         wave = read_recording(input_file)
         model, tok, _ = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
-        return generate_about(model, tok, input_file, prompts, template=AUDIO_TEMPLATE, placeholder=AUDIO_PLACEHOLDER,
-                              load=lambda _: wave, max_length=cfg.max_length, batch_size=cfg.eval.batch_size,
-                              precision=resolve_precision(cfg.train.precision), **cfg.eval.decoding())
+        return generate_about(model, tok, input_file, prompts, cfg.eval, template=AUDIO_TEMPLATE,
+                              placeholder=AUDIO_PLACEHOLDER, load=lambda _: wave, max_length=cfg.max_length,
+                              precision=resolve_precision(cfg.train.precision))
 
     def save_merged(self, cfg: AudioLLMConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         return save_merged(model, tok, out, template=AUDIO_TEMPLATE, placeholder=AUDIO_PLACEHOLDER, dtype=dtype)

@@ -53,7 +53,7 @@ class DomainASRConfig:
     replay: ReplayConfig = doc(ReplayConfig, "replay rows (general speech) against forgetting")
     cache: CacheConfig = doc(CacheConfig, "frozen-encoder cache")
     train: TrainConfig = doc(TrainConfig, "optimisation")
-    eval: ASREvalConfig = doc(ASREvalConfig, "decoding and scoring")
+    eval: ASREvalConfig = doc(help="decoding and scoring", factory=lambda: ASREvalConfig(max_new_tokens=128))
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
 
     def validate(self, where: str) -> None:
@@ -89,7 +89,8 @@ class DomainASR(Recipe):
         model, processor, source = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
         multilingual = source["multilingual"]
-        texts, _ = transcribe(model, processor, [wave], cfg.eval, language=cfg.model.language if multilingual
+        texts, _ = transcribe(model, processor, [wave], cfg.eval, precision=resolve_precision(cfg.train.precision),
+                              language=cfg.model.language if multilingual
                               else None, task=cfg.model.task if multilingual else None, desc="transcribing")
         return texts
 
@@ -106,7 +107,7 @@ class DomainASR(Recipe):
             return dist.on_main(lambda: evaluate_asr(  # rank 0 evaluates under a launcher; every rank gets it
                 model, processor, sets, columns=columns, eval_cfg=cfg.eval, normalizer=norm,
                 language=cfg.model.language if multilingual else None, terms=terms, cache=cache,
-                task=cfg.model.task if multilingual else None))
+                task=cfg.model.task if multilingual else None, precision=resolve_precision(cfg.train.precision)))
         return measure, norm_name
 
     def run(self, cfg: DomainASRConfig, ctx: RunContext) -> None:

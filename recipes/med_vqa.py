@@ -48,7 +48,8 @@ class MedVQAConfig:
     data: VQADataConfig = doc(VQADataConfig, "caption and VQA data")
     stages: list[StageConfig] = doc(help="training stages in order", factory=_default_stages)
     train: TrainConfig = doc(TrainConfig, "optimisation (shared by the stages)")
-    eval: VQAEvalConfig = doc(VQAEvalConfig, "generation for evaluation")
+    eval: VQAEvalConfig = doc(help="generation for evaluation", factory=lambda: VQAEvalConfig(max_new_tokens=10,
+                                                                                              batch_size=32))
     cache: CacheConfig = doc(CacheConfig, "encoder-feature cache")
     preference: PreferenceConfig = doc(PreferenceConfig, "the preference loss of stages on vqa_pairs")
     quick: dict[str, Any] = doc({}, "dotted-key overrides applied by --quick")
@@ -180,9 +181,8 @@ class MedVQA(Recipe):
             raise ModaltuneError("med-vqa answers questions about an image: give --input IMAGE and a question")
         model, tok, _ = self.build_model(cfg, log)
         ckpt.load_trained(model, checkpoint)
-        return generate_about(model, tok, input_file, prompts, template=VQA_TEMPLATE, placeholder=PLACEHOLDER,
-                              load=load_image, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size,
-                              max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
+        return generate_about(model, tok, input_file, prompts, cfg.eval, template=VQA_TEMPLATE, placeholder=PLACEHOLDER,
+                              load=load_image, max_length=cfg.data.max_length,
                               precision=resolve_precision(cfg.train.precision))
 
     def save_merged(self, cfg: MedVQAConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:

@@ -22,7 +22,8 @@ from modaltune.shared.recipe import Recipe, RunContext, register_recipe
 from modaltune.shared.training import StagePlan, TrainConfig, compute_dtype, resolve_precision, run_stages
 from modaltune.text.data import (Example, InstructionDataConfig, PackedCollator, PackedDataset, PadCollator,
                                  PromptFormatter, plain_chat_template, prompt_style, tokenized_splits)
-from modaltune.text.eval import GenerationEvalConfig, generate, measure_text
+from modaltune.shared.generation import TokenPrompts, generate
+from modaltune.text.eval import GenerationEvalConfig, measure_text
 
 
 @dataclasses.dataclass
@@ -126,7 +127,7 @@ class TextSFT(Recipe):
         formatter = PromptFormatter(tok, cfg.model.template)
         ids = [formatter.encode(Example("prompt", [{"role": "user", "content": p}], "", instruction=p))[0]
                for p in prompts]
-        return generate(model, tok, ids, cfg.eval, precision=resolve_precision(cfg.train.precision))
+        return generate(model, tok, TokenPrompts(ids, tok), cfg.eval, precision=resolve_precision(cfg.train.precision))
 
     def save_merged(self, cfg: TextSFTConfig, model, tok, out: Path, log, dtype=None, meta=None) -> Path:
         """The merged LM with what it needs to be used as trained: the prompt format as the tokenizer's chat
@@ -138,7 +139,7 @@ class TextSFT(Recipe):
             tok.chat_template = plain_chat_template((meta or {}).get("prompt_style", "instruction"),
                                                     tok.bos_token if starts_with_bos else None)
             log("wrote the training prompt format as the tokenizer's chat template")
-        lm.generation_config = deploy_generation_config(lm.generation_config, tok, cfg.eval.max_new_tokens)
+        lm.generation_config = deploy_generation_config(lm.generation_config, tok, cfg.eval)
         lm.save_pretrained(str(out))
         tok.save_pretrained(str(out))
         return out

@@ -9,14 +9,15 @@ under ``input``; a ``load`` function turns it into what the encoder's ``preproce
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from modaltune.shared.errors import DataError
+from modaltune.shared.errors import DataError, ModaltuneError
 from modaltune.shared.features import FeatureCache, token_count
+from modaltune.shared.generation import DecodingConfig, Inputs, generate
 from modaltune.shared.provenance import fingerprint
 from modaltune.shared.sequences import encode_prompt_target, pad_batch
 from modaltune.shared.skips import Skips
@@ -165,43 +166,32 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
-def generate_composed(model, tokenizer, dataset: ComposedDataset, *, batch_size: int, max_new_tokens: int,
-                      num_beams: int = 1, encoder=None, load: Callable[[Any], Any] | None = None,
-                      desc: str = "generating", precision: str = "fp32", no_repeat_ngram: int = 0) -> list[str]:
-    """Generated text for every row of ``dataset`` (left-padded batches, greedy or beam; ``no_repeat_ngram`` > 0:
-    no n-gram of that size twice in an answer, which stops greedy decoding's loops).
+class ComposedPrompts(Inputs):
+    """The prompts of a :class:`ComposedDataset` for :func:`~modaltune.shared.generation.generate`: left-padded
+    (the answer follows each prompt's last token) in dataset order; ``encoder`` and ``load`` as for
+    :class:`ComposedCollator` (rows without cached features)."""
 
-    Short answers after long prompts make this prefill-bound, so it runs under the training precision's autocast.
-    """
-    from modaltune.shared.training import autocast
+    def __init__(self, dataset: ComposedDataset, tokenizer, *, encoder=None,
+                 load: Callable[[Any], Any] | None = None) -> None:
+        self.items = dataset
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.collate = ComposedCollator(tokenizer.pad_token_id, encoder, load=load, left=True, prompt_only=True)
 
-    model.eval()
-    collate = ComposedCollator(tokenizer.pad_token_id, encoder, load=load, left=True, prompt_only=True)
-    out: list[str] = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-        batch = to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]),
-                          model.device)
-        with autocast(precision, model.device):
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 no_repeat_ngram_size=no_repeat_ngram)  # 0: off, as in transformers
-        out += [t.strip() for t in tokenizer.batch_decode(gen, skip_special_tokens=True)]
-    return out
+    @contextlib.contextmanager
+    def batch(self, indices: list[int], device: torch.device) -> Iterator[dict[str, Any]]:
+        yield to_device(self.collate([self.items[i] for i in indices]), device)
 
 
-def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template: str, placeholder: str,
-                   load: Callable[[Any], Any], max_length: int, batch_size: int, max_new_tokens: int,
-                   num_beams: int = 1, precision: str = "fp32", no_repeat_ngram: int = 0) -> list[str]:
+def generate_about(model, tokenizer, item: Any, prompts: list[str], cfg: DecodingConfig, *, template: str,
+                   placeholder: str, load: Callable[[Any], Any], max_length: int, precision: str) -> list[str]:
     """The composed model's answer to each prompt about one input ``item`` (an image or clip path; ``load`` reads
     it), each prompt put into ``template`` (``{instruction}`` or ``{question}``) as in training, decoded as the
-    recipe's evaluation decodes (``num_beams``, ``no_repeat_ngram``: see :func:`generate_composed`).
+    recipe's evaluation decodes (``cfg``).
 
     Raises:
         ModaltuneError: a prompt is longer than ``max_length`` tokens.
     """
-    from modaltune.shared.errors import ModaltuneError
-
     if not prompts:
         raise ModaltuneError("give one or more prompts: the questions or instructions about the input")
     rows = [{"id": f"prompt{i}", "input": item, "prompt": template.format(instruction=p, question=p), "target": ""}
@@ -211,6 +201,6 @@ def generate_about(model, tokenizer, item: Any, prompts: list[str], *, template:
     if skipped:
         raise ModaltuneError(f"a prompt is longer than max_length={max_length} tokens; shorten it or raise the "
                              "recipe's max_length with --set")
-    return generate_composed(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             num_beams=num_beams, encoder=model.encoder, load=load, desc="answering",
-                             precision=precision, no_repeat_ngram=no_repeat_ngram)
+    return generate(model, tokenizer, ComposedPrompts(data, tokenizer, encoder=model.encoder, load=load), cfg,
+                    precision=precision, desc="answering")
+

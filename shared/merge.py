@@ -50,13 +50,15 @@ def merge_config(cfg: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-def deploy_generation_config(base: Any, tokenizer: Any, max_new_tokens: int) -> Any:
+def deploy_generation_config(base: Any, tokenizer: Any, decoding: Any) -> Any:
     """The generation settings a merged model is evaluated with, for its ``generation_config.json``: greedy decoding
-    (the base's sampling settings dropped) that stops at the tokenizer's EOS, as the model was trained to."""
+    (the base's sampling settings dropped) as ``decoding`` (a :class:`~modaltune.shared.generation.DecodingConfig`)
+    sets it, stopping at the tokenizer's EOS, as the model was trained to."""
     cfg = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     eos = [tokenizer.eos_token_id] + [e for e in eos if e is not None and e != tokenizer.eos_token_id]
-    cfg.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+    cfg.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=decoding.max_new_tokens,
+               num_beams=decoding.num_beams, no_repeat_ngram_size=decoding.no_repeat_ngram,
                eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     return cfg
 

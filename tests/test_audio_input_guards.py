@@ -121,7 +121,7 @@ def test_wrongly_typed_manifest_fields_are_named_skips_and_never_stringified(tmp
         "id: expected a string or an integer, got dict": ["m.jsonl:14"],
     }
     assert sum(skipped.values()) == 13 and skipped[segments] == 2
-    from modaltune.audio.llm import AudioTasksConfig, task_rows
+    from modaltune.audio.tasks import AudioTasksConfig, task_rows
 
     made = {r["task"]: r["target"] for r in task_rows([clips[1]], AudioTasksConfig(), train=False)}
     assert made == {"transcribe": "typed", "orders": '{"drug": "aspirin"}', "qa": "3"}

@@ -3,14 +3,16 @@ the recipe end to end (run, eval, merge and reload) on tiny random models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from modaltune.audio.llm import (AUDIO_PLACEHOLDER, AudioLLMEvalConfig, AudioTasksConfig, cascade_rows, order_answer,
-                                 order_scores, shuffled, task_rows)
+from modaltune.audio.cascade import cascade_rows
+from modaltune.audio.task_eval import order_scores
+from modaltune.audio.tasks import AUDIO_PLACEHOLDER, AudioTasksConfig, order_answer, shuffled, task_rows
 from modaltune.shared.features import FeatureCache
 
 QUIET = {"log": lambda *_: None}
@@ -67,8 +69,13 @@ def test_clips_of_different_lengths_keep_only_their_own_frames(kind, tiny_whispe
 
 
 def test_generation_of_a_mixed_length_batch_matches_each_clip_alone(tiny_whisper, tiny_llama):
-    from modaltune.shared.compose_data import ComposedDataset, generate_composed
+    from modaltune.recipes.audio_llm import AudioLLMConfig
+    from modaltune.shared.compose_data import ComposedDataset, ComposedPrompts
+    from modaltune.shared.generation import DecodingConfig, generate
     from modaltune.shared.skips import Skips
+
+    def generate_composed(model, tok, ds, **decoding):
+        return generate(model, tok, ComposedPrompts(ds, tok), DecodingConfig(**decoding), precision="fp32")
 
     model, tok, _ = _composed(tiny_whisper, tiny_llama)
     waves = _clips()
@@ -86,12 +93,15 @@ def test_generation_of_a_mixed_length_batch_matches_each_clip_alone(tiny_whisper
 
     seen, made = [], []  # eval.no_repeat_ngram reaches generate (0: off), and with 2 no token pair comes twice
     real_generate = model.generate
-    model.generate = lambda **kw: seen.append((kw.get("no_repeat_ngram_size"), kw.get("num_beams"))) \
+    model.generate = lambda **kw: seen.append((kw["generation_config"].no_repeat_ngram_size,
+                                               kw["generation_config"].num_beams, len(kw["input_ids"]))) \
         or made.append(real_generate(**kw)) or made[-1]
     generate_composed(model, tok, ds, batch_size=3, max_new_tokens=12)
     generate_composed(model, tok, ds, batch_size=3, max_new_tokens=12, no_repeat_ngram=2)
-    generate_composed(model, tok, ds, batch_size=3, **AudioLLMEvalConfig(max_new_tokens=12, num_beams=2).decoding())
-    assert seen == [(0, 1), (2, 1), (6, 2)]  # the recipe's evaluation decodes with every eval.* setting
+    recipe = AudioLLMConfig().eval  # the recipe's defaults: no 6-gram twice
+    generate(model, tok, ComposedPrompts(ds, tok), dataclasses.replace(recipe, max_new_tokens=12, num_beams=2,
+                                                                       batch_size=2), precision="fp32")
+    assert seen == [(0, 1, 3), (2, 1, 3), (6, 2, 2), (6, 2, 1)]  # the evaluation decodes with every eval.* setting
     for row in made[1].tolist():
         ids = [t for t in row if t not in (tok.pad_token_id, tok.eos_token_id)]
         assert len(ids) > 2 and len(set(zip(ids, ids[1:]))) == len(ids) - 1
@@ -180,7 +190,8 @@ def order_manifests(speech_manifests, tmp_path):
 def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_llama, order_manifests, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from modaltune.shared.compose_data import ComposedDataset, generate_composed
+    from modaltune.shared.compose_data import ComposedDataset, ComposedPrompts
+    from modaltune.shared.generation import DecodingConfig, generate
     from modaltune.shared.merge import merge
     from modaltune.shared.run import execute
     from modaltune.shared.skips import Skips
@@ -232,8 +243,8 @@ def test_recipe_runs_evaluates_merges_and_the_merge_reloads(tiny_whisper, tiny_l
     prompt = model.config.template.format(instruction="Transcribe the audio exactly.")
     rows = [{"id": k, "input": k, "prompt": prompt, "target": "x"} for k in waves]
     ds = ComposedDataset(rows, tok, None, placeholder=AUDIO_PLACEHOLDER, max_length=64, skipped=Skips())
-    merged_text = generate_composed(model, tok, ds, batch_size=4, max_new_tokens=6, encoder=model.encoder,
-                                    load=waves.__getitem__)
+    merged_text = generate(model, tok, ComposedPrompts(ds, tok, encoder=model.encoder, load=waves.__getitem__),
+                           DecodingConfig(batch_size=4, max_new_tokens=6), precision="fp32")
     trained = {it["id"]: it["after"] for it in report["items"]}
     assert merged_text == [trained[f"{k}:transcribe"] for k in waves]  # the merge writes what the run wrote
 

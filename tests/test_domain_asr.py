@@ -333,8 +333,8 @@ def test_partial_encoder_cache_gives_the_uncached_loss_gradients_and_transcripts
         assert torch.allclose(g, grads[1][1][name], rtol=1e-4, atol=1e-6), name
     for beams in (1, 3):  # beam search once expanded cached states in place, call after call
         cfg = ASREvalConfig(max_new_tokens=6, num_beams=beams)
-        with_cache, _ = transcribe(model, processor, waves, cfg, language=None, task=None, cache=cache)
-        without, _ = transcribe(model, processor, waves, cfg, language=None, task=None)
+        with_cache, _ = transcribe(model, processor, waves, cfg, precision="fp32", language=None, task=None, cache=cache)
+        without, _ = transcribe(model, processor, waves, cfg, precision="fp32", language=None, task=None)
         assert with_cache == without, beams
     # the cache of the frozen part survives training of the top block: its key ignores the trained weights
     with torch.no_grad():
@@ -370,7 +370,7 @@ def test_beam_search_skips_the_cross_attention_reorder_and_matches_stock_generat
     base.generate = spy
     try:
         cfg = ASREvalConfig(max_new_tokens=8, num_beams=3, batch_size=3)
-        ours, _ = transcribe(model, processor, waves, cfg, language=None, task=None)
+        ours, _ = transcribe(model, processor, waves, cfg, precision="fp32", language=None, task=None)
     finally:
         del base.generate
     assert calls and all(calls)  # the self-attention-only reorder was in place for every generate call

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tqdm.auto import tqdm
 
-from modaltune.shared.config import ConfigError, doc
+from modaltune.shared.config import doc
+from modaltune.shared.generation import DecodingConfig, TokenPrompts, generate
 from modaltune.shared.loss import token_weighted_loss
 from modaltune.shared.training import autocast
 from modaltune.shared.metrics import exact_match, normalize_answer, perplexity, rouge_l
@@ -15,19 +15,10 @@ from modaltune.text.data import PadCollator, PromptFormatter, TokenizedDataset
 
 
 @dataclasses.dataclass
-class GenerationEvalConfig:
-    """How responses are generated for evaluation."""
+class GenerationEvalConfig(DecodingConfig):
+    """How responses are generated for evaluation (the decoding settings, and how many test examples)."""
 
-    max_new_tokens: int = doc(48, "longest generated response, in tokens")
-    num_beams: int = doc(1, "1: greedy decoding; more: beam search")
-    batch_size: int = doc(8, "prompts per generation batch")
     max_examples: int | None = doc(None, "generate for at most this many test examples (loss uses all)")
-    no_repeat_ngram: int = doc(0, "above 0: no n-gram of this size twice in prompt and response together (stops "
-                                  "greedy loops; 0: off)")
-
-    def validate(self, where: str) -> None:
-        if self.no_repeat_ngram < 0:
-            raise ConfigError(f"{where}.no_repeat_ngram must be 0 (off) or a positive n-gram size")
 
 
 @torch.no_grad()
@@ -43,40 +34,6 @@ def evaluate_loss(model, dataset: TokenizedDataset, pad_id: int, *, batch_size: 
     return {"loss": mean, "perplexity": perplexity(mean)}
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationEvalConfig, *, precision: str,
-             desc: str = "generating") -> list[str]:
-    """Greedy/beam responses for tokenised prompts, batched with left padding."""
-    model.eval()
-    pad = tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    results: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, leave=False):
-        idx = order[start : start + cfg.batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T) left-padded
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            ids[row, width - n :] = torch.tensor(prompts[i])
-            mask[row, width - n :] = 1
-        # fp32 decoding: on CPUs, bf16 autocast makes small-batch decode steps slower, not faster
-        with autocast(precision if model.device.type == "cuda" else "fp32", model.device):
-            gen = model.generate(
-                input_ids=ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=cfg.max_new_tokens,
-                num_beams=cfg.num_beams,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                no_repeat_ngram_size=cfg.no_repeat_ngram,  # 0: off, as in transformers
-            )
-        for row, i in enumerate(idx):
-            results[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
-    return [results[i] for i in range(len(prompts))]
-
-
 def evaluate_generation(model, tokenizer, dataset: TokenizedDataset, formatter: PromptFormatter,
                         cfg: GenerationEvalConfig, *, precision: str, desc: str) -> tuple[dict, list[dict]]:
     """Exact match and ROUGE-L of generated responses; returns ``(metrics, per-item rows)``."""
@@ -85,7 +42,7 @@ def evaluate_generation(model, tokenizer, dataset: TokenizedDataset, formatter: 
         return {}, []
     prompts = [dataset[i]["prompt_ids"] for i in range(n)]
     refs = [dataset.examples[i].response for i in range(n)]
-    preds = generate(model, tokenizer, prompts, cfg, precision=precision, desc=desc)
+    preds = generate(model, tokenizer, TokenPrompts(prompts, tokenizer), cfg, precision=precision, desc=desc)
     rouge = rouge_l(preds, refs)
     items = [
         {

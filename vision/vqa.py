@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 import torch
 
-from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, generate_composed, to_device
+from modaltune.shared.compose_data import ComposedCollator, ComposedDataset, ComposedPrompts, to_device
 from modaltune.shared.config import doc
 from modaltune.shared.errors import DataError
 from modaltune.shared.features import FeatureCache
+from modaltune.shared.generation import DecodingConfig, generate
 from modaltune.shared.preference import PairedDataset
 from modaltune.shared.metrics import bleu, normalize_answer, rouge_l, token_recall
 from modaltune.shared.plots import pyplot, save_figure
@@ -63,13 +64,11 @@ class VQADataConfig:
 
 
 @dataclasses.dataclass
-class VQAEvalConfig:
-    """Generation for evaluation."""
+class VQAEvalConfig(DecodingConfig):
+    """Generation for evaluation: the decoding settings (``max_new_tokens``: the longest answer, a rationale
+    included) and the longest caption."""
 
-    max_new_tokens: int = doc(10, "longest answer, in tokens (a rationale included)")
-    caption_max_new_tokens: int = doc(16, "longest caption, in tokens")
-    num_beams: int = doc(1, "1: greedy")
-    batch_size: int = doc(32, "prompts per generation batch")
+    max_caption_tokens: int = doc(16, "longest caption, in tokens")
 
 
 SETS = ("vqa_train", "vqa_test", "caption_train", "caption_test")
@@ -244,18 +243,19 @@ def measure_vqa(model, tokenizer, datasets: dict[str, ComposedDataset], cfg: VQA
     margin) and ``caption/*`` metrics; returns ``(metrics, per-question rows)``. ``encoder``: run it on the images
     (no feature cache)."""
     metrics, items = {}, []
-    common = {"batch_size": cfg.batch_size, "num_beams": cfg.num_beams, "encoder": encoder, "load": load_image,
-              "precision": precision}
     if len(datasets["vqa_test"]):
-        answers = generate_composed(model, tokenizer, datasets["vqa_test"], max_new_tokens=cfg.max_new_tokens,
-                                    desc=f"VQA ({label})", **common)
+        answers = generate(model, tokenizer, ComposedPrompts(datasets["vqa_test"], tokenizer, encoder=encoder,
+                                                             load=load_image), cfg, precision=precision,
+                           desc=f"VQA ({label})")
         m, items = vqa_metrics(datasets["vqa_test"].rows, answers)
         m.update(closed_image_margin(model, tokenizer, datasets["vqa_test"], batch_size=cfg.batch_size,
                                      encoder=encoder, precision=precision))
         metrics.update({f"test/{k}": v for k, v in m.items()})
     if len(datasets["caption_test"]):
-        caps = generate_composed(model, tokenizer, datasets["caption_test"],
-                                 max_new_tokens=cfg.caption_max_new_tokens, desc=f"captions ({label})", **common)
+        caps = generate(model, tokenizer, ComposedPrompts(datasets["caption_test"], tokenizer, encoder=encoder,
+                                                          load=load_image),
+                        dataclasses.replace(cfg, max_new_tokens=cfg.max_caption_tokens), precision=precision,
+                        desc=f"captions ({label})")
         metrics.update({f"caption/{k}": v for k, v in caption_metrics(datasets["caption_test"].rows, caps).items()})
     return metrics, items
 
