@@ -108,7 +108,7 @@ def test_a_causal_lm_with_sampling_defaults_decodes_greedily_without_notices(tin
 
 def test_a_composed_decode_with_no_repeat_ngram_gives_no_notice(tiny_whisper, tiny_llama):
     from modaltune.audio.tasks import AUDIO_PLACEHOLDER
-    from modaltune.shared.compose import EncoderConfig, ProjectorConfig, build_composed_lm, build_encoder
+    from modaltune.shared.compose import EncoderConfig, ProjectorConfig, build_composed_lm
     from modaltune.shared.compose_data import ComposedDataset, ComposedPrompts
     from modaltune.shared.lm import ModelConfig
     from modaltune.shared.peft import ComponentConfig
@@ -116,7 +116,7 @@ def test_a_composed_decode_with_no_repeat_ngram_gives_no_notice(tiny_whisper, ti
 
     torch.manual_seed(0)
     model, tok, _ = build_composed_lm(
-        encoder=build_encoder(EncoderConfig(kind="whisper", name=str(tiny_whisper)), log=lambda *_: None),
+        encoder=EncoderConfig(kind="whisper", name=str(tiny_whisper)),
         encoder_tuning=ComponentConfig(method="frozen"), model=ModelConfig(name=str(tiny_llama)),
         llm=ComponentConfig(method="lora", r=4, alpha=8), projector=ProjectorConfig(group=8, norm="rms"),
         log=lambda *_: None)
