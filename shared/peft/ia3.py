@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from modaltune.shared.errors import ConfigError
 from modaltune.shared.peft.base import PeftMethod, register_method
-from modaltune.shared.peft.targets import targets_of
+from modaltune.shared.peft.targets import all_targets, check_targets, targets_of
 
 if TYPE_CHECKING:  # type hints only
     from modaltune.shared.peft.config import ComponentConfig, ComponentSpec
@@ -21,15 +20,12 @@ class IA3(PeftMethod):
     name, help, adapter_kind = "ia3", "learned rescaling vectors on the target modules", "ia3"
 
     def validate(self, cfg: ComponentConfig, where: str) -> None:
-        if not cfg.targets:
-            raise ConfigError(f"{where}.targets is empty: {cfg.method} needs at least one module pattern")
+        check_targets(cfg, where)
 
     def peft_config(self, model: nn.Module, specs: list[ComponentSpec]) -> Any:
         import peft  # lazy: peft is imported when a model is built, not when a config is read
 
-        targets: list[str] = []
-        for spec in specs:
-            targets += targets_of(model, spec)
+        targets = all_targets(model, specs)
         ff: list[str] = []
         for spec in specs:
             ff += [t for t in targets_of(model, spec) if any(fnmatch.fnmatchcase(t, "*" + p)

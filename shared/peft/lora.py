@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from modaltune.shared.errors import ConfigError
 from modaltune.shared.peft.base import PeftMethod, register_method
-from modaltune.shared.peft.targets import targets_of
+from modaltune.shared.peft.targets import all_targets, check_targets, targets_of
 
 if TYPE_CHECKING:  # type hints only
     from modaltune.shared.peft.config import ComponentConfig, ComponentSpec
@@ -29,15 +28,12 @@ class Lora(PeftMethod):
     use_dora = False
 
     def validate(self, cfg: ComponentConfig, where: str) -> None:
-        if not cfg.targets:
-            raise ConfigError(f"{where}.targets is empty: {cfg.method} needs at least one module pattern")
+        check_targets(cfg, where)
 
     def peft_config(self, model: nn.Module, specs: list[ComponentSpec]) -> Any:
         import peft  # lazy: peft is imported when a model is built, not when a config is read
 
-        targets: list[str] = []
-        for spec in specs:
-            targets += targets_of(model, spec)
+        targets = all_targets(model, specs)
         first = specs[0].config
         rank_pattern = {}
         alpha_pattern = {}

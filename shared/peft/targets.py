@@ -18,7 +18,7 @@ from torch import nn
 from modaltune.shared.errors import ConfigError
 
 if TYPE_CHECKING:  # type hints only: config.py imports this package's modules
-    from modaltune.shared.peft.config import ComponentSpec
+    from modaltune.shared.peft.config import ComponentConfig, ComponentSpec
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
@@ -114,6 +114,21 @@ def resolve_targets(model: nn.Module, root: str, patterns: list[str], component:
 def targets_of(model: nn.Module, spec: ComponentSpec) -> list[str]:
     """The full module names a component's ``targets`` (inside its ``layers``) match in ``model``."""
     return resolve_targets(model, spec.root, spec.config.targets, spec.name, spec.config.layers)
+
+
+def check_targets(cfg: ComponentConfig, where: str) -> None:
+    """An adapter method needs at least one target pattern.
+
+    Raises:
+        ConfigError: ``cfg.targets`` is empty.
+    """
+    if not cfg.targets:
+        raise ConfigError(f"{where}.targets is empty: {cfg.method} needs at least one module pattern")
+
+
+def all_targets(model: nn.Module, specs: list[ComponentSpec]) -> list[str]:
+    """The full module names every component of ``specs`` adapts, component by component."""
+    return [t for spec in specs for t in targets_of(model, spec)]
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
